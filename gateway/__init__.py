@@ -1,0 +1,3 @@
+"""keyward: egress gateway for sandboxed coding agents."""
+
+__version__ = "0.1.0"

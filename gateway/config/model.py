@@ -1,0 +1,193 @@
+"""The `keyward.yaml` schema (DESIGN §3). Strict: unknown keys are errors."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from gateway.policy.hosts import parse_pattern, split_hostport
+from gateway.policy.paths import parse_path_rule
+from gateway.policy.templates import parse_template
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EnvSource(Strict):
+    env: str = Field(description="Environment variable (or .env entry next to the config)")
+
+
+class FileSource(Strict):
+    file: str = Field(description="File holding the value; trailing newline stripped")
+
+
+class CommandSource(Strict):
+    command: list[str] = Field(min_length=1, description="argv of a command printing the value")
+    timeout: float = Field(10.0, gt=0, le=300, description="seconds before the command is killed")
+
+
+ValueSource = EnvSource | FileSource | CommandSource
+
+
+class OAuthConfig(Strict):
+    token_url: str = Field(description="https token endpoint; pinned here, never taken from a response")
+    grant: Literal["refresh_token", "client_credentials"]
+    client_id: ValueSource
+    client_secret: ValueSource | None = None
+    refresh_token: ValueSource | None = None
+    scopes: list[str] = Field(default_factory=list)
+    skew_seconds: float = Field(60.0, ge=0, description="refresh this long before expiry")
+
+    @field_validator("token_url")
+    @classmethod
+    def _https(cls, v: str) -> str:
+        if not v.startswith("https://"):
+            raise ValueError("token_url must be an https:// URL")
+        return v
+
+    @model_validator(mode="after")
+    def _grant_fields(self) -> OAuthConfig:
+        if self.grant == "refresh_token" and self.refresh_token is None:
+            raise ValueError("grant refresh_token needs a refresh_token source")
+        if self.grant == "client_credentials" and self.client_secret is None:
+            raise ValueError("grant client_credentials needs a client_secret source")
+        return self
+
+
+class OAuthSource(Strict):
+    oauth: OAuthConfig
+
+
+SecretSource = EnvSource | FileSource | CommandSource | OAuthSource
+
+
+class BasicAuth(Strict):
+    username: str
+    password: str
+
+    @field_validator("username", "password")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        parse_template(v)
+        return v
+
+
+class HostRuleConfig(Strict):
+    allow: bool = Field(True, description="false = explicit deny")
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="header -> template; {name} = secret, {{ }} = brace"
+    )
+    basic: BasicAuth | None = None
+    deny: list[str] = Field(default_factory=list, description='"METHOD /glob/**" entries')
+    intercept: bool | None = Field(
+        None, description="TLS interception; default: only where the rule needs it"
+    )
+    tcp: bool = Field(False, description="allow raw TCP passthrough (non-HTTP) to this host:port")
+    plain_http: bool = Field(False, description="allow credentials over plain HTTP")
+    dns_types: list[str] = Field(
+        default_factory=list, description="extra DNS record types answered (default A/AAAA)"
+    )
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, tmpl in v.items():
+            if not name or any(c in name for c in " :\r\n\t"):
+                raise ValueError(f"bad header name {name!r}")
+            try:
+                parse_template(tmpl)
+            except ValueError as e:
+                raise ValueError(f"header {name}: {e}") from None
+        return v
+
+    @field_validator("deny")
+    @classmethod
+    def _deny(cls, v: list[str]) -> list[str]:
+        for entry in v:
+            parse_path_rule(entry)
+        return v
+
+    @field_validator("dns_types")
+    @classmethod
+    def _dns_types(cls, v: list[str]) -> list[str]:
+        return [t.upper() for t in v]
+
+
+class EgressConfig(Strict):
+    default: Literal["deny", "allow", "warn"] = "deny"
+    hosts: dict[str, HostRuleConfig] = Field(default_factory=dict)
+
+    @field_validator("hosts", mode="before")
+    @classmethod
+    def _none_is_empty(cls, v: object) -> object:
+        if isinstance(v, dict):
+            return {k: ({} if r is None else r) for k, r in v.items()}
+        return v
+
+    @field_validator("hosts")
+    @classmethod
+    def _patterns(cls, v: dict[str, HostRuleConfig]) -> dict[str, HostRuleConfig]:
+        seen: dict[str, str] = {}
+        for key in v:
+            pattern = parse_pattern(key)
+            norm = f"{pattern.kind.name}:{pattern.host}:{pattern.port}:{pattern.network}"
+            if norm in seen:
+                raise ValueError(f"{key!r} is the same rule as {seen[norm]!r}")
+            seen[norm] = key
+        return v
+
+
+class PlaceholderConfig(Strict):
+    secret: str
+    format: str | None = Field(
+        None, description="fake's shape: sk, sk-proj, sk-ant, ghp, github_pat, xoxb, akia, jwt, generic"
+    )
+
+
+class ServiceConfig(Strict):
+    listen: int = Field(ge=0, lt=65536, description="port on 127.0.0.1 (0 = pick one)")
+    upstream: str = Field(description="base URL requests are forwarded to")
+
+    @field_validator("upstream")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not (v.startswith("https://") or v.startswith("http://")):
+            raise ValueError("upstream must be an http:// or https:// URL")
+        return v.rstrip("/")
+
+
+class UpstreamConfig(Strict):
+    ca_bundle: str | None = Field(None, description="extra CAs for upstream TLS")
+    resolve: dict[str, str] = Field(
+        default_factory=dict, description='"host:port" -> "ip:port", like curl --resolve'
+    )
+
+    @field_validator("resolve")
+    @classmethod
+    def _resolve(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, target in v.items():
+            for what, text in (("key", key), ("target", target)):
+                host, port = split_hostport(text)
+                if port is None or not host:
+                    raise ValueError(f"resolve {what} {text!r} must be host:port")
+        return v
+
+
+class AuditConfig(Strict):
+    path: str = Field("keyward-audit.jsonl", description='JSONL file; "-" = stderr')
+
+
+class Config(Strict):
+    version: Literal[1]
+    secrets: dict[str, SecretSource] = Field(default_factory=dict)
+    egress: EgressConfig = Field(default_factory=EgressConfig)
+    placeholders: dict[
+        Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], PlaceholderConfig
+    ] = Field(default_factory=dict)
+    services: dict[
+        Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$")], ServiceConfig
+    ] = Field(default_factory=dict)
+    upstream: UpstreamConfig = Field(default_factory=UpstreamConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)

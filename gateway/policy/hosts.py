@@ -1,0 +1,215 @@
+"""The one host matcher (DESIGN §2): exact host:port > exact host > longest wildcard > IP/CIDR.
+
+Lookups cost the same with ten rules or ten thousand: exact rules live in dicts, wildcards are
+found by walking the label suffixes of the queried name, and networks are grouped by prefix
+length so a lookup is one dict probe per distinct prefix length present.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+class PatternKind(IntEnum):
+    """Ordered by precedence: a lower value is more specific."""
+
+    HOSTPORT = 0
+    HOST = 1
+    WILDCARD = 2
+    NETWORK = 3
+
+
+@dataclass(frozen=True, slots=True)
+class HostPattern:
+    kind: PatternKind
+    text: str
+    host: str = ""
+    port: int | None = None
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def normalise_host(host: str) -> str:
+    """Lowercase, strip one trailing dot and IPv6 brackets, IDNA-encode.
+
+    Raises ValueError for names that cannot be a DNS host name.
+    """
+    h = host.strip()
+    if h.startswith("[") and h.endswith("]"):
+        h = h[1:-1]
+    if h.endswith("."):
+        h = h[:-1]
+    if not h:
+        raise ValueError("empty host")
+    try:
+        return str(ipaddress.ip_address(h))
+    except ValueError:
+        pass
+    h = h.lower()
+    if h.isascii():
+        labels = h.split(".")
+    else:
+        try:
+            labels = h.encode("idna").decode("ascii").split(".")
+        except UnicodeError as e:
+            raise ValueError(f"not a valid host name: {host!r}") from e
+    for label in labels:
+        if not label or len(label) > 63:
+            raise ValueError(f"not a valid host name: {host!r}")
+        if not all(c.isalnum() or c in "-_" for c in label) or label[0] == "-":
+            raise ValueError(f"not a valid host name: {host!r}")
+    return ".".join(labels)
+
+
+def is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def split_hostport(text: str) -> tuple[str, int | None]:
+    """`host`, `host:port`, `[v6]`, `[v6]:port`, or a bare IPv6 literal."""
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"unbalanced bracket in {text!r}")
+        host, rest = text[1:end], text[end + 1 :]
+        if not rest:
+            return host, None
+        if not rest.startswith(":"):
+            raise ValueError(f"unexpected text after ']' in {text!r}")
+        return host, _port(rest[1:], text)
+    if text.count(":") > 1:  # bare IPv6 literal
+        return text, None
+    if ":" in text:
+        host, _, port = text.rpartition(":")
+        return host, _port(port, text)
+    return text, None
+
+
+def _port(s: str, text: str) -> int:
+    if not s.isdigit() or not 0 < int(s) < 65536:
+        raise ValueError(f"bad port in {text!r}")
+    return int(s)
+
+
+def parse_pattern(text: str) -> HostPattern:
+    """Parse a rule key from `egress.hosts`. Raises ValueError with a user-facing message."""
+    raw = text.strip()
+    if not raw:
+        raise ValueError("empty host pattern")
+    if "/" in raw:
+        try:
+            net = ipaddress.ip_network(raw, strict=False)
+        except ValueError as e:
+            raise ValueError(f"bad network {raw!r}: {e}") from e
+        return HostPattern(PatternKind.NETWORK, raw, network=net)
+    if "://" in raw or any(c in raw for c in " ?#@"):
+        raise ValueError(f"bad host pattern {raw!r}: give a host, host:port, *.suffix or CIDR")
+    host, port = split_hostport(raw)
+    if host.startswith("*."):
+        if port is not None:
+            raise ValueError(f"bad host pattern {raw!r}: wildcards take no port")
+        suffix = normalise_host(host[2:])
+        if "*" in suffix or is_ip(suffix):
+            raise ValueError(f"bad host pattern {raw!r}: only a leading '*.' label is allowed")
+        return HostPattern(PatternKind.WILDCARD, raw, host=suffix)
+    if "*" in host:
+        raise ValueError(f"bad host pattern {raw!r}: only a leading '*.' label is allowed")
+    h = normalise_host(host)
+    if is_ip(h) and port is None:
+        net = ipaddress.ip_network(h)
+        return HostPattern(PatternKind.NETWORK, raw, host=h, network=net)
+    if port is not None:
+        return HostPattern(PatternKind.HOSTPORT, raw, host=h, port=port)
+    return HostPattern(PatternKind.HOST, raw, host=h)
+
+
+class HostMatcher(Generic[T]):
+    """Maps a (host, port) to the most specific rule value, or None."""
+
+    __slots__ = ("_hostport", "_host", "_suffix", "_nets", "_net_lengths", "_count")
+
+    def __init__(self, rules: list[tuple[HostPattern, T]] | None = None) -> None:
+        self._hostport: dict[tuple[str, int], tuple[HostPattern, T]] = {}
+        self._host: dict[str, tuple[HostPattern, T]] = {}
+        self._suffix: dict[str, tuple[HostPattern, T]] = {}
+        self._nets: dict[tuple[int, int], dict[int, tuple[HostPattern, T]]] = {}
+        self._net_lengths: dict[int, list[int]] = {4: [], 6: []}
+        self._count = 0
+        for pattern, value in rules or []:
+            self.add(pattern, value)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def add(self, pattern: HostPattern, value: T) -> None:
+        entry = (pattern, value)
+        if pattern.kind is PatternKind.HOSTPORT:
+            assert pattern.port is not None
+            self._hostport[(pattern.host, pattern.port)] = entry
+        elif pattern.kind is PatternKind.HOST:
+            self._host[pattern.host] = entry
+        elif pattern.kind is PatternKind.WILDCARD:
+            self._suffix[pattern.host] = entry
+        else:
+            net = pattern.network
+            assert net is not None
+            key = (net.version, net.prefixlen)
+            if key not in self._nets:
+                self._nets[key] = {}
+                lengths = self._net_lengths[net.version]
+                lengths.append(net.prefixlen)
+                lengths.sort(reverse=True)
+            self._nets[key][int(net.network_address)] = entry
+        self._count += 1
+
+    def match(self, host: str, port: int, addr: str | None = None) -> tuple[HostPattern, T] | None:
+        """`host` must already be normalised; `addr` is the resolved IP, if known.
+
+        Name rules are consulted for names; network rules for IP literals and, failing every
+        name rule, for the resolved address.
+        """
+        hit = self._hostport.get((host, port)) or self._host.get(host)
+        if hit is not None:
+            return hit
+        if self._suffix and not (":" in host or (host[-1].isdigit() and is_ip(host))):
+            dot = host.find(".")
+            while dot >= 0:
+                hit = self._suffix.get(host[dot + 1 :])
+                if hit is not None:
+                    return hit
+                dot = host.find(".", dot + 1)
+        if self._nets:
+            for candidate in (host, addr):
+                if candidate is None:
+                    continue
+                try:
+                    ip = ipaddress.ip_address(candidate)
+                except ValueError:
+                    continue
+                hit = self._match_ip(ip)
+                if hit is not None:
+                    return hit
+        return None
+
+    def _match_ip(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> tuple[HostPattern, T] | None:
+        bits = 32 if ip.version == 4 else 128
+        value = int(ip)
+        for plen in self._net_lengths[ip.version]:
+            masked = value & (((1 << plen) - 1) << (bits - plen)) if plen else 0
+            hit = self._nets[(ip.version, plen)].get(masked)
+            if hit is not None:
+                return hit
+        return None
