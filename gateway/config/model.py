@@ -4,11 +4,47 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 from gateway.policy.hosts import parse_pattern, split_hostport
 from gateway.policy.paths import parse_path_rule
 from gateway.policy.templates import parse_template
+
+
+def _check_pattern(v: str) -> str:
+    parse_pattern(v)
+    return v
+
+
+def _check_path_rule(v: str) -> str:
+    parse_path_rule(v)
+    return v
+
+
+def _check_template(v: str) -> str:
+    parse_template(v)
+    return v
+
+
+def _check_header_name(v: str) -> str:
+    if not v or any(c in v for c in " :\r\n\t()<>@,;\\\"/[]?={}"):
+        raise ValueError(f"bad header name {v!r}")
+    return v
+
+
+HostKey = Annotated[str, AfterValidator(_check_pattern)]
+PathRuleText = Annotated[str, AfterValidator(_check_path_rule)]
+TemplateText = Annotated[str, AfterValidator(_check_template)]
+HeaderName = Annotated[str, AfterValidator(_check_header_name)]
 
 
 class Strict(BaseModel):
@@ -28,7 +64,27 @@ class CommandSource(Strict):
     timeout: float = Field(10.0, gt=0, le=300, description="seconds before the command is killed")
 
 
-ValueSource = EnvSource | FileSource | CommandSource
+def _source_kind(v: object) -> str | None:
+    """Pick the source model by the key present, so errors speak of that one model only."""
+    if isinstance(v, dict):
+        for kind in ("env", "file", "command", "oauth"):
+            if kind in v:
+                return kind
+        return None
+    kinds = {EnvSource: "env", FileSource: "file", CommandSource: "command", OAuthSource: "oauth"}
+    return kinds.get(type(v))
+
+
+ValueSource = Annotated[
+    Annotated[EnvSource, Tag("env")]
+    | Annotated[FileSource, Tag("file")]
+    | Annotated[CommandSource, Tag("command")],
+    Discriminator(
+        _source_kind,
+        custom_error_type="source_kind",
+        custom_error_message="expected one of the keys env, file, command",
+    ),
+]
 
 
 class OAuthConfig(Strict):
@@ -60,27 +116,31 @@ class OAuthSource(Strict):
     oauth: OAuthConfig
 
 
-SecretSource = EnvSource | FileSource | CommandSource | OAuthSource
+SecretSource = Annotated[
+    Annotated[EnvSource, Tag("env")]
+    | Annotated[FileSource, Tag("file")]
+    | Annotated[CommandSource, Tag("command")]
+    | Annotated[OAuthSource, Tag("oauth")],
+    Discriminator(
+        _source_kind,
+        custom_error_type="source_kind",
+        custom_error_message="expected one of the keys env, file, command, oauth",
+    ),
+]
 
 
 class BasicAuth(Strict):
-    username: str
-    password: str
-
-    @field_validator("username", "password")
-    @classmethod
-    def _template(cls, v: str) -> str:
-        parse_template(v)
-        return v
+    username: TemplateText
+    password: TemplateText
 
 
 class HostRuleConfig(Strict):
     allow: bool = Field(True, description="false = explicit deny")
-    headers: dict[str, str] = Field(
+    headers: dict[HeaderName, TemplateText] = Field(
         default_factory=dict, description="header -> template; {name} = secret, {{ }} = brace"
     )
     basic: BasicAuth | None = None
-    deny: list[str] = Field(default_factory=list, description='"METHOD /glob/**" entries')
+    deny: list[PathRuleText] = Field(default_factory=list, description='"METHOD /glob/**" entries')
     intercept: bool | None = Field(
         None, description="TLS interception; default: only where the rule needs it"
     )
@@ -90,25 +150,6 @@ class HostRuleConfig(Strict):
         default_factory=list, description="extra DNS record types answered (default A/AAAA)"
     )
 
-    @field_validator("headers")
-    @classmethod
-    def _headers(cls, v: dict[str, str]) -> dict[str, str]:
-        for name, tmpl in v.items():
-            if not name or any(c in name for c in " :\r\n\t"):
-                raise ValueError(f"bad header name {name!r}")
-            try:
-                parse_template(tmpl)
-            except ValueError as e:
-                raise ValueError(f"header {name}: {e}") from None
-        return v
-
-    @field_validator("deny")
-    @classmethod
-    def _deny(cls, v: list[str]) -> list[str]:
-        for entry in v:
-            parse_path_rule(entry)
-        return v
-
     @field_validator("dns_types")
     @classmethod
     def _dns_types(cls, v: list[str]) -> list[str]:
@@ -117,7 +158,7 @@ class HostRuleConfig(Strict):
 
 class EgressConfig(Strict):
     default: Literal["deny", "allow", "warn"] = "deny"
-    hosts: dict[str, HostRuleConfig] = Field(default_factory=dict)
+    hosts: dict[HostKey, HostRuleConfig] = Field(default_factory=dict)
 
     @field_validator("hosts", mode="before")
     @classmethod

@@ -1,0 +1,38 @@
+"""Turn a validated config into the policy core's plain objects."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from gateway.config.model import Config, HostRuleConfig
+from gateway.policy.core import HeaderWrite, HostRule, Placeholder, Policy, Verdict
+from gateway.policy.hosts import parse_pattern
+from gateway.policy.paths import parse_path_rule
+from gateway.policy.templates import parse_template
+
+
+def compile_rule(key: str, rule: HostRuleConfig) -> HostRule:
+    writes = [HeaderWrite(name, parse_template(t)) for name, t in rule.headers.items()]
+    if rule.basic is not None:
+        writes.append(
+            HeaderWrite(
+                "Authorization",
+                parse_template(rule.basic.password),
+                basic_user=parse_template(rule.basic.username),
+            )
+        )
+    return HostRule(
+        pattern=parse_pattern(key),
+        allow=rule.allow,
+        headers=tuple(writes),
+        deny=tuple(parse_path_rule(d) for d in rule.deny),
+        intercept=rule.intercept,
+        tcp=rule.tcp,
+        plain_http=rule.plain_http,
+        dns_types=frozenset(rule.dns_types),
+    )
+
+
+def build_policy(config: Config, placeholders: Iterable[Placeholder] = ()) -> Policy:
+    rules = [compile_rule(k, r) for k, r in config.egress.hosts.items()]
+    return Policy(rules, Verdict(config.egress.default), placeholders)
