@@ -1,0 +1,173 @@
+"""The policy core: decisions, precedence, integrity checks, and plans applied only when allowed."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from gateway.config.compile import build_policy
+from gateway.config.loader import parse_config_text
+from gateway.policy import (
+    NotAllowedError,
+    Placeholder,
+    Plane,
+    Policy,
+    RequestFacts,
+    Verdict,
+    apply_plan,
+    swap_placeholders,
+)
+
+CONFIG = """
+version: 1
+secrets:
+  openai: { env: OPENAI_API_KEY }
+  github: { env: GITHUB_TOKEN }
+  local: { env: LOCAL_KEY }
+egress:
+  default: DEFAULT
+  hosts:
+    api.openai.com:
+      headers: { Authorization: "Bearer {openai}", X-Literal: "{{braces}}" }
+    api.github.com:
+      headers: { Authorization: "Bearer {github}" }
+      deny: ["DELETE /repos/**", "PUT /repos/*/*/collaborators/**"]
+    github.com:
+      basic: { username: x-access-token, password: "{github}" }
+    "localhost:11434":
+      headers: { X-Key: "{local}" }
+      plain_http: true
+    localhost: { allow: false }
+    pypi.org: {}
+    "169.254.0.0/16": { allow: false }
+"""
+
+OPENAI_FAKE = "sk-fakefakefakefakefakefake0001"
+
+
+def policy(default: str = "deny") -> Policy:
+    loaded = parse_config_text(CONFIG.replace("DEFAULT", default), "t.yaml")
+    return build_policy(loaded.config, [Placeholder("OPENAI_API_KEY", "openai", OPENAI_FAKE)])
+
+
+def facts(url_host: str, path: str = "/", method: str = "GET", port: int = 443, **kw: object) -> RequestFacts:
+    scheme = str(kw.pop("scheme", "https"))
+    return RequestFacts(Plane.MITM, method, scheme, url_host, port, path, **kw)  # type: ignore[arg-type]
+
+
+class CountingResolver:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def __call__(self, name: str) -> str:
+        self.calls.append(name)
+        return {"openai": "REAL-openai-value", "github": "REAL-gh", "local": "REAL-local"}[name]
+
+
+def test_allow_injects_and_replaces_agent_headers() -> None:
+    d = policy().decide(facts("api.openai.com", "/v1/chat"))
+    assert d.verdict is Verdict.ALLOW and d.rule == "api.openai.com"
+    assert [i.as_dict() for i in d.injections] == [{"secret": "openai", "location": "header:Authorization"}]
+    r = CountingResolver()
+    out = apply_plan(d, [("authorization", "Bearer agent"), ("AUTHORIZATION", "dup"), ("Accept", "*/*")], r)
+    assert out == [("Accept", "*/*"), ("Authorization", "Bearer REAL-openai-value"), ("X-Literal", "{braces}")]
+
+
+def test_basic_auth_encoding() -> None:
+    d = policy().decide(facts("github.com", "/o/r.git/info/refs"))
+    out = dict(apply_plan(d, [], CountingResolver()))
+    assert out["Authorization"] == "Basic " + base64.b64encode(b"x-access-token:REAL-gh").decode()
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "verdict", "rule"),
+    [
+        ("localhost", 11434, Verdict.ALLOW, "localhost:11434"),
+        ("localhost", 8080, Verdict.DENY, "localhost"),
+        ("169.254.169.254", 80, Verdict.DENY, "169.254.0.0/16"),
+        ("evil.example", 443, Verdict.DENY, None),
+    ],
+)
+def test_precedence(host: str, port: int, verdict: Verdict, rule: str | None) -> None:
+    d = policy().decide(facts(host, port=port, scheme="http"))
+    assert (d.verdict, d.rule) == (verdict, rule)
+
+
+@pytest.mark.parametrize("path", ["/repos/o/r", "/repos/../repos/o/r", "//repos/o/r", "/%72epos/o/r"])
+def test_method_path_deny_cannot_be_dodged(path: str) -> None:
+    d = policy().decide(facts("api.github.com", path, method="delete"))
+    assert d.verdict is Verdict.DENY and d.reason == "path-denied: DELETE /repos/**"
+    assert policy().decide(facts("api.github.com", path, method="GET")).allowed
+
+
+def test_default_modes() -> None:
+    assert policy("allow").decide(facts("evil.example")).verdict is Verdict.ALLOW
+    warn = policy("warn").decide(facts("evil.example"))
+    assert warn.verdict is Verdict.WARN and warn.reason == "would-deny: no-rule" and warn.injections == ()
+    # explicit denies stay denies in warn mode
+    assert policy("warn").decide(facts("169.254.169.254", port=80)).verdict is Verdict.DENY
+
+
+def test_host_header_and_sni_must_match_verified_destination() -> None:
+    p = policy()
+    spoof = p.decide(facts("attacker.example", host_header="api.openai.com"))
+    assert spoof.verdict is Verdict.DENY and spoof.reason == "host-mismatch" and spoof.plan is None
+    assert p.decide(facts("api.openai.com", host_header="API.openai.com.")).allowed
+    assert p.decide(facts("api.openai.com", host_header="api.openai.com:443")).allowed
+    assert p.decide(facts("api.openai.com", host_header="api.openai.com:444")).reason == "host-mismatch"
+    assert p.decide(facts("api.openai.com", sni="evil.example")).reason == "sni-mismatch"
+
+
+def test_plain_http_credentials_need_rule_opt_in() -> None:
+    d = policy().decide(facts("api.openai.com", port=80, scheme="http"))
+    assert d.verdict is Verdict.DENY and d.reason == "plain-http-credentials"
+    assert policy().decide(facts("localhost", port=11434, scheme="http")).allowed
+
+
+def test_placeholder_swap_only_on_hosts_using_the_secret() -> None:
+    p = policy()
+    ok = p.decide(facts("api.openai.com", headers=(("Authorization", f"Bearer {OPENAI_FAKE}"),)))
+    assert ok.allowed and {i.location for i in ok.injections} >= {"placeholder:OPENAI_API_KEY"}
+    assert swap_placeholders(ok, f"k={OPENAI_FAKE}", CountingResolver()) == "k=REAL-openai-value"
+    for host in ("pypi.org", "api.github.com", "evil.example"):
+        bad = p.decide(facts(host, f"/x?k={OPENAI_FAKE}"))
+        assert bad.verdict is Verdict.DENY and bad.alert
+        assert bad.reason == "placeholder-wrong-host: OPENAI_API_KEY"
+    assert policy("allow").decide(facts("evil.example", headers=(("X", OPENAI_FAKE),))).alert
+
+
+def test_denied_request_never_touches_a_secret() -> None:
+    r = CountingResolver()
+    for d in (
+        policy().decide(facts("evil.example")),
+        policy().decide(facts("attacker.example", host_header="api.openai.com")),
+        policy().decide(facts("api.github.com", "/repos/a/b", method="DELETE")),
+    ):
+        assert not d.allowed and d.plan is None
+        with pytest.raises(NotAllowedError):
+            apply_plan(d, [("A", "b")], r)
+        with pytest.raises(NotAllowedError):
+            swap_placeholders(d, "x", r)
+    assert r.calls == []
+
+
+def test_allowed_request_with_nothing_to_inject_reads_nothing() -> None:
+    r = CountingResolver()
+    d = policy().decide(facts("pypi.org", "/simple/"))
+    assert apply_plan(d, [("A", "b")], r) == [("A", "b")] and r.calls == []
+
+
+def test_connection_decisions() -> None:
+    p = policy()
+    assert p.connection("api.openai.com", 443).intercept
+    assert not p.connection("evil.example", 443).allowed
+    assert p.connection("api.openai.com", 443, sni="evil.example").reason == "sni-mismatch"
+
+
+def test_dns_names() -> None:
+    p = policy()
+    assert p.name_allowed("api.openai.com")[0]
+    assert p.name_allowed("localhost")[0] is False  # host rule says allow: false
+    assert p.name_allowed("evil.example") == (False, None)
+    assert p.name_allowed("api.openai.com", "TXT")[0] is False
