@@ -1,0 +1,82 @@
+"""`keyward log [--summary] [--follow] [FILE]`: the audit log as a table or a per-host summary."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from gateway.audit.reader import follow, read_records, summarise
+from gateway.cli.errors import UsageError
+from gateway.config.loader import load_config
+from gateway.config.paths import config_path
+
+COLUMNS = ("ts", "plane", "decision", "method", "host", "path", "status", "reason", "injected")
+
+
+def _audit_file(args: argparse.Namespace) -> Path:
+    if args.file:
+        return Path(args.file)
+    cfg_file = config_path(args.config)
+    if cfg_file.exists():
+        loaded = load_config(cfg_file)
+        p = Path(loaded.config.audit.path)
+        return p if p.is_absolute() else loaded.base_dir / p
+    return Path("keyward-audit.jsonl")
+
+
+def _cell(rec: dict[str, Any], col: str) -> str:
+    v = rec.get(col)
+    if col == "injected":
+        return ", ".join(f"{i['secret']}@{i['location']}" for i in v or []) or "-"
+    if col == "ts" and isinstance(v, str):
+        return v[11:23]
+    style = {"deny": "[red]", "warn": "[yellow]"}.get(str(v), "") if col == "decision" else ""
+    text = "-" if v is None else str(v)
+    return f"{style}{text}" if style else text
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    path = _audit_file(args)
+    if not path.exists():
+        raise UsageError(f"{path}: no audit log yet")
+    console = Console()
+    if args.summary:
+        rows = summarise(read_records(path))
+        if args.json:
+            print(json.dumps(rows))
+            return 0
+        table = Table(title=f"{path}: per-host summary", title_justify="left")
+        for col in ("host", "allow", "warn", "deny", "injected", "bytes_up", "bytes_down", "alerts"):
+            table.add_column(col, justify="left" if col == "host" else "right")
+        for row in rows:
+            table.add_row(*(str(row[c]) for c in ("host", "allow", "warn", "deny", "injected",
+                                                  "bytes_up", "bytes_down", "alerts")))
+        console.print(table)
+        return 0
+    if args.follow:
+        with path.open(encoding="utf-8") as f:
+            for rec in follow(f):
+                console.print("  ".join(_cell(rec, c) for c in COLUMNS), highlight=False)
+        return 0
+    table = Table(title=str(path), title_justify="left")
+    for col in COLUMNS:
+        table.add_column(col)
+    for rec in read_records(path):
+        table.add_row(*(_cell(rec, c) for c in COLUMNS))
+    console.print(table)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("log", help="read the audit log as a table or a per-host summary")
+    p.add_argument("file", nargs="?", help="audit file (default: audit.path of the config)")
+    p.add_argument("-c", "--config", metavar="FILE", help="config whose audit.path to read")
+    p.add_argument("--summary", action="store_true", help="one row per host")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing new records")
+    p.add_argument("--json", action="store_true", help="with --summary: print JSON")
+    p.set_defaults(func=cmd_log)

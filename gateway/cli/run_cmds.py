@@ -1,0 +1,66 @@
+"""`keyward run -- CMD`: the embedded default. CMD's traffic goes through an in-process gateway."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+
+from gateway.cli.config_cmds import add_config_option, load_from_args
+from gateway.cli.errors import UsageError
+from gateway.config.paths import state_dir
+from gateway.planes.context import build_context
+from gateway.planes.embedded import EmbeddedGateway
+
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
+async def run_command(args: argparse.Namespace) -> int:
+    loaded = load_from_args(args)
+    ctx = build_context(loaded, state_dir(args.state), audit_path=args.audit, agent=args.agent)
+    gw = EmbeddedGateway(ctx)
+    await gw.start()
+    try:
+        try:
+            proc = await asyncio.create_subprocess_exec(*args.cmd, env=gw.child_env())
+        except FileNotFoundError:
+            raise UsageError(f"command not found: {args.cmd[0]}") from None
+        loop = asyncio.get_running_loop()
+        for sig in FORWARDED_SIGNALS:
+            loop.add_signal_handler(sig, proc.send_signal, sig)
+        try:
+            code = await proc.wait()
+        finally:
+            for sig in FORWARDED_SIGNALS:
+                loop.remove_signal_handler(sig)
+    finally:
+        await gw.close()
+        ctx.audit.close()
+    c = ctx.audit.counts
+    print(
+        f"keyward: {c['allowed']} allowed, {c['denied']} denied, {c['injected']} with credentials"
+        f" (audit: {ctx.audit.target})",
+        file=sys.stderr,
+    )
+    return code if code >= 0 else 128 - code
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        raise UsageError("nothing to run: keyward run [-c FILE] -- CMD [ARGS...]")
+    args.cmd = cmd
+    return asyncio.run(run_command(args))
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("run", help="run CMD with its traffic through an in-process gateway")
+    add_config_option(p)
+    p.add_argument("--audit", metavar="FILE", help='audit log (overrides audit.path; "-" = stderr)')
+    p.add_argument("--state", metavar="DIR", help="state dir (CA, placeholders; default $KEYWARD_STATE)")
+    p.add_argument("--agent", default="agent", help="agent name written to audit records")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD")
+    p.set_defaults(func=cmd_run)

@@ -1,0 +1,155 @@
+"""What every data plane shares: the compiled policy, the secret store, the audit writer, and
+how to reach upstreams. Built once at start-up; a missing secret stops start-up here."""
+
+from __future__ import annotations
+
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gateway.audit.writer import AuditRecord, AuditWriter, new_id
+from gateway.config.compile import build_policy
+from gateway.config.loader import LoadedConfig
+from gateway.credentials.placeholders import detect_format, load_seed, make_placeholder
+from gateway.credentials.redact import Redactor
+from gateway.credentials.sources import load_secrets
+from gateway.credentials.store import SecretStore
+from gateway.policy.core import Decision, Placeholder, Policy, RequestFacts
+from gateway.policy.hosts import normalise_host, split_hostport
+from gateway.tls.ca import CertificateAuthority, system_roots_path
+
+# Mints (or reuses) the OAuth access tokens a plan needs before it is applied.
+TokenPreparer = Callable[[frozenset[str]], Awaitable[None]]
+
+
+@dataclass
+class GatewayContext:
+    config: LoadedConfig
+    policy: Policy
+    secrets: SecretStore
+    audit: AuditWriter
+    ca: CertificateAuthority
+    state_dir: Path
+    placeholders: tuple[Placeholder, ...]
+    resolve_overrides: dict[tuple[str, int], tuple[str, int]]
+    upstream_ca_file: str | None
+    agent: str = "agent"
+    prepare_tokens: TokenPreparer | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def redactor(self) -> Redactor:
+        return self.secrets.redactor
+
+    def upstream_ssl_context(self) -> ssl.SSLContext:
+        """Verified TLS to upstreams: system roots plus `upstream.ca_bundle`."""
+        ctx = ssl.create_default_context(cafile=str(system_roots_path() or "") or None)
+        if self.upstream_ca_file:
+            ctx.load_verify_locations(cafile=self.upstream_ca_file)
+        return ctx
+
+    def connect_target(self, host: str, port: int) -> tuple[str, int]:
+        """Where a (verified) host:port is actually dialled: `upstream.resolve` or itself."""
+        return self.resolve_overrides.get((host, port), (host, port))
+
+    async def resolver_for(self, decision: Decision) -> Callable[[str], str]:
+        """The secret resolver for an allowed decision, minting OAuth tokens first if needed."""
+        if decision.plan is not None and self.prepare_tokens is not None:
+            oauth = decision.plan.secrets & frozenset(self.secrets.oauth())
+            if oauth:
+                await self.prepare_tokens(oauth)
+        return self.secrets.resolve
+
+    def record(
+        self,
+        facts: RequestFacts,
+        decision: Decision | None,
+        *,
+        started: float,
+        status: int | None = None,
+        bytes_up: int = 0,
+        bytes_down: int = 0,
+        error: str | None = None,
+        reason: str | None = None,
+        record_id: str | None = None,
+    ) -> AuditRecord:
+        """Write one audit record for a request or refused connection."""
+        rec = AuditRecord(
+            id=record_id or new_id(),
+            agent=self.agent,
+            client=facts.client,
+            plane=str(facts.plane),
+            method=facts.method,
+            scheme=facts.scheme,
+            host=facts.host,
+            port=facts.port,
+            path=facts.path,
+            decision=str(decision.verdict) if decision else "deny",
+            rule=decision.rule if decision else None,
+            reason=reason or (decision.reason if decision else "error"),
+            injected=[i.as_dict() for i in decision.injections] if decision else [],
+            status=status,
+            bytes_up=bytes_up,
+            bytes_down=bytes_down,
+            duration_ms=round((time.monotonic() - started) * 1000, 3),
+            error=error,
+            alert=bool(decision and decision.alert),
+        )
+        self.audit.write(rec)
+        return rec
+
+
+def build_placeholders(loaded: LoadedConfig, store: SecretStore, seed: bytes) -> tuple[Placeholder, ...]:
+    out = []
+    for env, ph in loaded.config.placeholders.items():
+        real = store.get(ph.secret)
+        fmt = ph.format or detect_format(real.reveal())
+        value = make_placeholder(env, seed=seed, fmt=fmt, real=real)
+        store.register_placeholder(value)
+        out.append(Placeholder(env, ph.secret, value))
+    return tuple(out)
+
+
+def parse_resolve(entries: dict[str, str]) -> dict[tuple[str, int], tuple[str, int]]:
+    out: dict[tuple[str, int], tuple[str, int]] = {}
+    for key, target in entries.items():
+        host, port = split_hostport(key)
+        thost, tport = split_hostport(target)
+        assert port is not None and tport is not None  # validated by the config model
+        out[(normalise_host(host), port)] = (thost, tport)
+    return out
+
+
+def build_context(
+    loaded: LoadedConfig,
+    state_dir: Path,
+    *,
+    audit_path: str | None = None,
+    agent: str = "agent",
+    environ: dict[str, str] | None = None,
+) -> GatewayContext:
+    """Resolve every secret (start-up fails on any missing one), then compile the policy."""
+    store = load_secrets(loaded.config.secrets, config_dir=loaded.base_dir, environ=environ)
+    placeholders = build_placeholders(loaded, store, load_seed(state_dir))
+    policy = build_policy(loaded.config, placeholders)
+    target = audit_path or loaded.config.audit.path
+    if target != "-" and not Path(target).is_absolute():
+        target = str(loaded.base_dir / target)
+    ca_bundle = loaded.config.upstream.ca_bundle
+    if ca_bundle and not Path(ca_bundle).is_absolute():
+        ca_bundle = str(loaded.base_dir / ca_bundle)
+    return GatewayContext(
+        config=loaded,
+        policy=policy,
+        secrets=store,
+        audit=AuditWriter(target, store.redactor),
+        ca=CertificateAuthority.load_or_create(state_dir),
+        state_dir=state_dir,
+        placeholders=placeholders,
+        resolve_overrides=parse_resolve(loaded.config.upstream.resolve),
+        upstream_ca_file=ca_bundle,
+        agent=agent,
+    )

@@ -1,0 +1,79 @@
+"""The embedded gateway of `keyward run`: both planes in-process on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from gateway.credentials.oauth import TokenMinter
+from gateway.planes.context import GatewayContext
+from gateway.planes.http.proxy import HttpPlane
+from gateway.planes.mitm.master import MitmPlane, start_mitm
+from gateway.tls.ca import write_bundle
+
+# Every trust variable that some client reads (LESSONS.md): all point at one bundle file.
+CA_ENV_VARS = (
+    "SSL_CERT_FILE",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    "NODE_EXTRA_CA_CERTS",
+    "GIT_SSL_CAINFO",
+    "PIP_CERT",
+    "AWS_CA_BUNDLE",
+    "DENO_CERT",
+    "CARGO_HTTP_CAINFO",
+)
+PROXY_ENV_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
+
+
+@dataclass
+class EmbeddedGateway:
+    ctx: GatewayContext
+    mitm: MitmPlane | None = None
+    http: HttpPlane | None = None
+    service_ports: dict[str, int] = field(default_factory=dict)
+
+    async def start(self, host: str = "127.0.0.1") -> None:
+        minter = TokenMinter(
+            self.ctx.secrets, self.ctx.state_dir, self.ctx.upstream_ssl_context(),
+            connect_target=self.ctx.connect_target,
+        )
+        self.ctx.prepare_tokens = minter.ensure
+        self.mitm = await start_mitm(self.ctx, [f"regular@{host}:0"])
+        self.http = HttpPlane(self.ctx)
+        self.service_ports = await self.http.start(host)
+
+    async def close(self) -> None:
+        if self.mitm is not None:
+            await self.mitm.close()
+        if self.http is not None:
+            await self.http.close()
+
+    @property
+    def proxy_url(self) -> str:
+        assert self.mitm is not None
+        host, port = self.mitm.addresses[0]
+        return f"http://{host}:{port}"
+
+    def child_env(self, base: dict[str, str] | None = None) -> dict[str, str]:
+        """The agent's environment: proxy, trust and placeholder variables; no real secret."""
+        env = dict(os.environ if base is None else base)
+        for name in self.ctx.secrets.env_vars():
+            env.pop(name, None)
+        for name in list(env):
+            if name.upper() in (*PROXY_ENV_VARS, "NO_PROXY"):
+                del env[name]
+        bundle = write_bundle(self.ctx.ca, self.ctx.state_dir / "agent-ca-bundle.pem")
+        for name in CA_ENV_VARS:
+            env[name] = str(bundle)
+        for name in PROXY_ENV_VARS:
+            env[name] = env[name.lower()] = self.proxy_url
+        env["NODE_USE_ENV_PROXY"] = "1"  # Node >= 22.21 / 24.5 honour the proxy variables for fetch
+        if self.service_ports:
+            env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1"
+        for ph in self.ctx.placeholders:
+            env[ph.env] = ph.value
+        for name, port in self.service_ports.items():
+            key = name.upper().replace("-", "_")
+            env[f"KEYWARD_SERVICE_{key}_URL"] = f"http://127.0.0.1:{port}"
+        return env

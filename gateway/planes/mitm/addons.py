@@ -1,0 +1,358 @@
+"""mitmproxy addons, one concern each, all deciding through the one policy core.
+
+Order matters and is fixed by `addon_chain`: the destination gate and the policy gate run
+before the injector, so a denied request never reaches code that can read a secret.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from mitmproxy import connection, http, tcp, tls, udp
+from mitmproxy.proxy import server_hooks
+
+from gateway.credentials.redact import StreamScrubber
+from gateway.planes.context import GatewayContext
+from gateway.policy.apply import apply_plan, swap_placeholders
+from gateway.policy.core import ConnectionDecision, Decision, Plane, RequestFacts
+from gateway.policy.hosts import normalise_host
+
+log = logging.getLogger("keyward.mitm")
+
+M_DECISION = "keyward.decision"
+M_FACTS = "keyward.facts"
+M_STARTED = "keyward.started"
+M_AUDITED = "keyward.audited"
+M_UP = "keyward.bytes_up"
+M_DOWN = "keyward.bytes_down"
+M_ERROR = "keyward.error"
+
+# Where a transparent connection's name comes from when only an IP was seen (pod mode sets this).
+TransparentVerifier = Callable[[str, int, str | None, str | None], str | None]
+
+
+def deny_response(reason: str, rule: str | None, status: int = 403) -> http.Response:
+    body = json.dumps({"error": "denied by keyward", "reason": reason, "rule": rule}).encode()
+    return http.Response.make(
+        status, body, {"Content-Type": "application/json", "X-Keyward-Reason": reason}
+    )
+
+
+def error_response(reason: str) -> http.Response:
+    body = json.dumps({"error": "keyward could not complete the request", "reason": reason})
+    return http.Response.make(
+        502, body.encode(), {"Content-Type": "application/json", "X-Keyward-Reason": reason}
+    )
+
+
+class Destinations:
+    """Remembers each client connection's verified destination (CONNECT target or original
+    destination) before `upstream.resolve` rewrites where the server connection dials."""
+
+    def __init__(self, ctx: GatewayContext, verify_transparent: TransparentVerifier | None) -> None:
+        self.ctx = ctx
+        self.verify_transparent = verify_transparent
+        self.targets: dict[str, tuple[str, int]] = {}
+        self.tunnelled: set[str] = set()
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self.targets.pop(client.id, None)
+        self.tunnelled.discard(client.id)
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        cid = flow.client_conn.id
+        self.targets[cid] = (flow.request.host, flow.request.port)
+        self.tunnelled.add(cid)
+
+    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        address = data.server.address
+        if address is None:
+            return
+        self.targets.setdefault(data.client.id, address)
+        try:
+            key = (normalise_host(address[0]), address[1])
+        except ValueError:
+            return
+        target = self.ctx.connect_target(*key)
+        if target != key:
+            if data.server.sni is None and data.server.tls:
+                data.server.sni = key[0]
+            data.server.address = target
+
+    def verified(self, flow: http.HTTPFlow) -> tuple[str, int, str | None]:
+        """(host, port, addr): the destination the policy decides on."""
+        cid = flow.client_conn.id
+        if cid not in self.tunnelled and flow.request.first_line_format == "absolute":
+            return flow.request.host, flow.request.port, None
+        host, port = self.targets.get(cid) or (flow.request.host, flow.request.port)
+        self.targets.setdefault(cid, (host, port))
+        if cid in self.tunnelled or self.verify_transparent is None:
+            return host, port, None
+        name = self.verify_transparent(
+            host, port, flow.client_conn.sni, flow.request.host_header
+        )
+        return (name or host), port, host
+
+
+class ConnectionGate:
+    """Refuses CONNECT targets the policy denies, passes through TLS that needs no
+    interception, and kills non-HTTP flows unless a rule allows raw TCP."""
+
+    def __init__(self, ctx: GatewayContext, dest: Destinations) -> None:
+        self.ctx = ctx
+        self.dest = dest
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        started = time.monotonic()
+        decision = self.ctx.policy.connection(flow.request.host, flow.request.port)
+        facts = RequestFacts(
+            Plane.MITM, "CONNECT", "tcp", flow.request.host, flow.request.port,
+            client=_client(flow.client_conn),
+        )
+        if not decision.allowed:
+            flow.response = deny_response(decision.reason, decision.rule)
+            flow.metadata[M_AUDITED] = True
+            self.ctx.record(facts, _as_decision(decision), started=started, status=403)
+
+    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        client = data.context.client
+        target = self.dest.targets.get(client.id) or data.context.server.address
+        if target is None:
+            return
+        sni = data.client_hello.sni
+        decision = self.ctx.policy.connection(target[0], target[1], sni=sni)
+        if decision.allowed and not decision.intercept and (
+            client.id in self.dest.tunnelled or self.dest.verify_transparent is None
+        ):
+            data.ignore_connection = True
+            facts = RequestFacts(
+                Plane.PASSTHROUGH, "TLS", "tls", target[0], target[1], sni=sni,
+                client=_client(client),
+            )
+            self.ctx.record(facts, _as_decision(decision), started=time.monotonic())
+
+    def tcp_start(self, flow: tcp.TCPFlow) -> None:
+        addr = self.dest.targets.get(flow.client_conn.id) or flow.server_conn.address
+        started = time.monotonic()
+        host, port = addr if addr else ("unknown", 0)
+        decision = self.ctx.policy.connection(host, port)
+        facts = RequestFacts(Plane.MITM, "TCP", "tcp", host, port, client=_client(flow.client_conn))
+        if decision.allowed and decision.tcp:
+            self.ctx.record(facts, _as_decision(decision), started=started)
+            return
+        flow.kill()
+        self.ctx.record(
+            facts, _as_decision(decision), started=started, reason="non-http-killed",
+        )
+
+    def udp_start(self, flow: udp.UDPFlow) -> None:
+        addr = flow.server_conn.address or ("unknown", 0)
+        flow.kill()
+        facts = RequestFacts(
+            Plane.MITM, "UDP", "udp", addr[0], addr[1], client=_client(flow.client_conn)
+        )
+        self.ctx.record(facts, None, started=time.monotonic(), reason="udp-killed")
+
+
+class PolicyGate:
+    """Decides every request on its verified destination; denials get a 403 with a reason."""
+
+    def __init__(self, ctx: GatewayContext, dest: Destinations) -> None:
+        self.ctx = ctx
+        self.dest = dest
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None:  # already answered (e.g. a refused CONNECT)
+            return
+        flow.metadata[M_STARTED] = time.monotonic()
+        req = flow.request
+        host, port, addr = self.dest.verified(flow)
+        sni = flow.client_conn.sni if flow.client_conn.tls_established else None
+        facts = RequestFacts(
+            plane=Plane.MITM,
+            method=req.method,
+            scheme=req.scheme,
+            host=host,
+            port=port,
+            path=req.path,
+            sni=sni,
+            host_header=req.host_header,
+            client=_client(flow.client_conn),
+            addr=addr,
+            headers=tuple(req.headers.items(multi=True)),
+        )
+        decision = self.ctx.policy.decide(facts)
+        flow.metadata[M_FACTS] = facts
+        flow.metadata[M_DECISION] = decision
+        if not decision.allowed:
+            flow.response = deny_response(decision.reason, decision.rule)
+            flow.metadata[M_AUDITED] = True
+            self.ctx.record(facts, decision, started=flow.metadata[M_STARTED], status=403)
+            if decision.alert:
+                log.warning("placeholder sent to %s: %s", host, decision.reason)
+
+
+class CredentialInjector:
+    """Writes the plan's credentials and swaps placeholders, only for allowed decisions."""
+
+    def __init__(self, ctx: GatewayContext) -> None:
+        self.ctx = ctx
+
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        decision: Decision | None = flow.metadata.get(M_DECISION)
+        if flow.response is not None or decision is None or not decision.allowed:
+            return
+        if decision.plan is None or not (decision.plan.headers or decision.plan.swaps):
+            return
+        try:
+            resolve = await self.ctx.resolver_for(decision)
+            headers = apply_plan(decision, list(flow.request.headers.items(multi=True)), resolve)
+            if decision.plan.swaps:
+                flow.request.path = swap_placeholders(decision, flow.request.path, resolve)
+        except Exception as e:  # token endpoint down, stale token: fail closed with a reason
+            reason = f"credentials-unavailable: {type(e).__name__}"
+            flow.metadata[M_ERROR] = self.ctx.redactor.redact(str(e))
+            flow.response = error_response(reason)
+            flow.metadata[M_AUDITED] = True
+            self.ctx.record(
+                flow.metadata[M_FACTS], decision, started=flow.metadata[M_STARTED],
+                status=502, reason=reason, error=flow.metadata[M_ERROR],
+            )
+            return
+        flow.request.headers = http.Headers(
+            [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+        )
+
+
+class Streaming:
+    """Nothing waits for the end of a body: requests and responses always stream, counted."""
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None:
+            return
+        flow.metadata[M_UP] = 0
+
+        def count(chunk: bytes) -> bytes:
+            flow.metadata[M_UP] += len(chunk)
+            return chunk
+
+        flow.request.stream = count
+
+
+class ResponseScrubber:
+    """Real secret values echoed by an upstream never reach the agent (headers and streamed
+    bodies, across chunk boundaries)."""
+
+    def __init__(self, ctx: GatewayContext) -> None:
+        self.ctx = ctx
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        resp = flow.response
+        if resp is None or flow.metadata.get(M_AUDITED):
+            return
+        redact = self.ctx.redactor.redact
+        for name, value in list(resp.headers.items(multi=True)):
+            clean = redact(value)
+            if clean != value:
+                resp.headers.set_all(name, [redact(v) for v in resp.headers.get_all(name)])
+        scrubber = StreamScrubber(self.ctx.redactor)
+        flow.metadata[M_DOWN] = 0
+
+        def scrub(chunk: bytes) -> bytes:
+            out = scrubber.feed(chunk) if chunk else scrubber.flush()
+            flow.metadata[M_DOWN] += len(out)
+            return out
+
+        if "content-length" in resp.headers and self.ctx.redactor.max_len:
+            # Scrubbing can change the length; let the framing fall back to chunked/close.
+            del resp.headers["content-length"]
+            if flow.request.http_version.startswith("HTTP/1") and resp.status_code >= 200:
+                resp.headers["transfer-encoding"] = "chunked"
+        resp.stream = scrub
+
+    def websocket_message(self, flow: http.HTTPFlow) -> None:
+        assert flow.websocket is not None
+        message = flow.websocket.messages[-1]
+        decision: Decision | None = flow.metadata.get(M_DECISION)
+        if message.from_client:
+            if message.is_text and decision is not None and decision.plan and decision.plan.swaps:
+                resolve = self.ctx.secrets.resolve
+                message.text = swap_placeholders(decision, message.text, resolve)
+            return
+        if message.is_text:
+            message.text = self.ctx.redactor.redact(message.text)
+        else:
+            message.content = self.ctx.redactor.redact_bytes(message.content)
+
+
+class Audit:
+    """Exactly one record per flow: allowed, denied, errored or aborted."""
+
+    def __init__(self, ctx: GatewayContext) -> None:
+        self.ctx = ctx
+
+    def _write(self, flow: http.HTTPFlow, error: str | None = None) -> None:
+        if flow.metadata.get(M_AUDITED) or M_FACTS not in flow.metadata:
+            return
+        flow.metadata[M_AUDITED] = True
+        status = flow.response.status_code if flow.response is not None else None
+        self.ctx.record(
+            flow.metadata[M_FACTS],
+            flow.metadata[M_DECISION],
+            started=flow.metadata[M_STARTED],
+            status=status,
+            bytes_up=flow.metadata.get(M_UP, 0),
+            bytes_down=flow.metadata.get(M_DOWN, 0),
+            error=error,
+            reason=None if error is None else _error_reason(error),
+        )
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        if flow.websocket is None:
+            self._write(flow)
+
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        self._write(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        msg = flow.error.msg if flow.error else "error"
+        self._write(flow, self.ctx.redactor.redact(msg))
+
+
+def _error_reason(msg: str) -> str:
+    low = msg.lower()
+    if "client disconnected" in low:
+        return "client-aborted"
+    if "certificate" in low or "tls" in low or "ssl" in low:
+        return "upstream-tls-error"
+    return "upstream-error"
+
+
+def _client(client: connection.Client) -> str:
+    host, port = client.peername[:2] if client.peername else ("?", 0)
+    return f"{host}:{port}"
+
+
+def _as_decision(cd: ConnectionDecision) -> Decision:
+    """Connection-level decisions carry no plan: nothing is injected into a tunnel."""
+    return Decision(cd.verdict, cd.rule, cd.reason)
+
+
+def addon_chain(
+    ctx: GatewayContext, verify_transparent: TransparentVerifier | None = None
+) -> list[Any]:
+    dest = Destinations(ctx, verify_transparent)
+    return [
+        dest,
+        ConnectionGate(ctx, dest),
+        PolicyGate(ctx, dest),
+        CredentialInjector(ctx),
+        Streaming(),
+        ResponseScrubber(ctx),
+        Audit(ctx),
+    ]
+

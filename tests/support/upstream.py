@@ -1,0 +1,116 @@
+"""A fake upstream API: a real aiohttp server over real TLS, recording what reached it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from dataclasses import dataclass, field
+
+from aiohttp import WSMsgType, web
+
+
+@dataclass
+class Seen:
+    requests: list[dict[str, object]] = field(default_factory=list)
+    peers: set[tuple[str, int]] = field(default_factory=set)
+    upload_first_chunk_at: float | None = None
+
+
+def make_app(seen: Seen) -> web.Application:
+    async def record(request: web.Request) -> None:
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        if peer:
+            seen.peers.add((peer[0], peer[1]))
+        seen.requests.append(
+            {"method": request.method, "path": request.path_qs, "headers": dict(request.headers)}
+        )
+
+    async def echo(request: web.Request) -> web.Response:
+        await record(request)
+        body = await request.read()
+        payload = {
+            "method": request.method,
+            "path": request.path_qs,
+            "headers": dict(request.headers),
+            "body": body.decode("utf-8", "replace")[:65536],
+        }
+        auth = request.headers.get("Authorization", "")
+        return web.json_response(payload, headers={"X-Echo-Auth": auth})
+
+    async def sse(request: web.Request) -> web.StreamResponse:
+        await record(request)
+        n = int(request.query.get("n", "5"))
+        interval = float(request.query.get("interval", "0.2"))
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i in range(n):
+            await resp.write(f"data: event {i}\n\n".encode())
+            await asyncio.sleep(interval)
+        await resp.write_eof()
+        return resp
+
+    async def big(request: web.Request) -> web.StreamResponse:
+        await record(request)
+        size = int(request.query.get("size", "1048576"))
+        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        resp.content_length = size
+        await resp.prepare(request)
+        chunk = b"\0" * 65536
+        left = size
+        while left > 0:
+            n = min(left, len(chunk))
+            await resp.write(chunk[:n])
+            left -= n
+        await resp.write_eof()
+        return resp
+
+    async def upload(request: web.Request) -> web.Response:
+        await record(request)
+        total = 0
+        loop = asyncio.get_running_loop()
+        async for chunk in request.content.iter_any():
+            if total == 0 and chunk:
+                seen.upload_first_chunk_at = loop.time()
+            total += len(chunk)
+        return web.json_response({"received": total})
+
+    async def ws(request: web.Request) -> web.WebSocketResponse:
+        await record(request)
+        sock = web.WebSocketResponse()
+        await sock.prepare(request)
+        await sock.send_str(json.dumps({"authorization": request.headers.get("Authorization")}))
+        async for msg in sock:
+            if msg.type == WSMsgType.TEXT:
+                await sock.send_str("echo:" + msg.data)
+            elif msg.type == WSMsgType.BINARY:
+                await sock.send_bytes(msg.data)
+        return sock
+
+    app = web.Application(client_max_size=1 << 34)
+    app.router.add_route("*", "/sse", sse)
+    app.router.add_route("*", "/big", big)
+    app.router.add_route("*", "/upload", upload)
+    app.router.add_route("GET", "/ws", ws)
+    app.router.add_route("*", "/{tail:.*}", echo)
+    return app
+
+
+class Upstream:
+    """Start with `await Upstream.start(ssl_ctx)`; `.port`, `.seen`, `await .close()`."""
+
+    def __init__(self, runner: web.AppRunner, port: int, seen: Seen) -> None:
+        self.runner, self.port, self.seen = runner, port, seen
+
+    @classmethod
+    async def start(cls, ssl_context: ssl.SSLContext | None, host: str = "127.0.0.1") -> Upstream:
+        seen = Seen()
+        runner = web.AppRunner(make_app(seen), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, host, 0, ssl_context=ssl_context)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return cls(runner, port, seen)
+
+    async def close(self) -> None:
+        await self.runner.cleanup()

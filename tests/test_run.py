@@ -1,0 +1,273 @@
+"""`keyward run`: real clients under an in-process gateway, real TLS to fake upstreams."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import textwrap
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.world import REAL_KEY, World, make_world
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    w = await make_world(tmp_path)
+    yield w
+    await w.upstream.close()
+
+
+async def run(world: World, *cmd: str, timeout: float = 60) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *world.run_argv(*cmd),
+        env=world.env(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=world.dir,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def py(code: str) -> list[str]:
+    return ["python3", "-c", textwrap.dedent(code)]
+
+
+def assert_no_secret(world: World, *texts: str) -> None:
+    for text in texts:
+        assert REAL_KEY not in text
+    assert REAL_KEY not in world.audit_path.read_text()
+
+
+CURL = shutil.which("curl")
+
+
+@pytest.mark.skipif(CURL is None, reason="curl is not installed")
+async def test_curl_gets_key_injected_and_agent_auth_replaced(world: World) -> None:
+    code, out, err = await run(
+        world, "curl", "-sS", "-H", "Authorization: Bearer agent-made-up",
+        "https://api.example.test/v1/models?api_key=zzz",
+    )
+    assert code == 0, err
+    echoed = json.loads(out)
+    # the upstream saw the real key; the echo back to the agent is scrubbed
+    seen = world.upstream.seen.requests[-1]["headers"]
+    assert seen["Authorization"] == f"Bearer {REAL_KEY}"  # type: ignore[index]
+    assert echoed["headers"]["Authorization"] == "Bearer [REDACTED]"
+    assert "1 allowed, 0 denied, 1 with credentials" in err
+    rec = world.audit()[-1]
+    assert rec["decision"] == "allow" and rec["host"] == "api.example.test"
+    assert rec["injected"] == [{"secret": "key", "location": "header:Authorization"}]
+    assert rec["status"] == 200 and "zzz" not in json.dumps(rec)
+    assert_no_secret(world, out, err)
+
+
+@pytest.mark.parametrize(
+    "client",
+    [
+        "import urllib.request as u; print(u.urlopen('https://api.example.test/x').read().decode())",
+        "import requests; print(requests.get('https://api.example.test/x').text)",
+        "import httpx; print(httpx.get('https://api.example.test/x').text)",
+        """
+        import asyncio, httpx
+        async def main():
+            async with httpx.AsyncClient() as c:
+                print((await c.get('https://api.example.test/x')).text)
+        asyncio.run(main())
+        """,
+        """
+        import asyncio, aiohttp
+        async def main():
+            async with aiohttp.ClientSession(trust_env=True) as s:
+                async with s.get('https://api.example.test/x') as r:
+                    print(await r.text())
+        asyncio.run(main())
+        """,
+    ],
+    ids=["urllib", "requests", "httpx", "httpx-async", "aiohttp"],
+)
+async def test_python_clients_get_key_injected(world: World, client: str) -> None:
+    code, out, err = await run(world, *py(client))
+    assert code == 0, err
+    assert world.upstream.seen.requests[-1]["headers"]["Authorization"] == f"Bearer {REAL_KEY}"  # type: ignore[index]
+    assert json.loads(out)["path"] == "/x"
+    assert_no_secret(world, out, err)
+
+
+async def test_policy_outcomes_through_the_proxy(world: World) -> None:
+    """Precedence, denials, placeholders and spoofing, from one agent process."""
+    code, out, err = await run(
+        world,
+        *py(
+            """
+            import json, os, requests
+            key = os.environ["TEST_API_KEY"]
+            def get(url, method="GET", **kw):
+                try:
+                    r = requests.request(method, url, timeout=20, **kw)
+                    return [r.status_code, r.headers.get("X-Keyward-Reason"), r.text]
+                except Exception as e:
+                    return [0, type(e).__name__, str(e)[:200]]
+            print(json.dumps({
+                "port_rule": get("https://api.example.test:8443/p"),
+                "host_rule": get("https://api.example.test/p"),
+                "wild": get("https://a.wild.example.test/p"),
+                "deny_default": get("https://evil.example.test/p"),
+                "deny_path": get("https://api.example.test/admin/../admin/x", "DELETE"),
+                "placeholder_ok": get("https://api.example.test/p", headers={"Authorization": "Bearer " + key}),
+                "placeholder_wrong_host": get("https://open.example.test/p", headers={"X-Key": key}),
+                "host_spoof": get("https://open.example.test/p", headers={"Host": "api.example.test"}),
+                "env_has_secret": any("REALSECRET" in v for v in os.environ.values()),
+                "placeholder": key,
+            }))
+            """
+        ),
+    )
+    assert code == 0, err
+    r = json.loads(out)
+    seen = [req["headers"] for req in world.upstream.seen.requests]
+    assert r["port_rule"][0] == 200 and json.loads(r["port_rule"][2])["headers"]["X-Port-Rule"] == "[REDACTED]"
+    assert r["host_rule"][0] == 200
+    assert r["wild"][0] == 200
+    assert r["deny_default"][:2] == [403, "no-rule"]
+    assert r["deny_path"][:2] == [403, "path-denied: DELETE /admin/**"]
+    assert r["placeholder_ok"][0] == 200
+    assert r["placeholder_wrong_host"][:2] == [403, "placeholder-wrong-host: TEST_API_KEY"]
+    assert r["host_spoof"][:2] == [403, "host-mismatch"]
+    assert r["env_has_secret"] is False
+    assert r["placeholder"].startswith("sk-") and r["placeholder"] != REAL_KEY
+    # exactly what reached the upstream: the allowed ones, each with the right credential
+    assert len(seen) == 4
+    assert seen[0].get("X-Port-Rule") == REAL_KEY and "Authorization" not in seen[0]
+    assert seen[3]["Authorization"] == f"Bearer {REAL_KEY}"
+    records = world.audit()
+    assert len(records) == 8
+    alerts = [x for x in records if x.get("alert")]
+    assert len(alerts) == 1 and alerts[0]["host"] == "open.example.test"
+    assert_no_secret(world, out, err)
+
+
+async def test_sse_events_arrive_one_by_one(world: World) -> None:
+    code, out, err = await run(
+        world,
+        *py(
+            """
+            import json, time, requests
+            t0 = time.monotonic()
+            r = requests.get("https://api.example.test/sse?n=5&interval=0.4", stream=True)
+            times = []
+            for line in r.iter_lines():
+                if line.startswith(b"data:"):
+                    times.append(time.monotonic() - t0)
+            print(json.dumps(times))
+            """
+        ),
+    )
+    assert code == 0, err
+    times = json.loads(out)
+    assert len(times) == 5
+    # the first event arrives long before the stream ends (5 events, 0.4 s apart)
+    assert times[0] < 0.35 * times[-1]
+    assert all(b > a for a, b in zip(times, times[1:], strict=False))
+
+
+async def test_big_bodies_stream_with_bounded_memory(world: World) -> None:
+    size = 200 * 1024 * 1024
+    code, out, err = await run(
+        world,
+        *py(
+            f"""
+            import json, requests
+            r = requests.get("https://api.example.test/big?size={size}", stream=True)
+            down = sum(len(c) for c in r.iter_content(1 << 20))
+            def gen():
+                for _ in range({size} // (1 << 20)):
+                    yield b"x" * (1 << 20)
+            up = requests.post("https://api.example.test/upload", data=gen()).json()["received"]
+            print(json.dumps([down, up]))
+            """
+        ),
+        timeout=240,
+    )
+    assert code == 0, err
+    assert json.loads(out) == [size, size]
+    rec = [r for r in world.audit() if r["path"].startswith("/big")][0]
+    assert rec["bytes_down"] == size
+
+
+async def test_raw_tcp_through_connect_is_killed(world: World) -> None:
+    code, out, err = await run(
+        world,
+        *py(
+            """
+            import os, socket, urllib.parse
+            proxy = urllib.parse.urlsplit(os.environ["HTTPS_PROXY"])
+            s = socket.create_connection((proxy.hostname, proxy.port), timeout=10)
+            s.sendall(b"CONNECT open.example.test:443 HTTP/1.1\\r\\nHost: open.example.test:443\\r\\n\\r\\n")
+            print(s.recv(4096).split(b"\\r\\n")[0].decode())
+            s.sendall(b"SSH-2.0-OpenSSH_9.0\\r\\n" * 4)
+            try:
+                data = s.recv(4096)
+            except ConnectionResetError:
+                data = b""
+            print("closed" if not data else "got:" + data[:40].decode("latin-1"))
+            """
+        ),
+    )
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].endswith("200 Connection established")
+    assert lines[1] == "closed"
+    assert world.upstream.seen.requests == []
+    assert any(r["reason"] == "non-http-killed" for r in world.audit())
+
+
+async def test_websocket_upgrade_gets_injection(world: World) -> None:
+    code, out, err = await run(
+        world,
+        *py(
+            """
+            import asyncio, aiohttp, json
+            async def main():
+                async with aiohttp.ClientSession(trust_env=True) as s:
+                    async with s.ws_connect("wss://api.example.test/ws") as ws:
+                        first = await ws.receive_str()
+                        await ws.send_str("hello")
+                        print(json.dumps([first, await ws.receive_str()]))
+            asyncio.run(main())
+            """
+        ),
+    )
+    assert code == 0, err
+    first, second = json.loads(out)
+    assert json.loads(first)["authorization"] == "Bearer [REDACTED]"
+    assert second == "echo:hello"
+    assert world.upstream.seen.requests[-1]["headers"]["Authorization"] == f"Bearer {REAL_KEY}"  # type: ignore[index]
+
+
+@pytest.mark.skipif(CURL is None, reason="curl is not installed")
+async def test_http2_between_agent_and_gateway(world: World) -> None:
+    code, out, err = await run(
+        world, "curl", "-sS", "--http2", "-o", "/dev/null", "-w", "%{http_version}",
+        "https://api.example.test/h2",
+    )
+    assert code == 0, err
+    assert out.strip() == "2"
+
+
+async def test_exit_code_and_missing_secret(world: World) -> None:
+    code, _, _ = await run(world, "python3", "-c", "raise SystemExit(7)")
+    assert code == 7
+    env = world.env()
+    del env["TEST_API_KEY"]
+    proc = await asyncio.create_subprocess_exec(
+        *world.run_argv("true"), env=env, stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await proc.communicate()
+    assert proc.returncode == 2
+    assert "secret 'key'" in err.decode() and "TEST_API_KEY" in err.decode()
