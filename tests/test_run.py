@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import sys
 import textwrap
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -35,7 +36,7 @@ async def run(world: World, *cmd: str, timeout: float = 60) -> tuple[int, str, s
 
 
 def py(code: str) -> list[str]:
-    return ["python3", "-c", textwrap.dedent(code)]
+    return [sys.executable, "-c", textwrap.dedent(code)]
 
 
 def assert_no_secret(world: World, *texts: str) -> None:
@@ -118,6 +119,7 @@ async def test_policy_outcomes_through_the_proxy(world: World) -> None:
                 "host_rule": get("https://api.example.test/p"),
                 "wild": get("https://a.wild.example.test/p"),
                 "deny_default": get("https://evil.example.test/p"),
+                "deny_default_curl": __import__("subprocess").run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_connect}", "https://evil.example.test/p"], capture_output=True, text=True).stdout,
                 "deny_path": get("https://api.example.test/admin/../admin/x", "DELETE"),
                 "placeholder_ok": get("https://api.example.test/p", headers={"Authorization": "Bearer " + key}),
                 "placeholder_wrong_host": get("https://open.example.test/p", headers={"X-Key": key}),
@@ -134,7 +136,9 @@ async def test_policy_outcomes_through_the_proxy(world: World) -> None:
     assert r["port_rule"][0] == 200 and json.loads(r["port_rule"][2])["headers"]["X-Port-Rule"] == "[REDACTED]"
     assert r["host_rule"][0] == 200
     assert r["wild"][0] == 200
-    assert r["deny_default"][:2] == [403, "no-rule"]
+    # a refused CONNECT: requests raises ProxyError quoting the 403; curl reports the code
+    assert r["deny_default"][1] == "ProxyError" and "403" in r["deny_default"][2]
+    assert r["deny_default_curl"] == "403"
     assert r["deny_path"][:2] == [403, "path-denied: DELETE /admin/**"]
     assert r["placeholder_ok"][0] == 200
     assert r["placeholder_wrong_host"][:2] == [403, "placeholder-wrong-host: TEST_API_KEY"]
@@ -146,7 +150,7 @@ async def test_policy_outcomes_through_the_proxy(world: World) -> None:
     assert seen[0].get("X-Port-Rule") == REAL_KEY and "Authorization" not in seen[0]
     assert seen[3]["Authorization"] == f"Bearer {REAL_KEY}"
     records = world.audit()
-    assert len(records) == 8
+    assert len(records) == 9
     alerts = [x for x in records if x.get("alert")]
     assert len(alerts) == 1 and alerts[0]["host"] == "open.example.test"
     assert_no_secret(world, out, err)
@@ -232,10 +236,11 @@ async def test_websocket_upgrade_gets_injection(world: World) -> None:
         world,
         *py(
             """
-            import asyncio, aiohttp, json
+            import asyncio, aiohttp, json, os
             async def main():
-                async with aiohttp.ClientSession(trust_env=True) as s:
-                    async with s.ws_connect("wss://api.example.test/ws") as ws:
+                async with aiohttp.ClientSession() as s:
+                    proxy = os.environ["HTTPS_PROXY"]
+                    async with s.ws_connect("wss://api.example.test/ws", proxy=proxy) as ws:
                         first = await ws.receive_str()
                         await ws.send_str("hello")
                         print(json.dumps([first, await ws.receive_str()]))
@@ -261,7 +266,7 @@ async def test_http2_between_agent_and_gateway(world: World) -> None:
 
 
 async def test_exit_code_and_missing_secret(world: World) -> None:
-    code, _, _ = await run(world, "python3", "-c", "raise SystemExit(7)")
+    code, _, _ = await run(world, sys.executable, "-c", "raise SystemExit(7)")
     assert code == 7
     env = world.env()
     del env["TEST_API_KEY"]

@@ -13,7 +13,13 @@ from gateway import __version__
 from gateway.cli.errors import EXIT_FAILURE, EXIT_USAGE, KeywardError
 
 # Modules under gateway.cli, each defining register(subparsers). Order = order in --help.
-COMMAND_MODULES: tuple[str, ...] = ("config_cmds", "policy_cmds")
+COMMAND_MODULES: tuple[str, ...] = (
+    "config_cmds",
+    "policy_cmds",
+    "run_cmds",
+    "log_cmds",
+    "ca_cmds",
+)
 
 log = logging.getLogger("keyward")
 

@@ -10,19 +10,8 @@ from gateway.planes.context import GatewayContext
 from gateway.planes.http.proxy import HttpPlane
 from gateway.planes.mitm.master import MitmPlane, start_mitm
 from gateway.tls.ca import write_bundle
+from gateway.tls.trust import CA_ENV_VARS
 
-# Every trust variable that some client reads (LESSONS.md): all point at one bundle file.
-CA_ENV_VARS = (
-    "SSL_CERT_FILE",
-    "REQUESTS_CA_BUNDLE",
-    "CURL_CA_BUNDLE",
-    "NODE_EXTRA_CA_CERTS",
-    "GIT_SSL_CAINFO",
-    "PIP_CERT",
-    "AWS_CA_BUNDLE",
-    "DENO_CERT",
-    "CARGO_HTTP_CAINFO",
-)
 PROXY_ENV_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
 
 

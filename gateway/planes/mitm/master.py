@@ -55,6 +55,7 @@ async def start_mitm(
     verify_transparent: TransparentVerifier | None = None,
 ) -> MitmPlane:
     """Start mitmproxy with `modes` (e.g. ["regular@127.0.0.1:0"]) and wait until it listens."""
+    logging.getLogger("mitmproxy").setLevel(logging.WARNING)  # its per-listener chatter
     opts = options.Options()
     master = Master(opts)
     master.addons.add(
@@ -73,8 +74,7 @@ async def start_mitm(
         http2=True,
         websocket=True,
         rawtcp=True,
-        # Bodies are streamed by our addons; this only caps anything that is still buffered.
-        body_size_limit="64m",
+        # No body_size_limit: mitmproxy applies it even to streamed bodies, and ours always stream.
     )
     task = asyncio.create_task(master.run(), name="keyward-mitm")
     ps = master.addons.get("proxyserver")

@@ -1,0 +1,108 @@
+"""`keyward serve`: the sidecar. `keyward serve --wait-ready` waits for one to be ready."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import pwd
+import socket
+import time
+from pathlib import Path
+
+from gateway.cli.config_cmds import add_config_option, load_from_args
+from gateway.cli.errors import KeywardError, UsageError
+from gateway.config.paths import state_dir
+from gateway.netfilter.rules import PodPorts
+
+DEFAULT_PROXY_USER = "keyward"
+DEFAULT_PROXY_UID = 10101
+
+
+def proxy_ids(spec: str | None) -> tuple[int, int]:
+    """--proxy-uid: a number or a user name; default the `keyward` user, else uid 10101."""
+    spec = spec or os.environ.get("KEYWARD_PROXY_UID")
+    if spec is None:
+        try:
+            pw = pwd.getpwnam(DEFAULT_PROXY_USER)
+            return pw.pw_uid, pw.pw_gid
+        except KeyError:
+            return DEFAULT_PROXY_UID, DEFAULT_PROXY_UID
+    if spec.isdigit():
+        return int(spec), int(spec)
+    try:
+        pw = pwd.getpwnam(spec)
+    except KeyError:
+        raise UsageError(f"--proxy-uid: no such user {spec!r}") from None
+    return pw.pw_uid, pw.pw_gid
+
+
+def ports_from_args(args: argparse.Namespace) -> PodPorts:
+    return PodPorts(
+        transparent=args.transparent_port,
+        explicit=args.explicit_port,
+        dns=args.dns_port,
+        services=tuple(args.service_port or ()),
+    )
+
+
+def wait_ready(port: int, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return 0
+        except OSError:
+            time.sleep(0.1)
+    raise KeywardError(f"gateway not ready on 127.0.0.1:{port} after {timeout:.0f} s")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if args.wait_ready:
+        return wait_ready(args.explicit_port, args.timeout)
+    from gateway.pod.sidecar import ServeOptions, serve
+
+    loaded = load_from_args(args)
+    uid, gid = proxy_ids(args.proxy_uid)
+    sdir = state_dir(args.state)
+    opts = ServeOptions(
+        state_dir=sdir,
+        proxy_uid=uid,
+        proxy_gid=gid,
+        ports=ports_from_args(args),
+        netfilter=not args.no_netfilter,
+        ready_file=Path(args.ready_file) if args.ready_file else None,
+        control_socket=Path(args.control_socket) if args.control_socket else sdir / "control" / "keyward.sock",
+        drain_seconds=args.drain,
+        agent=args.agent,
+        audit_path=args.audit,
+    )
+    return asyncio.run(serve(loaded, opts))
+
+
+def add_port_options(p: argparse.ArgumentParser) -> None:
+    d = PodPorts()
+    p.add_argument("--transparent-port", type=int, default=d.transparent, metavar="N")
+    p.add_argument("--explicit-port", type=int, default=d.explicit, metavar="N")
+    p.add_argument("--dns-port", type=int, default=d.dns, metavar="N")
+    p.add_argument("--service-port", type=int, action="append", metavar="N",
+                   help="a service-plane port agents may reach (repeatable)")
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("serve", help="run the gateway sidecar of a pod")
+    add_config_option(p)
+    add_port_options(p)
+    p.add_argument("--state", metavar="DIR", help="state dir (CA, OAuth cache)")
+    p.add_argument("--proxy-uid", metavar="UID|USER", help="uid the gateway runs as after start")
+    p.add_argument("--no-netfilter", action="store_true",
+                   help="do not apply rules (an init step already did)")
+    p.add_argument("--ready-file", metavar="FILE", help="written when ready, removed on stop")
+    p.add_argument("--control-socket", metavar="PATH", help="health/readiness unix socket")
+    p.add_argument("--audit", metavar="FILE", help="audit log (overrides audit.path)")
+    p.add_argument("--agent", default="agent", help="agent name written to audit records")
+    p.add_argument("--drain", type=float, default=10.0, metavar="S", help="stream drain bound on stop")
+    p.add_argument("--wait-ready", action="store_true",
+                   help="do not serve: wait until a gateway in this namespace is ready")
+    p.add_argument("--timeout", type=float, default=30.0, help="with --wait-ready")
+    p.set_defaults(func=cmd_serve)

@@ -1,0 +1,47 @@
+"""Dropping root for good once the netfilter rules are in: proxy uid, no capabilities."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAPBSET_DROP = 24
+CAP_LAST = 63
+
+
+def _prctl(option: int, arg: int) -> int:
+    libc = ctypes.CDLL(None, use_errno=True)
+    return int(libc.prctl(option, arg, 0, 0, 0))
+
+
+def chown_tree(path: Path, uid: int, gid: int) -> None:
+    """Hand the state dir (CA key, OAuth cache) to the proxy uid before dropping to it."""
+    os.chown(path, uid, gid)
+    for root, dirs, files in os.walk(path):
+        for name in (*dirs, *files):
+            os.chown(os.path.join(root, name), uid, gid, follow_symlinks=False)
+
+
+def drop_to(uid: int, gid: int) -> None:
+    """Empty the bounding set, switch uid/gid, forbid regaining privileges. Irreversible."""
+    for cap in range(CAP_LAST + 1):
+        _prctl(PR_CAPBSET_DROP, cap)  # fails (EINVAL) past the kernel's last cap: harmless
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    if _prctl(PR_SET_NO_NEW_PRIVS, 1) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
+    caps = capabilities()
+    if any(caps[k] for k in ("CapEff", "CapPrm")):
+        raise PermissionError(f"capabilities remain after dropping privileges: {caps}")
+
+
+def capabilities() -> dict[str, int]:
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key.startswith("Cap"):
+            out[key] = int(value.strip(), 16)
+    return out

@@ -1,0 +1,160 @@
+"""`keyward serve`: the gateway half of a pod.
+
+Order is the security argument: load secrets and the CA as root, apply the netfilter rules,
+drop to the proxy uid with no capabilities, and only then listen. If this process dies, the
+rules stay in the kernel and redirected connections are refused: nothing leaks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from aiohttp import web
+
+from gateway.audit.writer import AuditRecord
+from gateway.config.loader import LoadedConfig
+from gateway.credentials.oauth import TokenMinter
+from gateway.dns.resolver import Resolver
+from gateway.dns.server import DnsListener
+from gateway.netfilter.rules import PodPorts, render_all
+from gateway.planes.context import GatewayContext, build_context
+from gateway.planes.http.proxy import HttpPlane
+from gateway.planes.mitm.master import MitmPlane, start_mitm
+from gateway.planes.transparent import make_verifier
+from gateway.pod.privileges import chown_tree, drop_to
+
+log = logging.getLogger("keyward.serve")
+
+
+@dataclass
+class ServeOptions:
+    state_dir: Path
+    proxy_uid: int
+    proxy_gid: int
+    ports: PodPorts = field(default_factory=PodPorts)
+    netfilter: bool = True
+    netns: str | None = None
+    ready_file: Path | None = None
+    control_socket: Path | None = None
+    drain_seconds: float = 10.0
+    agent: str = "agent"
+    audit_path: str | None = None
+
+
+@dataclass
+class Sidecar:
+    ctx: GatewayContext
+    opts: ServeOptions
+    dns: DnsListener | None = None
+    mitm: MitmPlane | None = None
+    http: HttpPlane | None = None
+    control: web.AppRunner | None = None
+    ready: bool = False
+
+    @classmethod
+    def prepare(cls, loaded: LoadedConfig, opts: ServeOptions) -> Sidecar:
+        """The privileged part: secrets, CA, rules, then the irreversible drop."""
+        ctx = build_context(loaded, opts.state_dir, audit_path=opts.audit_path, agent=opts.agent)
+        services = {s.listen for s in loaded.config.services.values() if s.listen}
+        opts.ports = replace(opts.ports, services=tuple(sorted(services | set(opts.ports.services))))
+        if opts.netfilter:
+            from gateway.netfilter.apply import apply
+
+            apply(render_all(opts.proxy_uid, opts.ports), netns=opts.netns)
+            log.info("netfilter rules applied (proxy uid %d)", opts.proxy_uid)
+        if os.geteuid() == 0 and opts.proxy_uid != 0:
+            chown_tree(opts.state_dir, opts.proxy_uid, opts.proxy_gid)
+            if opts.control_socket is not None:
+                opts.control_socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                os.chown(opts.control_socket.parent, opts.proxy_uid, opts.proxy_gid)
+            drop_to(opts.proxy_uid, opts.proxy_gid)
+            log.info("dropped to uid %d with no capabilities", opts.proxy_uid)
+        return cls(ctx, opts)
+
+    def _audit_dns(self, rec: dict[str, object]) -> None:
+        fields = {k: v for k, v in rec.items() if k in AuditRecord.__dataclass_fields__}
+        fields.setdefault("agent", self.ctx.agent)
+        self.ctx.audit.write(AuditRecord(**fields))  # type: ignore[arg-type]
+
+    async def start(self) -> None:
+        p = self.opts.ports
+        minter = TokenMinter(
+            self.ctx.secrets, self.ctx.state_dir, self.ctx.upstream_ssl_context(),
+            connect_target=self.ctx.connect_target,
+        )
+        self.ctx.prepare_tokens = minter.ensure
+        resolver = Resolver.from_upstream_config(self.ctx.config.config.upstream.resolve)
+        self.dns = DnsListener(self.ctx.policy, resolver, audit=self._audit_dns)
+        await self.dns.start("127.0.0.1", p.dns)
+        verifier = make_verifier(self.dns.names_for, self.ctx.connect_target)
+        self.mitm = await start_mitm(
+            self.ctx,
+            [f"transparent@127.0.0.1:{p.transparent}", f"regular@127.0.0.1:{p.explicit}"],
+            verify_transparent=verifier,
+        )
+        self.http = HttpPlane(self.ctx)
+        await self.http.start("127.0.0.1")
+        if self.opts.control_socket is not None:
+            await self._start_control(self.opts.control_socket)
+        self.ready = True
+        if self.opts.ready_file is not None:
+            self.opts.ready_file.write_text("ready\n")
+        log.info(
+            "ready: transparent %d, explicit %d, dns %d", p.transparent, p.explicit, p.dns
+        )
+
+    async def _start_control(self, path: Path) -> None:
+        """Health and readiness on a unix socket in a 0700 dir: the agent cannot reach it."""
+
+        async def healthz(_: web.Request) -> web.Response:
+            return web.json_response({"ok": True})
+
+        async def readyz(_: web.Request) -> web.Response:
+            return web.json_response({"ready": self.ready}, status=200 if self.ready else 503)
+
+        app = web.Application()
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/readyz", readyz)
+        self.control = web.AppRunner(app, access_log=None)
+        await self.control.setup()
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        await web.UnixSite(self.control, str(path)).start()
+        path.chmod(0o600)
+
+    async def close(self) -> None:
+        self.ready = False
+        if self.opts.ready_file is not None:
+            with contextlib.suppress(OSError):
+                self.opts.ready_file.unlink()
+        for closer in (
+            self.mitm.close if self.mitm else None,
+            self.http.close if self.http else None,
+            self.dns.close if self.dns else None,
+            self.control.cleanup if self.control else None,
+        ):
+            if closer is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(closer(), self.opts.drain_seconds)
+        self.ctx.audit.close()
+
+
+async def serve(loaded: LoadedConfig, opts: ServeOptions) -> int:
+    sidecar = Sidecar.prepare(loaded, opts)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await sidecar.start()
+        await stop.wait()
+        log.info("stopping (drain bound %.0f s)", opts.drain_seconds)
+    finally:
+        await sidecar.close()
+    return 0
