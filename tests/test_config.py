@@ -58,13 +58,15 @@ placeholders:
         "cfg/keyward.yaml:15: egress.hosts.\"api.github.com\".headers.Authorization: unknown secret {github} (not under 'secrets:')",
         "cfg/keyward.yaml:16: egress.hosts.\"api.github.com\".deny[1]: expected 'METHOD /path/glob', got 'bogus'",
         "cfg/keyward.yaml:17: egress.hosts.\"bad host!\": bad host pattern 'bad host!': give a host, host:port, *.suffix or CIDR",
-        "cfg/keyward.yaml:18: egress.hosts.\"*.x.com\".wat: unknown key",
+        'cfg/keyward.yaml:18: egress.hosts."*.x.com".wat: unknown key',
         "cfg/keyward.yaml:21: placeholders.OPENAI_API_KEY.secret: unknown secret 'nope'",
     ]
     for line in expected:
         assert line in got
     assert any(e.startswith("cfg/keyward.yaml:12: egress.default:") for e in got)
-    assert any(e.startswith('cfg/keyward.yaml:19: egress.hosts."y.com".headers.X: unclosed') for e in got)
+    assert any(
+        e.startswith('cfg/keyward.yaml:19: egress.hosts."y.com".headers.X: unclosed') for e in got
+    )
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import shutil
 import sys
@@ -51,7 +52,11 @@ CURL = shutil.which("curl")
 @pytest.mark.skipif(CURL is None, reason="curl is not installed")
 async def test_curl_gets_key_injected_and_agent_auth_replaced(world: World) -> None:
     code, out, err = await run(
-        world, "curl", "-sS", "-H", "Authorization: Bearer agent-made-up",
+        world,
+        "curl",
+        "-sS",
+        "-H",
+        "Authorization: Bearer agent-made-up",
         "https://api.example.test/v1/models?api_key=zzz",
     )
     assert code == 0, err
@@ -133,7 +138,10 @@ async def test_policy_outcomes_through_the_proxy(world: World) -> None:
     assert code == 0, err
     r = json.loads(out)
     seen = [req["headers"] for req in world.upstream.seen.requests]
-    assert r["port_rule"][0] == 200 and json.loads(r["port_rule"][2])["headers"]["X-Port-Rule"] == "[REDACTED]"
+    assert (
+        r["port_rule"][0] == 200
+        and json.loads(r["port_rule"][2])["headers"]["X-Port-Rule"] == "[REDACTED]"
+    )
     assert r["host_rule"][0] == 200
     assert r["wild"][0] == 200
     # a refused CONNECT: requests raises ProxyError quoting the 403; curl reports the code
@@ -177,7 +185,7 @@ async def test_sse_events_arrive_one_by_one(world: World) -> None:
     assert len(times) == 5
     # the first event arrives long before the stream ends (5 events, 0.4 s apart)
     assert times[0] < 0.35 * times[-1]
-    assert all(b > a for a, b in zip(times, times[1:], strict=False))
+    assert all(b > a for a, b in itertools.pairwise(times))
 
 
 async def test_big_bodies_stream_with_bounded_memory(world: World) -> None:
@@ -200,7 +208,7 @@ async def test_big_bodies_stream_with_bounded_memory(world: World) -> None:
     )
     assert code == 0, err
     assert json.loads(out) == [size, size]
-    rec = [r for r in world.audit() if r["path"].startswith("/big")][0]
+    rec = next(r for r in world.audit() if r["path"].startswith("/big"))
     assert rec["bytes_down"] == size
 
 
@@ -258,7 +266,14 @@ async def test_websocket_upgrade_gets_injection(world: World) -> None:
 @pytest.mark.skipif(CURL is None, reason="curl is not installed")
 async def test_http2_between_agent_and_gateway(world: World) -> None:
     code, out, err = await run(
-        world, "curl", "-sS", "--http2", "-o", "/dev/null", "-w", "%{http_version}",
+        world,
+        "curl",
+        "-sS",
+        "--http2",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_version}",
         "https://api.example.test/h2",
     )
     assert code == 0, err

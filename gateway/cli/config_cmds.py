@@ -18,7 +18,10 @@ from gateway.config.paths import config_path
 
 def add_config_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "-c", "--config", metavar="FILE", help="config file (default: $KEYWARD_CONFIG or ./keyward.yaml)"
+        "-c",
+        "--config",
+        metavar="FILE",
+        help="config file (default: $KEYWARD_CONFIG or ./keyward.yaml)",
     )
 
 
@@ -72,7 +75,9 @@ def describe(loaded: LoadedConfig) -> dict[str, Any]:
         "hosts": hosts,
         "secrets": {name: _source_kind(src) for name, src in cfg.secrets.items()},
         "placeholders": {env: ph.secret for env, ph in cfg.placeholders.items()},
-        "services": {n: {"listen": s.listen, "upstream": s.upstream} for n, s in cfg.services.items()},
+        "services": {
+            n: {"listen": s.listen, "upstream": s.upstream} for n, s in cfg.services.items()
+        },
     }
 
 
@@ -103,7 +108,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         table.add_column(col)
     for h in info["hosts"]:
         injects = ", ".join(f"{i['secret']} -> {i['location']}" for i in h["injects"]) or "-"
-        table.add_row(h["host"], "allow" if h["allow"] else "deny", injects, ", ".join(h["deny"]) or "-")
+        table.add_row(
+            h["host"], "allow" if h["allow"] else "deny", injects, ", ".join(h["deny"]) or "-"
+        )
     console = Console()
     console.print(table)
     if info["secrets"]:

@@ -24,11 +24,15 @@ def cmd_render(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("entrypoint", help="agent-side trust: CA bundle, env file, wrapper")
     psub = p.add_subparsers(dest="entrypoint_command", metavar="SUBCOMMAND", required=True)
-    r = psub.add_parser("render", help="write ca.crt, ca-bundle.crt, trust.env, agent-entrypoint.sh")
+    r = psub.add_parser(
+        "render", help="write ca.crt, ca-bundle.crt, trust.env, agent-entrypoint.sh"
+    )
     r.add_argument("--out", required=True, metavar="DIR")
     r.add_argument("--state", metavar="DIR", help="state dir holding the gateway CA")
     r.add_argument(
-        "--mount", default=DEFAULT_MOUNT, metavar="PATH",
+        "--mount",
+        default=DEFAULT_MOUNT,
+        metavar="PATH",
         help=f"where DIR is mounted in the agent (default {DEFAULT_MOUNT})",
     )
     r.set_defaults(func=cmd_render)

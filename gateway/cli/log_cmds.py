@@ -51,11 +51,33 @@ def cmd_log(args: argparse.Namespace) -> int:
             print(json.dumps(rows))
             return 0
         table = Table(title=f"{path}: per-host summary", title_justify="left")
-        for col in ("host", "allow", "warn", "deny", "injected", "bytes_up", "bytes_down", "alerts"):
+        for col in (
+            "host",
+            "allow",
+            "warn",
+            "deny",
+            "injected",
+            "bytes_up",
+            "bytes_down",
+            "alerts",
+        ):
             table.add_column(col, justify="left" if col == "host" else "right")
         for row in rows:
-            table.add_row(*(str(row[c]) for c in ("host", "allow", "warn", "deny", "injected",
-                                                  "bytes_up", "bytes_down", "alerts")))
+            table.add_row(
+                *(
+                    str(row[c])
+                    for c in (
+                        "host",
+                        "allow",
+                        "warn",
+                        "deny",
+                        "injected",
+                        "bytes_up",
+                        "bytes_down",
+                        "alerts",
+                    )
+                )
+            )
         console.print(table)
         return 0
     if args.follow:

@@ -48,6 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="keyward: %(message)s",
         stream=sys.stderr,
     )
+    from gateway.credentials.redact import install_logging_filter
+
+    install_logging_filter()  # no secret value reaches a log line
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE

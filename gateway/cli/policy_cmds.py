@@ -77,7 +77,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     t.add_argument("method")
     t.add_argument("url")
     t.add_argument(
-        "-H", "--header", action="append", default=[], metavar="'Name: value'", help="a request header"
+        "-H",
+        "--header",
+        action="append",
+        default=[],
+        metavar="'Name: value'",
+        help="a request header",
     )
     t.add_argument("--json", action="store_true", help="print the decision as JSON")
     t.set_defaults(func=cmd_policy_test)

@@ -60,7 +60,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("run", help="run CMD with its traffic through an in-process gateway")
     add_config_option(p)
     p.add_argument("--audit", metavar="FILE", help='audit log (overrides audit.path; "-" = stderr)')
-    p.add_argument("--state", metavar="DIR", help="state dir (CA, placeholders; default $KEYWARD_STATE)")
+    p.add_argument(
+        "--state", metavar="DIR", help="state dir (CA, placeholders; default $KEYWARD_STATE)"
+    )
     p.add_argument("--agent", default="agent", help="agent name written to audit records")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD")
     p.set_defaults(func=cmd_run)

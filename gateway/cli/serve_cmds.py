@@ -72,7 +72,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ports=ports_from_args(args),
         netfilter=not args.no_netfilter,
         ready_file=Path(args.ready_file) if args.ready_file else None,
-        control_socket=Path(args.control_socket) if args.control_socket else sdir / "control" / "keyward.sock",
+        control_socket=Path(args.control_socket)
+        if args.control_socket
+        else sdir / "control" / "keyward.sock",
         drain_seconds=args.drain,
         agent=args.agent,
         audit_path=args.audit,
@@ -85,8 +87,13 @@ def add_port_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transparent-port", type=int, default=d.transparent, metavar="N")
     p.add_argument("--explicit-port", type=int, default=d.explicit, metavar="N")
     p.add_argument("--dns-port", type=int, default=d.dns, metavar="N")
-    p.add_argument("--service-port", type=int, action="append", metavar="N",
-                   help="a service-plane port agents may reach (repeatable)")
+    p.add_argument(
+        "--service-port",
+        type=int,
+        action="append",
+        metavar="N",
+        help="a service-plane port agents may reach (repeatable)",
+    )
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -95,14 +102,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_port_options(p)
     p.add_argument("--state", metavar="DIR", help="state dir (CA, OAuth cache)")
     p.add_argument("--proxy-uid", metavar="UID|USER", help="uid the gateway runs as after start")
-    p.add_argument("--no-netfilter", action="store_true",
-                   help="do not apply rules (an init step already did)")
+    p.add_argument(
+        "--no-netfilter", action="store_true", help="do not apply rules (an init step already did)"
+    )
     p.add_argument("--ready-file", metavar="FILE", help="written when ready, removed on stop")
     p.add_argument("--control-socket", metavar="PATH", help="health/readiness unix socket")
     p.add_argument("--audit", metavar="FILE", help="audit log (overrides audit.path)")
     p.add_argument("--agent", default="agent", help="agent name written to audit records")
-    p.add_argument("--drain", type=float, default=10.0, metavar="S", help="stream drain bound on stop")
-    p.add_argument("--wait-ready", action="store_true",
-                   help="do not serve: wait until a gateway in this namespace is ready")
+    p.add_argument(
+        "--drain", type=float, default=10.0, metavar="S", help="stream drain bound on stop"
+    )
+    p.add_argument(
+        "--wait-ready",
+        action="store_true",
+        help="do not serve: wait until a gateway in this namespace is ready",
+    )
     p.add_argument("--timeout", type=float, default=30.0, help="with --wait-ready")
     p.set_defaults(func=cmd_serve)

@@ -97,8 +97,12 @@ class _Walker:
                 child = (*loc, key)
                 if key in seen:
                     self.issues.append(
-                        ConfigIssue(self.file, key_node.start_mark.line + 1, format_loc(child),
-                                    "duplicate key")
+                        ConfigIssue(
+                            self.file,
+                            key_node.start_mark.line + 1,
+                            format_loc(child),
+                            "duplicate key",
+                        )
                     )
                 seen.add(key)
                 self.lines[child] = key_node.start_mark.line + 1
@@ -197,7 +201,9 @@ def _cross_check(data: dict[str, Any], file: str, lines: dict[Loc, int]) -> list
         headers = _mapping(rule.get("headers"))
         basic = _mapping(rule.get("basic"))
         templates: list[tuple[Loc, Any]] = [((*base, "headers", n), t) for n, t in headers.items()]
-        templates += [((*base, "basic", k), basic[k]) for k in ("username", "password") if k in basic]
+        templates += [
+            ((*base, "basic", k), basic[k]) for k in ("username", "password") if k in basic
+        ]
         if basic and any(str(n).lower() == "authorization" for n in headers):
             issue((*base, "basic"), "basic and an Authorization header both set")
         for loc, text in templates:

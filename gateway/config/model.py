@@ -36,7 +36,7 @@ def _check_template(v: str) -> str:
 
 
 def _check_header_name(v: str) -> str:
-    if not v or any(c in v for c in " :\r\n\t()<>@,;\\\"/[]?={}"):
+    if not v or any(c in v for c in ' :\r\n\t()<>@,;\\"/[]?={}'):
         raise ValueError(f"bad header name {v!r}")
     return v
 
@@ -88,7 +88,9 @@ ValueSource = Annotated[
 
 
 class OAuthConfig(Strict):
-    token_url: str = Field(description="https token endpoint; pinned here, never taken from a response")
+    token_url: str = Field(
+        description="https token endpoint; pinned here, never taken from a response"
+    )
     grant: Literal["refresh_token", "client_credentials"]
     client_id: ValueSource
     client_secret: ValueSource | None = None
@@ -183,7 +185,8 @@ class EgressConfig(Strict):
 class PlaceholderConfig(Strict):
     secret: str
     format: str | None = Field(
-        None, description="fake's shape: sk, sk-proj, sk-ant, ghp, github_pat, xoxb, akia, jwt, generic"
+        None,
+        description="fake's shape: sk, sk-proj, sk-ant, ghp, github_pat, xoxb, akia, jwt, generic",
     )
 
 
@@ -227,8 +230,8 @@ class Config(Strict):
     placeholders: dict[
         Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], PlaceholderConfig
     ] = Field(default_factory=dict)
-    services: dict[
-        Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$")], ServiceConfig
-    ] = Field(default_factory=dict)
+    services: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$")], ServiceConfig] = Field(
+        default_factory=dict
+    )
     upstream: UpstreamConfig = Field(default_factory=UpstreamConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)

@@ -9,7 +9,7 @@ CONFIG_NAMES = ("keyward.yaml", "keyward.yml")
 
 
 def state_dir(explicit: str | os.PathLike[str] | None = None, *, create: bool = True) -> Path:
-    """`explicit`, else `$KEYWARD_STATE`, else `$XDG_STATE_HOME/keyward` (~/.local/state/keyward)."""
+    """`explicit`, else `$KEYWARD_STATE`, else `$XDG_STATE_HOME/keyward` (~/.local/state)."""
     if explicit:
         path = Path(explicit)
     elif os.environ.get("KEYWARD_STATE"):

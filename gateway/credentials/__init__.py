@@ -1,0 +1,1 @@
+"""Secret values: loading, storage, redaction and placeholders. Only the gateway imports this."""

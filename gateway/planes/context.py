@@ -102,7 +102,9 @@ class GatewayContext:
         return rec
 
 
-def build_placeholders(loaded: LoadedConfig, store: SecretStore, seed: bytes) -> tuple[Placeholder, ...]:
+def build_placeholders(
+    loaded: LoadedConfig, store: SecretStore, seed: bytes
+) -> tuple[Placeholder, ...]:
     out = []
     for env, ph in loaded.config.placeholders.items():
         real = store.get(ph.secret)

@@ -20,14 +20,17 @@ class EmbeddedGateway:
     ctx: GatewayContext
     mitm: MitmPlane | None = None
     http: HttpPlane | None = None
+    minter: TokenMinter | None = None
     service_ports: dict[str, int] = field(default_factory=dict)
 
     async def start(self, host: str = "127.0.0.1") -> None:
-        minter = TokenMinter(
-            self.ctx.secrets, self.ctx.state_dir, self.ctx.upstream_ssl_context(),
+        self.minter = TokenMinter(
+            self.ctx.secrets,
+            self.ctx.state_dir,
+            self.ctx.upstream_ssl_context(),
             connect_target=self.ctx.connect_target,
         )
-        self.ctx.prepare_tokens = minter.ensure
+        self.ctx.prepare_tokens = self.minter.ensure
         self.mitm = await start_mitm(self.ctx, [f"regular@{host}:0"])
         self.http = HttpPlane(self.ctx)
         self.service_ports = await self.http.start(host)
@@ -37,6 +40,8 @@ class EmbeddedGateway:
             await self.mitm.close()
         if self.http is not None:
             await self.http.close()
+        if self.minter is not None:
+            await self.minter.close()
 
     @property
     def proxy_url(self) -> str:

@@ -55,6 +55,7 @@ class Sidecar:
     mitm: MitmPlane | None = None
     http: HttpPlane | None = None
     control: web.AppRunner | None = None
+    minter: TokenMinter | None = None
     ready: bool = False
 
     @classmethod
@@ -62,7 +63,9 @@ class Sidecar:
         """The privileged part: secrets, CA, rules, then the irreversible drop."""
         ctx = build_context(loaded, opts.state_dir, audit_path=opts.audit_path, agent=opts.agent)
         services = {s.listen for s in loaded.config.services.values() if s.listen}
-        opts.ports = replace(opts.ports, services=tuple(sorted(services | set(opts.ports.services))))
+        opts.ports = replace(
+            opts.ports, services=tuple(sorted(services | set(opts.ports.services)))
+        )
         if opts.netfilter:
             from gateway.netfilter.apply import apply
 
@@ -84,11 +87,13 @@ class Sidecar:
 
     async def start(self) -> None:
         p = self.opts.ports
-        minter = TokenMinter(
-            self.ctx.secrets, self.ctx.state_dir, self.ctx.upstream_ssl_context(),
+        self.minter = TokenMinter(
+            self.ctx.secrets,
+            self.ctx.state_dir,
+            self.ctx.upstream_ssl_context(),
             connect_target=self.ctx.connect_target,
         )
-        self.ctx.prepare_tokens = minter.ensure
+        self.ctx.prepare_tokens = self.minter.ensure
         resolver = Resolver.from_upstream_config(self.ctx.config.config.upstream.resolve)
         self.dns = DnsListener(self.ctx.policy, resolver, audit=self._audit_dns)
         await self.dns.start("127.0.0.1", p.dns)
@@ -105,9 +110,7 @@ class Sidecar:
         self.ready = True
         if self.opts.ready_file is not None:
             self.opts.ready_file.write_text("ready\n")
-        log.info(
-            "ready: transparent %d, explicit %d, dns %d", p.transparent, p.explicit, p.dns
-        )
+        log.info("ready: transparent %d, explicit %d, dns %d", p.transparent, p.explicit, p.dns)
 
     async def _start_control(self, path: Path) -> None:
         """Health and readiness on a unix socket in a 0700 dir: the agent cannot reach it."""
@@ -138,6 +141,7 @@ class Sidecar:
             self.http.close if self.http else None,
             self.dns.close if self.dns else None,
             self.control.cleanup if self.control else None,
+            self.minter.close if self.minter else None,
         ):
             if closer is not None:
                 with contextlib.suppress(Exception):

@@ -1,4 +1,4 @@
-"""Turn an allowed decision's plan into header writes. The only place secret values meet requests."""
+"""Turn an allowed decision's plan into header writes: where secret values meet requests."""
 
 from __future__ import annotations
 

@@ -188,7 +188,9 @@ class Policy:
         self.placeholders: tuple[Placeholder, ...] = tuple(placeholders)
         self._by_value = {p.value: p for p in self.placeholders}
         self._placeholder_re = (
-            re.compile("|".join(re.escape(v) for v in sorted(self._by_value, key=len, reverse=True)))
+            re.compile(
+                "|".join(re.escape(v) for v in sorted(self._by_value, key=len, reverse=True))
+            )
             if self._by_value
             else None
         )
@@ -256,14 +258,13 @@ class Policy:
                 return Decision(
                     Verdict.DENY, rule_text, f"path-denied: {pr.text}", normalised_path=path
                 )
-        plan = InjectionPlan(rule.headers, tuple(swaps.values())) if rule.headers or swaps else (
-            EMPTY_PLAN
+        plan = (
+            InjectionPlan(rule.headers, tuple(swaps.values()))
+            if rule.headers or swaps
+            else EMPTY_PLAN
         )
-        if plan.headers or plan.swaps:
-            if facts.scheme in ("http", "ws") and not rule.plain_http:
-                return Decision(
-                    Verdict.DENY, rule_text, "plain-http-credentials", normalised_path=path
-                )
+        if (plan.headers or plan.swaps) and facts.scheme in ("http", "ws") and not rule.plain_http:
+            return Decision(Verdict.DENY, rule_text, "plain-http-credentials", normalised_path=path)
         return Decision(Verdict.ALLOW, rule_text, "rule", plan, normalised_path=path)
 
     def connection(
@@ -297,7 +298,9 @@ class Policy:
         rule = self.rule_for(h, 0)
         if rule is None and h in self._hostport_hosts:
             rule = next(
-                r for r in self.rules if r.pattern.kind is PatternKind.HOSTPORT and r.pattern.host == h
+                r
+                for r in self.rules
+                if r.pattern.kind is PatternKind.HOSTPORT and r.pattern.host == h
             )
         if rule is None:
             ok = self.default is not Verdict.DENY and qtype in DNS_ADDRESS_TYPES

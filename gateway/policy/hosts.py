@@ -139,7 +139,7 @@ def parse_pattern(text: str) -> HostPattern:
 class HostMatcher(Generic[T]):
     """Maps a (host, port) to the most specific rule value, or None."""
 
-    __slots__ = ("_hostport", "_host", "_suffix", "_nets", "_net_lengths", "_count")
+    __slots__ = ("_count", "_host", "_hostport", "_net_lengths", "_nets", "_suffix")
 
     def __init__(self, rules: list[tuple[HostPattern, T]] | None = None) -> None:
         self._hostport: dict[tuple[str, int], tuple[HostPattern, T]] = {}
@@ -204,7 +204,9 @@ class HostMatcher(Generic[T]):
                     return hit
         return None
 
-    def _match_ip(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> tuple[HostPattern, T] | None:
+    def _match_ip(
+        self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address
+    ) -> tuple[HostPattern, T] | None:
         bits = 32 if ip.version == 4 else 128
         value = int(ip)
         for plen in self._net_lengths[ip.version]:

@@ -45,7 +45,9 @@ def parse_template(text: str) -> Template:
                 continue
             end = text.find("}", i)
             if end < 0:
-                raise ValueError(f"unclosed '{{' at column {i + 1} (write '{{{{' for a literal brace)")
+                raise ValueError(
+                    f"unclosed '{{' at column {i + 1} (write '{{{{' for a literal brace)"
+                )
             name = text[i + 1 : end]
             if not _NAME.fullmatch(name):
                 raise ValueError(f"bad secret reference at column {i + 1}: expected {{name}}")

@@ -1,0 +1,1 @@
+"""TLS for the gateway: its persisted CA and the trust bundles agents get."""

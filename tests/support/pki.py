@@ -16,13 +16,14 @@ from cryptography.x509.oid import NameOID
 
 @dataclass
 class TestCA:
+    __test__ = False  # a helper, not a test class
     cert: x509.Certificate
     key: ec.EllipticCurvePrivateKey
     path: Path
 
     def leaf(self, directory: Path, *names: str) -> tuple[Path, Path]:
         key = ec.generate_private_key(ec.SECP256R1())
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         sans: list[x509.GeneralName] = []
         for n in names:
             try:
@@ -63,7 +64,7 @@ class TestCA:
 def make_ca(directory: Path, name: str = "keyward test upstream CA") -> TestCA:
     directory.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     cert = (
         x509.CertificateBuilder()
@@ -75,7 +76,8 @@ def make_ca(directory: Path, name: str = "keyward test upstream CA") -> TestCA:
         .not_valid_after(now + dt.timedelta(days=2))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+            critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())

@@ -92,9 +92,7 @@ class Destinations:
         self.targets.setdefault(cid, (host, port))
         if cid in self.tunnelled or self.verify_transparent is None:
             return host, port, None
-        name = self.verify_transparent(
-            host, port, flow.client_conn.sni, flow.request.host_header
-        )
+        name = self.verify_transparent(host, port, flow.client_conn.sni, flow.request.host_header)
         return (name or host), port, host
 
 
@@ -110,7 +108,11 @@ class ConnectionGate:
         started = time.monotonic()
         decision = self.ctx.policy.connection(flow.request.host, flow.request.port)
         facts = RequestFacts(
-            Plane.MITM, "CONNECT", "tcp", flow.request.host, flow.request.port,
+            Plane.MITM,
+            "CONNECT",
+            "tcp",
+            flow.request.host,
+            flow.request.port,
             client=_client(flow.client_conn),
         )
         if not decision.allowed:
@@ -125,12 +127,19 @@ class ConnectionGate:
             return
         sni = data.client_hello.sni
         decision = self.ctx.policy.connection(target[0], target[1], sni=sni)
-        if decision.allowed and not decision.intercept and (
-            client.id in self.dest.tunnelled or self.dest.verify_transparent is None
+        if (
+            decision.allowed
+            and not decision.intercept
+            and (client.id in self.dest.tunnelled or self.dest.verify_transparent is None)
         ):
             data.ignore_connection = True
             facts = RequestFacts(
-                Plane.PASSTHROUGH, "TLS", "tls", target[0], target[1], sni=sni,
+                Plane.PASSTHROUGH,
+                "TLS",
+                "tls",
+                target[0],
+                target[1],
+                sni=sni,
                 client=_client(client),
             )
             self.ctx.record(facts, _as_decision(decision), started=time.monotonic())
@@ -146,7 +155,10 @@ class ConnectionGate:
             return
         flow.kill()
         self.ctx.record(
-            facts, _as_decision(decision), started=started, reason="non-http-killed",
+            facts,
+            _as_decision(decision),
+            started=started,
+            reason="non-http-killed",
         )
 
     def udp_start(self, flow: udp.UDPFlow) -> None:
@@ -219,13 +231,19 @@ class CredentialInjector:
             flow.response = error_response(reason)
             flow.metadata[M_AUDITED] = True
             self.ctx.record(
-                flow.metadata[M_FACTS], decision, started=flow.metadata[M_STARTED],
-                status=502, reason=reason, error=flow.metadata[M_ERROR],
+                flow.metadata[M_FACTS],
+                decision,
+                started=flow.metadata[M_STARTED],
+                status=502,
+                reason=reason,
+                error=flow.metadata[M_ERROR],
             )
             return
         flow.request.headers = http.Headers(
             [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
         )
+        # The scrubber cannot see a key inside a compressed echo: ask for identity.
+        flow.request.headers["accept-encoding"] = "identity"
 
 
 class Streaming:
@@ -355,4 +373,3 @@ def addon_chain(
         ResponseScrubber(ctx),
         Audit(ctx),
     ]
-

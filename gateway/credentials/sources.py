@@ -1,0 +1,324 @@
+"""Load secret values from env, .env, files and commands, once, at start-up.
+
+Every failure names the secret and where it was looked for, never a value, and never what a
+command printed (a failing password manager may print the secret, or a prompt containing it).
+All secrets are resolved before the gateway starts so a missing one is an error, not a request
+silently sent without credentials.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import signal
+import stat
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+
+from gateway.cli.errors import EXIT_USAGE, KeywardError
+from gateway.config.model import (
+    CommandSource,
+    EnvSource,
+    FileSource,
+    OAuthSource,
+)
+from gateway.credentials.redact import Redactor
+from gateway.credentials.secret import SecretError, SecretValue
+from gateway.credentials.store import OAuthCredentials, SecretStore
+
+__all__ = [
+    "SecretError",
+    "SecretsError",
+    "load_secrets",
+    "load_value",
+    "read_dotenv",
+]
+
+log = logging.getLogger("keyward")
+
+ValueSource = EnvSource | FileSource | CommandSource
+AnySource = EnvSource | FileSource | CommandSource | OAuthSource
+
+_DOTENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
+_DOTENV_ESCAPES = {"n": "\n", "r": "\r", "t": "\t", '"': '"', "\\": "\\", "$": "$"}
+
+
+class SecretsError(KeywardError):
+    """Every secret that failed to load, one line each."""
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, errors: list[SecretError]) -> None:
+        self.errors = list(errors)
+        super().__init__("\n".join(str(e) for e in self.errors))
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """Parse a simple .env file (KEY=VALUE, quotes, # comments, `export ` prefix).
+
+    The result is never put into os.environ. A line that cannot be parsed is skipped with a
+    warning naming the file and line, not its content.
+    """
+    out: dict[str, str] = {}
+    text = path.read_text(encoding="utf-8")
+    for lineno, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if stripped.startswith("export ") or stripped.startswith("export\t"):
+            stripped = stripped[7:].lstrip()
+        key, sep, rest = stripped.partition("=")
+        key = key.strip()
+        if not sep or not _DOTENV_KEY.fullmatch(key):
+            log.warning("%s:%d: not a KEY=VALUE line; skipped", path, lineno)
+            continue
+        value = _dotenv_value(rest.strip())
+        if value is None:
+            log.warning("%s:%d: unterminated quote in %s; skipped", path, lineno, key)
+            continue
+        out[key] = value
+    return out
+
+
+def _dotenv_value(rest: str) -> str | None:
+    if rest[:1] == "'":
+        end = rest.find("'", 1)
+        return rest[1:end] if end > 0 else None
+    if rest[:1] == '"':
+        chars: list[str] = []
+        i = 1
+        while i < len(rest):
+            ch = rest[i]
+            if ch == "\\" and i + 1 < len(rest):
+                nxt = rest[i + 1]
+                chars.append(_DOTENV_ESCAPES.get(nxt, "\\" + nxt))
+                i += 2
+                continue
+            if ch == '"':
+                return "".join(chars)
+            chars.append(ch)
+            i += 1
+        return None
+    # Unquoted: an inline comment starts at " #".
+    hit = re.search(r"\s#", rest)
+    return (rest[: hit.start()] if hit else rest).strip()
+
+
+def _loose_mode(path: Path) -> int | None:
+    """The permission bits if group or others may read the file, else None."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    return stat.S_IMODE(mode) if mode & 0o077 else None
+
+
+def _check_value(name: str, where: str, value: str) -> SecretValue:
+    if not value:
+        raise SecretError(name, where, "is empty")
+    if any(c in value for c in "\r\n\0"):
+        raise SecretError(name, where, "contains a line break or NUL (not allowed in headers)")
+    return SecretValue(value)
+
+
+def _from_env(
+    name: str, src: EnvSource, dotenv: Mapping[str, str], environ: Mapping[str, str]
+) -> SecretValue:
+    where = f"env {src.env}"
+    if src.env in environ:
+        return _check_value(name, where, environ[src.env])
+    if src.env in dotenv:
+        return _check_value(name, f"{where} (from .env)", dotenv[src.env])
+    raise SecretError(name, where, "is not set")
+
+
+def _from_file(name: str, src: FileSource, base_dir: Path) -> SecretValue:
+    path = Path(src.file).expanduser()
+    if not path.is_absolute():
+        path = base_dir / path
+    where = f"file {src.file}"
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise SecretError(name, where, "does not exist") from None
+    except IsADirectoryError:
+        raise SecretError(name, where, "is a directory") from None
+    except PermissionError:
+        raise SecretError(name, where, "is not readable (permission denied)") from None
+    except OSError as e:
+        raise SecretError(name, where, f"cannot be read ({e.strerror})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SecretError(name, where, "is not UTF-8 text") from None
+    value = _check_value(name, where, text.rstrip("\r\n"))
+    mode = _loose_mode(path)
+    if mode is not None:
+        log.warning(
+            "secret %r: file %s is readable by group/other (mode %04o); run chmod 600 on it",
+            name,
+            path,
+            mode,
+        )
+    return value
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+
+
+def _from_command(name: str, src: CommandSource, base_dir: Path) -> SecretValue:
+    where = f"command {src.command[0]}"
+    try:
+        proc = subprocess.Popen(
+            src.command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=base_dir,
+            start_new_session=True,  # so a timeout kills anything it started, too
+        )
+    except FileNotFoundError:
+        raise SecretError(name, where, "was not found") from None
+    except PermissionError:
+        raise SecretError(name, where, "is not executable") from None
+    except OSError as e:
+        raise SecretError(name, where, f"could not start ({e.strerror})") from None
+    try:
+        # Output is never echoed, not even stderr: it may be the secret, or part of it.
+        out, _ = proc.communicate(timeout=src.timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        proc.communicate()
+        raise SecretError(name, where, f"timed out after {src.timeout:g}s and was killed") from None
+    finally:
+        if proc.poll() is None:
+            _kill_group(proc)
+            proc.wait()
+    if proc.returncode != 0:
+        status = (
+            f"signal {-proc.returncode}" if proc.returncode < 0 else f"status {proc.returncode}"
+        )
+        raise SecretError(name, where, f"exited with {status} (its output is not shown)")
+    try:
+        text = out.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SecretError(name, where, "printed something that is not UTF-8 text") from None
+    if not text.strip():
+        raise SecretError(name, where, "printed nothing")
+    return _check_value(name, where, text.rstrip("\r\n"))
+
+
+def load_value(
+    name: str,
+    source: ValueSource,
+    *,
+    base_dir: Path,
+    dotenv: Mapping[str, str],
+    environ: Mapping[str, str],
+) -> SecretValue:
+    """Load one value. Raises SecretError naming `name` and the source."""
+    if isinstance(source, EnvSource):
+        return _from_env(name, source, dotenv, environ)
+    if isinstance(source, FileSource):
+        return _from_file(name, source, base_dir)
+    if isinstance(source, CommandSource):
+        return _from_command(name, source, base_dir)
+    raise TypeError(f"secret {name!r}: not a value source: {type(source).__name__}")
+
+
+def _oauth_field(
+    name: str,
+    field: str,
+    source: ValueSource,
+    *,
+    base_dir: Path,
+    dotenv: Mapping[str, str],
+    environ: Mapping[str, str],
+) -> SecretValue:
+    try:
+        return load_value(name, source, base_dir=base_dir, dotenv=dotenv, environ=environ)
+    except SecretError as e:
+        raise SecretError(name, f"oauth {field}: {e.source}", e.problem) from None
+
+
+def load_secrets(
+    secrets: Mapping[str, AnySource],
+    *,
+    config_dir: Path,
+    environ: Mapping[str, str] | None = None,
+    redactor: Redactor | None = None,
+) -> SecretStore:
+    """Resolve every secret now; raise SecretsError listing all failures at once."""
+    env = os.environ if environ is None else environ
+    dotenv_path = config_dir / ".env"
+    dotenv: dict[str, str] = {}
+    errors: list[SecretError] = []
+    if dotenv_path.is_file():
+        try:
+            dotenv = read_dotenv(dotenv_path)
+        except (OSError, UnicodeDecodeError):
+            errors.append(SecretError(None, f"{dotenv_path}:", "cannot be read as UTF-8 text"))
+
+    def load(name: str, src: ValueSource, field: str | None = None) -> SecretValue:
+        if field is None:
+            return load_value(name, src, base_dir=config_dir, dotenv=dotenv, environ=env)
+        return _oauth_field(name, field, src, base_dir=config_dir, dotenv=dotenv, environ=env)
+
+    values: dict[str, SecretValue] = {}
+    oauth: dict[str, OAuthCredentials] = {}
+    env_vars: set[str] = set()
+    used_dotenv = False
+    for name, src in secrets.items():
+        if isinstance(src, OAuthSource):
+            cfg = src.oauth
+            fields = {
+                "client_id": cfg.client_id,
+                "client_secret": cfg.client_secret,
+                "refresh_token": cfg.refresh_token,
+            }
+            loaded: dict[str, SecretValue | None] = {}
+            ok = True
+            for field, fsrc in fields.items():
+                if fsrc is None:
+                    loaded[field] = None
+                    continue
+                if isinstance(fsrc, EnvSource):
+                    env_vars.add(fsrc.env)
+                    used_dotenv |= fsrc.env not in env and fsrc.env in dotenv
+                try:
+                    loaded[field] = load(name, fsrc, field)
+                except SecretError as e:
+                    errors.append(e)
+                    ok = False
+            if ok:
+                client_id = loaded["client_id"]
+                assert client_id is not None
+                oauth[name] = OAuthCredentials(
+                    name, cfg, client_id, loaded["client_secret"], loaded["refresh_token"]
+                )
+            continue
+        if isinstance(src, EnvSource):
+            env_vars.add(src.env)
+            used_dotenv |= src.env not in env and src.env in dotenv
+        try:
+            values[name] = load(name, src)
+        except SecretError as e:
+            errors.append(e)
+    if errors:
+        raise SecretsError(errors)
+    if used_dotenv:
+        mode = _loose_mode(dotenv_path)
+        if mode is not None:
+            log.warning(
+                "%s holds secrets and is readable by group/other (mode %04o); run chmod 600 on it",
+                dotenv_path,
+                mode,
+            )
+    return SecretStore(values, oauth=oauth, env_vars=env_vars, redactor=redactor)

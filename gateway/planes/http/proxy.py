@@ -1,0 +1,465 @@
+"""The aiohttp data plane: plain HTTP in from the agent, pooled verified HTTPS out.
+
+Two front doors share one forwarding path (`HttpPlane._exchange`):
+- service apps ("base URL" mode): `http://127.0.0.1:<listen>/v1/...` -> `service.upstream/v1/...`;
+- the forward app: transparent plain-HTTP traffic whose original destination is known.
+
+Every request decides through the policy core before any secret is touched, streams both
+bodies (nothing waits for the end of a body), scrubs real secret values out of the response,
+and writes exactly one audit record, whatever happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable, Collection
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from gateway.config.model import ServiceConfig
+from gateway.credentials.redact import StreamScrubber
+from gateway.planes.context import GatewayContext
+from gateway.planes.http.hop import strip_hop_by_hop
+from gateway.planes.http.resolver import OverrideResolver
+from gateway.policy.apply import apply_plan, swap_placeholders
+from gateway.policy.core import Decision, Plane, RequestFacts, Verdict
+from gateway.policy.hosts import is_ip, normalise_host, split_hostport
+from gateway.policy.paths import normalise_path
+
+log = logging.getLogger("keyward.http")
+
+# (ip, port) the agent's connection was really addressed to (SO_ORIGINAL_DST in pod mode).
+OriginalDestination = Callable[[web.BaseRequest], tuple[str, int]]
+# Names the gateway's DNS answered with this IP: proof that a Host header names that address.
+NamesFor = Callable[[str], Collection[str]]
+
+# Headers aiohttp would otherwise add on its own: the upstream sees what the agent sent.
+SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+# Request headers that never cross: framing/expectations are per hop, Host is set per target.
+REQUEST_DROP = ("host", "expect", "content-length")
+NO_BODY_STATUSES = frozenset({204, 304})
+# Which configured service a service app serves (for status pages and logs).
+SERVICE_NAME = web.AppKey("keyward.service", str)
+
+
+@dataclass
+class _Exchange:
+    """What the audit record of one request needs, filled in as the request progresses."""
+
+    status: int | None = None
+    bytes_up: int = 0
+    bytes_down: int = 0
+    error: str | None = None
+    reason: str | None = None
+    client_gone: bool = False
+
+
+class _ClientGone(Exception):
+    """The agent went away while we were writing to it."""
+
+
+def _json_response(status: int, body: dict[str, str | None], reason: str) -> web.Response:
+    return web.Response(
+        status=status,
+        body=json.dumps(body).encode(),
+        content_type="application/json",
+        headers={"X-Keyward-Reason": reason},
+    )
+
+
+def deny_response(decision: Decision) -> web.Response:
+    body = {"error": "denied by keyward", "reason": decision.reason, "rule": decision.rule}
+    return _json_response(403, body, decision.reason)
+
+
+def error_response(reason: str, status: int = 502) -> web.Response:
+    body = {"error": "keyward could not complete the request", "reason": reason}
+    return _json_response(status, body, reason)
+
+
+def classify_upstream_error(exc: BaseException) -> str:
+    """A short, stable reason for an upstream failure (goes into a header and the audit)."""
+    if isinstance(exc, (aiohttp.ClientSSLError, ssl.SSLError)):
+        return "upstream-tls-error"
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return "upstream-dns-error"
+    if isinstance(exc, (TimeoutError, aiohttp.ServerTimeoutError)):
+        return "upstream-timeout"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return "upstream-connect-error"
+    return "upstream-error"
+
+
+def _peer(request: web.BaseRequest) -> str:
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    if not peer:
+        return "?:0"
+    return f"{peer[0]}:{peer[1]}"
+
+
+def _request_target(request: web.BaseRequest) -> str | None:
+    """Path and query exactly as the agent sent them (origin-form), or None if unusable."""
+    raw = request.raw_path
+    if raw.startswith("/"):
+        return raw
+    rel = request.rel_url.raw_path_qs  # absolute-form: the agent used us as a proxy
+    return rel if rel.startswith("/") else None
+
+
+def _authority(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class HttpPlane:
+    """One pooled client session for the whole process, plus the listeners that use it."""
+
+    def __init__(
+        self,
+        ctx: GatewayContext,
+        *,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 300.0,
+        limit: int = 256,
+        limit_per_host: int = 64,
+        keepalive_timeout: float = 90.0,
+    ) -> None:
+        self.ctx = ctx
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.limit = limit
+        self.limit_per_host = limit_per_host
+        self.keepalive_timeout = keepalive_timeout
+        self._session: aiohttp.ClientSession | None = None
+        self._runners: list[web.AppRunner] = []
+
+    # -- the shared upstream session -----------------------------------------------------
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """Created on first use, inside the running loop; reused for every request."""
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(
+                limit=self.limit,
+                limit_per_host=self.limit_per_host,
+                keepalive_timeout=self.keepalive_timeout,
+                ttl_dns_cache=60,
+                ssl=self.ctx.upstream_ssl_context(),
+                resolver=OverrideResolver(self.ctx.connect_target),
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(
+                    total=None,
+                    connect=None,
+                    sock_connect=self.connect_timeout,
+                    sock_read=self.read_timeout,
+                ),
+                auto_decompress=False,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                skip_auto_headers=SKIP_AUTO_HEADERS,
+                trust_env=False,
+            )
+        return self._session
+
+    # -- front doors ---------------------------------------------------------------------
+    def make_service_app(self, name: str, service: ServiceConfig) -> web.Application:
+        """Base-URL mode: everything under this listener goes to `service.upstream`."""
+        base = URL(service.upstream)
+        scheme = base.scheme
+        host = normalise_host(base.raw_host or "")
+        port = base.port or (443 if scheme == "https" else 80)
+        prefix = base.raw_path.rstrip("/")
+        origin = f"{scheme}://{_authority(base.raw_host or host, port)}"
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            target = _request_target(request)
+            if target is None:
+                return error_response("bad-request-target", 400)
+            facts = RequestFacts(
+                plane=Plane.SERVICE,
+                method=request.method,
+                scheme=scheme,
+                host=host,
+                port=port,
+                path=prefix + target,
+                host_header=None,  # the agent addressed us; the upstream gets its own Host
+                client=_peer(request),
+                headers=tuple(strip_hop_by_hop(request.headers.items(), REQUEST_DROP)),
+            )
+            return await self._exchange(request, facts, origin, prefix + target)
+
+        app = web.Application()
+        app[SERVICE_NAME] = name
+        app.router.add_route("*", "/{tail:.*}", handle)
+        return app
+
+    def make_forward_app(
+        self,
+        original_destination: OriginalDestination,
+        names_for: NamesFor | None = None,
+    ) -> web.Application:
+        """Transparent plain HTTP: the Host header is believed only if it names the address
+        the connection was really going to; otherwise the request is denied (host-mismatch)."""
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            dst_ip, dst_port = original_destination(request)
+            target = _request_target(request) or "/"
+            host_header = request.headers.get("Host")
+            name, verified = self._verify_host(host_header, dst_ip, dst_port, names_for)
+            facts = RequestFacts(
+                plane=Plane.HTTP,
+                method=request.method,
+                scheme="http",
+                host=name,
+                port=dst_port,
+                path=target,
+                host_header=host_header,
+                client=_peer(request),
+                addr=dst_ip,
+                headers=tuple(strip_hop_by_hop(request.headers.items(), REQUEST_DROP)),
+            )
+            decision = None
+            if not verified:
+                decision = Decision(
+                    Verdict.DENY, None, "host-mismatch", normalised_path=normalise_path(target)
+                )
+            origin = f"http://{_authority(dst_ip, dst_port)}"
+            return await self._exchange(
+                request, facts, origin, target, host_value=host_header, decision=decision
+            )
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handle)
+        return app
+
+    def _verify_host(
+        self,
+        host_header: str | None,
+        dst_ip: str,
+        dst_port: int,
+        names_for: NamesFor | None,
+    ) -> tuple[str, bool]:
+        """(name for policy, whether the Host header provably names the original destination)."""
+        if not host_header:
+            return dst_ip, True
+        try:
+            raw, hport = split_hostport(host_header.strip())
+            name = normalise_host(raw)
+        except ValueError:
+            return host_header, False
+        if hport is not None and hport != dst_port:
+            return name, False
+        if is_ip(name):
+            return name, _same_ip(name, dst_ip)
+        thost, tport = self.ctx.connect_target(name, dst_port)
+        if tport == dst_port and _same_ip(thost, dst_ip):
+            return name, True
+        if names_for is not None:
+            for n in names_for(dst_ip):
+                try:
+                    if normalise_host(n) == name:
+                        return name, True
+                except ValueError:
+                    continue
+        return name, False
+
+    # -- the one forwarding path ---------------------------------------------------------
+    async def _exchange(
+        self,
+        request: web.Request,
+        facts: RequestFacts,
+        origin: str,
+        target: str,
+        *,
+        host_value: str | None = None,
+        decision: Decision | None = None,
+    ) -> web.StreamResponse:
+        """Decide, inject, forward, stream back scrubbed; one audit record in every case."""
+        started = time.monotonic()
+        ex = _Exchange()
+        if decision is None:
+            decision = self.ctx.policy.decide(facts)
+        try:
+            if not decision.allowed:
+                ex.status = 403
+                if decision.alert:
+                    log.warning("placeholder sent to %s: %s", facts.host, decision.reason)
+                return deny_response(decision)
+            headers = list(facts.headers)
+            plan = decision.plan
+            if plan is not None and (plan.headers or plan.swaps):
+                try:
+                    resolve = await self.ctx.resolver_for(decision)
+                    headers = apply_plan(decision, headers, resolve)
+                    if plan.swaps:
+                        target = swap_placeholders(decision, target, resolve)
+                except Exception as e:  # token endpoint down, stale token: fail closed
+                    ex.status = 502
+                    ex.reason = f"credentials-unavailable: {type(e).__name__}"
+                    ex.error = self.ctx.redactor.redact(str(e))
+                    return error_response(ex.reason)
+                # A compressed echo of an injected secret could not be scrubbed: ask for none.
+                headers = [(k, v) for k, v in headers if k.lower() != "accept-encoding"]
+                headers.append(("Accept-Encoding", "identity"))
+            if host_value:
+                headers.append(("Host", host_value))
+            length = request.headers.get("Content-Length")
+            if length is not None and request.body_exists:
+                headers.append(("Content-Length", length))
+            body = self._upload(request, ex) if request.body_exists else None
+            return await self._forward(request, ex, origin + target, headers, body)
+        except (_ClientGone, ConnectionError):
+            if request.transport is not None:
+                request.transport.close()
+            ex.reason = ex.reason or "client-aborted"
+            ex.error = ex.error or "client disconnected"
+            return web.Response(status=499)  # never seen by anyone: the connection is gone
+        except asyncio.CancelledError:
+            ex.reason = ex.reason or "client-aborted"
+            ex.error = ex.error or "client disconnected"
+            raise
+        finally:
+            self.ctx.record(
+                facts,
+                decision,
+                started=started,
+                status=ex.status,
+                bytes_up=ex.bytes_up,
+                bytes_down=ex.bytes_down,
+                error=ex.error,
+                reason=ex.reason,
+            )
+
+    async def _upload(self, request: web.Request, ex: _Exchange) -> AsyncIterator[bytes]:
+        """The agent's body, chunk by chunk as it arrives, counted."""
+        try:
+            async for chunk in request.content.iter_any():
+                ex.bytes_up += len(chunk)
+                yield chunk
+        except Exception:
+            ex.client_gone = True
+            raise
+
+    async def _forward(
+        self,
+        request: web.Request,
+        ex: _Exchange,
+        url: str,
+        headers: list[tuple[str, str]],
+        body: AsyncIterator[bytes] | None,
+    ) -> web.StreamResponse:
+        try:
+            upstream = await self.session.request(
+                request.method,
+                URL(url, encoded=True),
+                headers=CIMultiDict(headers),
+                data=body,
+                allow_redirects=False,
+                compress=None,
+                expect100=False,
+            )
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as e:
+            if ex.client_gone:
+                raise _ClientGone() from e
+            ex.status = 502
+            ex.reason = classify_upstream_error(e)
+            ex.error = self.ctx.redactor.redact(f"{type(e).__name__}: {e}")
+            return error_response(ex.reason)
+        try:
+            return await self._relay(request, ex, upstream)
+        finally:
+            upstream.release()
+
+    async def _relay(
+        self, request: web.Request, ex: _Exchange, upstream: aiohttp.ClientResponse
+    ) -> web.StreamResponse:
+        """Stream the upstream response back as it arrives, scrubbed of real secret values."""
+        ex.status = upstream.status
+        redact = self.ctx.redactor.redact
+        resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        empty = request.method == "HEAD" or upstream.status in NO_BODY_STATUSES
+        # Scrubbing can change a body's length, so the length is ours to frame (chunked).
+        drop: tuple[str, ...] = () if empty else ("content-length",)
+        for name, value in strip_hop_by_hop(upstream.headers.items(), drop):
+            resp.headers.add(name, redact(value))
+        try:
+            await resp.prepare(request)
+        except ConnectionError as e:
+            raise _ClientGone() from e
+        if empty:
+            return await self._finish(resp, ex)
+        scrubber = StreamScrubber(self.ctx.redactor)
+        try:
+            async for chunk in upstream.content.iter_any():
+                await self._send(resp, ex, scrubber.feed(chunk))
+        except _ClientGone:
+            raise
+        except (TimeoutError, aiohttp.ClientError, OSError) as e:
+            # Headers are out: the only honest signal left is an unterminated body.
+            ex.reason = classify_upstream_error(e)
+            ex.error = redact(f"{type(e).__name__}: {e}")
+            if request.transport is not None:
+                request.transport.close()
+            return resp
+        await self._send(resp, ex, scrubber.flush())
+        return await self._finish(resp, ex)
+
+    @staticmethod
+    async def _send(resp: web.StreamResponse, ex: _Exchange, data: bytes) -> None:
+        if not data:
+            return
+        try:
+            await resp.write(data)
+        except ConnectionError as e:
+            raise _ClientGone() from e
+        ex.bytes_down += len(data)
+
+    @staticmethod
+    async def _finish(resp: web.StreamResponse, ex: _Exchange) -> web.StreamResponse:
+        try:
+            await resp.write_eof()
+        except ConnectionError as e:
+            raise _ClientGone() from e
+        return resp
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def serve(self, app: web.Application, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Listen with `app` on host:port (0 = ephemeral); returns the bound port."""
+        runner = web.AppRunner(
+            app, access_log=None, handler_cancellation=True, shutdown_timeout=2.0
+        )
+        await runner.setup()
+        self._runners.append(runner)
+        await web.TCPSite(runner, host, port).start()
+        return int(runner.addresses[0][1])
+
+    async def start(self, host: str = "127.0.0.1") -> dict[str, int]:
+        """Start every configured service; returns service name -> bound port."""
+        ports: dict[str, int] = {}
+        for name, service in self.ctx.config.config.services.items():
+            app = self.make_service_app(name, service)
+            ports[name] = await self.serve(app, host, service.listen)
+        return ports
+
+    async def close(self) -> None:
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        self._runners.clear()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def _same_ip(a: str, b: str) -> bool:
+    try:
+        return ipaddress.ip_address(a.strip("[]")) == ipaddress.ip_address(b.strip("[]"))
+    except ValueError:
+        return False

@@ -1,0 +1,270 @@
+"""The gateway's own certificate authority: created once, reused across restarts.
+
+Regenerating the CA on restart breaks every running agent that trusts the old one, and a CA key
+that leaves the gateway lets anyone impersonate any site to the agent. So the key is written once,
+0600 in a 0700 directory, is refused when its permissions are loose, and no function here returns
+or prints it; agents get the certificate only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import os
+import secrets
+import ssl
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+
+from gateway.cli.errors import KeywardError
+
+CA_DIR = "ca"
+KEY_FILE = "ca-key.pem"
+CERT_FILE = "ca-cert.pem"
+LOCK_FILE = ".lock"
+MITMPROXY_DIR = "mitmproxy"
+# mitmproxy's CertStore.from_store(confdir, basename="mitmproxy") reads these two names.
+MITMPROXY_CA = "mitmproxy-ca.pem"
+MITMPROXY_CA_CERT = "mitmproxy-ca-cert.pem"
+MITMPROXY_DHPARAM = "mitmproxy-dhparam.pem"
+VALIDITY = dt.timedelta(days=3650)
+
+SYSTEM_BUNDLES = (
+    "/etc/ssl/certs/ca-certificates.crt",  # Debian, Ubuntu, Alpine, Arch
+    "/etc/pki/tls/certs/ca-bundle.crt",  # Fedora, RHEL
+    "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",  # RHEL 7+
+    "/etc/ssl/ca-bundle.pem",  # openSUSE
+    "/etc/ssl/cert.pem",  # macOS, Alpine, BSDs
+)
+
+
+class CAError(KeywardError):
+    """The CA files are unusable; the message says which file and what to do."""
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """One process at a time creates or repairs the CA, so two gateways never mint two CAs."""
+    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _secure_dir(path: Path) -> Path:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if stat.S_IMODE(path.stat().st_mode) != 0o700:
+        path.chmod(0o700)
+    return path
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    """Atomic write with the final mode set before any byte lands."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def _key_pem(key: rsa.RSAPrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+
+
+def _new_ca() -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, f"keyward CA {secrets.token_hex(4)}"),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "keyward"),
+        ]
+    )
+    now = dt.datetime.now(dt.UTC)
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ski, critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
+class CertificateAuthority:
+    """The persisted CA. Holds the key in memory for signing; never exposes it."""
+
+    def __init__(self, directory: Path, key: rsa.RSAPrivateKey, cert: x509.Certificate) -> None:
+        self._dir = directory
+        self.__key = key
+        self.cert = cert
+        self._confdir: Path | None = None
+
+    def __repr__(self) -> str:
+        return f"CertificateAuthority({self.subject!r}, {self.fingerprint_sha256})"
+
+    @classmethod
+    def load_or_create(cls, state_dir: Path) -> CertificateAuthority:
+        """Load the CA from `state_dir/ca`, creating it on first use."""
+        directory = _secure_dir(Path(state_dir) / CA_DIR)
+        key_path, cert_path = directory / KEY_FILE, directory / CERT_FILE
+        with _locked(directory):
+            if key_path.exists() and cert_path.exists():
+                return cls(directory, *cls._load(key_path, cert_path))
+            # Nothing (or half of a creation that never finished): nobody trusts it yet.
+            key, cert = _new_ca()
+            _write(key_path, _key_pem(key), 0o600)
+            _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+            return cls(directory, key, cert)
+
+    @staticmethod
+    def _load(key_path: Path, cert_path: Path) -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
+        mode = stat.S_IMODE(key_path.stat().st_mode)
+        if mode & 0o077:
+            raise CAError(
+                f"CA key {key_path} is readable by group/other (mode {mode:04o}); it may have "
+                f"leaked. Run `chmod 600 {key_path}` to keep it, or delete {key_path.parent} to "
+                "make a new CA (agents must then trust the new certificate)"
+            )
+        try:
+            key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        except (ValueError, TypeError):
+            raise CAError(f"CA key {key_path} is not an unencrypted PEM private key") from None
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise CAError(f"CA key {key_path} is not an RSA key")
+        try:
+            cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        except ValueError:
+            raise CAError(f"CA certificate {cert_path} is not a PEM certificate") from None
+        if cert.public_key() != key.public_key():
+            raise CAError(f"CA certificate {cert_path} does not match the key {key_path}")
+        return key, cert
+
+    # -- public facts -----------------------------------------------------------------------
+    @property
+    def cert_pem(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.PEM)
+
+    @property
+    def cert_path(self) -> Path:
+        return self._dir / CERT_FILE
+
+    @property
+    def fingerprint_sha256(self) -> str:
+        """Colon-separated upper-case hex, as `openssl x509 -fingerprint -sha256` prints it."""
+        return ":".join(f"{b:02X}" for b in self.cert.fingerprint(hashes.SHA256()))
+
+    @property
+    def not_before(self) -> dt.datetime:
+        return self.cert.not_valid_before_utc
+
+    @property
+    def not_after(self) -> dt.datetime:
+        return self.cert.not_valid_after_utc
+
+    @property
+    def subject(self) -> str:
+        return self.cert.subject.rfc4514_string()
+
+    # -- signing, in-process only -----------------------------------------------------------
+    @property
+    def mitmproxy_confdir(self) -> Path:
+        """A 0700 directory laid out the way mitmproxy's CertStore.from_store reads a confdir:
+        `mitmproxy-ca.pem` (key + certificate, 0600) and `mitmproxy-ca-cert.pem`."""
+        if self._confdir is not None:
+            return self._confdir
+        confdir = _secure_dir(self._dir / MITMPROXY_DIR)
+        with _locked(self._dir):
+            cert_pem = self.cert_pem
+            combined = _key_pem(self.__key) + cert_pem
+            ca_file = confdir / MITMPROXY_CA
+            if not ca_file.exists() or ca_file.read_bytes() != combined:
+                _write(ca_file, combined, 0o600)
+            elif stat.S_IMODE(ca_file.stat().st_mode) != 0o600:
+                ca_file.chmod(0o600)
+            cert_file = confdir / MITMPROXY_CA_CERT
+            if not cert_file.exists() or cert_file.read_bytes() != cert_pem:
+                _write(cert_file, cert_pem, 0o644)
+            dh_file = confdir / MITMPROXY_DHPARAM
+            if not dh_file.exists():
+                from mitmproxy.certs import DEFAULT_DHPARAM
+
+                _write(dh_file, DEFAULT_DHPARAM, 0o644)
+        self._confdir = confdir
+        return confdir
+
+
+def system_roots_path() -> Path | None:
+    """The platform's PEM bundle of public roots (OpenSSL's default, a distro path, or certifi)."""
+    default = ssl.get_default_verify_paths().cafile
+    candidates = [default] if default else []
+    candidates.extend(SYSTEM_BUNDLES)
+    for candidate in candidates:
+        path = Path(candidate)
+        if path.is_file() and path.stat().st_size > 0:
+            return path
+    try:
+        import certifi
+    except ImportError:
+        return None
+    path = Path(certifi.where())
+    return path if path.is_file() else None
+
+
+def write_bundle(ca: CertificateAuthority, out: Path) -> Path:
+    """Write system roots + our CA certificate to `out` (0644) for agents to trust."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    parts: list[bytes] = []
+    roots = system_roots_path()
+    if roots is not None:
+        data = roots.read_bytes()
+        parts.append(data if data.endswith(b"\n") else data + b"\n")
+    parts.append(ca.cert_pem)
+    data = b"".join(parts)
+    if not out.exists() or out.read_bytes() != data or stat.S_IMODE(out.stat().st_mode) != 0o644:
+        _write(out, data, 0o644)
+    return out

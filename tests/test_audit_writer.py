@@ -1,0 +1,220 @@
+"""The audit writer: valid JSON lines under concurrency, and no secret in any of them."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import re
+import stat
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.audit.writer import AuditRecord, AuditWriter, new_id, redact_query
+from gateway.credentials.redact import Redactor
+
+SECRET = "sk-audit-SECRET-value-0123456789abcdef"
+ROOT = Path(__file__).resolve().parent.parent
+FIELDS = [
+    "ts",
+    "id",
+    "agent",
+    "client",
+    "plane",
+    "method",
+    "scheme",
+    "host",
+    "port",
+    "path",
+    "decision",
+    "rule",
+    "reason",
+    "injected",
+    "status",
+    "bytes_up",
+    "bytes_down",
+    "duration_ms",
+    "error",
+    "alert",
+]
+
+
+def record(**kw: Any) -> AuditRecord:
+    base: dict[str, Any] = {
+        "agent": "agent",
+        "client": "127.0.0.1:5000",
+        "plane": "mitm",
+        "method": "GET",
+        "scheme": "https",
+        "host": "api.example.test",
+        "port": 443,
+        "path": "/v1/models",
+        "decision": "allow",
+        "rule": "api.example.test",
+        "reason": "rule",
+    }
+    base.update(kw)
+    return AuditRecord(**base)
+
+
+def lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_record_has_exactly_the_documented_fields() -> None:
+    rec = record()
+    assert [f.name for f in dataclasses.fields(rec)] == FIELDS
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", rec.ts)
+
+
+def test_new_id_is_short_unique_and_time_ordered() -> None:
+    ids = [new_id() for _ in range(2000)]
+    assert len(set(ids)) == 2000
+    assert all(re.fullmatch(r"[0-9a-f]{20}", i) for i in ids)
+    assert [i[:12] for i in ids] == sorted(i[:12] for i in ids)
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/v1/models", "/v1/models"),
+        ("/a?key=sekrit&b=2", "/a?key=REDACTED&b=REDACTED"),
+        ("/a?key=&x", "/a?key=&REDACTED"),
+        ("/a?token#frag=secret", "/a?REDACTED"),
+        ("/a#frag", "/a"),
+        ("/a?", "/a?"),
+        ("/a?x=1&&y=a=b", "/a?x=REDACTED&&y=REDACTED"),
+        ("http://h/p?api_key=zzz", "http://h/p?api_key=REDACTED"),
+    ],
+)
+def test_redact_query(path: str, expected: str) -> None:
+    assert redact_query(path) == expected
+
+
+def test_file_is_created_0600_appended_and_flushed_per_record(tmp_path: Path) -> None:
+    path = tmp_path / "logs" / "audit.jsonl"
+    w = AuditWriter(path, Redactor())
+    w.write(record())
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert len(lines(path)) == 1  # readable before close: flushed
+    w.close()
+    w2 = AuditWriter(str(path), Redactor())
+    w2.write(record(decision="deny", reason="no-rule", rule=None))
+    w2.close()
+    w2.write(record())  # a late record after close is not lost
+    w2.close()
+    got = lines(path)
+    assert [r["decision"] for r in got] == ["allow", "deny", "allow"]
+    assert list(got[0]) == FIELDS
+    assert got[1]["rule"] is None and got[0]["alert"] is False
+
+
+def test_secrets_never_reach_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    w = AuditWriter(path, Redactor([SECRET]))
+    b64 = base64.b64encode(f"user:{SECRET}".encode()).decode()
+    w.write(
+        record(
+            path=f"/x/{SECRET}/y?api_key={SECRET}&q=plain#{SECRET}",
+            reason=f"upstream echoed {SECRET}",
+            error=f'failed: {{"auth": "Basic {b64}", "k": {json.dumps(SECRET)}}}',
+            client=SECRET,
+            injected=[{"secret": "openai", "location": f"header:{SECRET}"}],
+            alert=True,
+        )
+    )
+    w.close()
+    text = path.read_text()
+    assert SECRET not in text
+    assert base64.b64encode(SECRET.encode()).decode()[8:30] not in text
+    rec = lines(path)[0]
+    assert rec["path"] == "/x/[REDACTED]/y?api_key=REDACTED&q=REDACTED"
+    assert rec["reason"] == "upstream echoed [REDACTED]"
+    assert rec["client"] == "[REDACTED]" and rec["alert"] is True
+    assert rec["injected"] == [{"secret": "openai", "location": "header:[REDACTED]"}]
+
+
+@pytest.mark.parametrize(
+    "value",
+    ['AAAAAA","client":"BBBBBB', 'AAAAAA","cli', 'x","reason":"zz'],
+    ids=["spans-two-fields", "breaks-json", "quotes"],
+)
+def test_value_spanning_json_syntax_is_withheld_and_lines_stay_valid(
+    tmp_path: Path, value: str
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    w = AuditWriter(path, Redactor([value]))
+    w.write(record(agent="AAAAAA", client="BBBBBB", error=value))
+    w.write(record(reason=value))
+    w.close()
+    text = path.read_text()
+    assert value not in text and json.dumps(value)[1:-1] not in text
+    got = lines(path)
+    assert len(got) == 2 and all(list(r) == FIELDS for r in got)
+    assert all(isinstance(r["alert"], bool) and isinstance(r["port"], int) for r in got)
+    assert got[0]["error"] == "[REDACTED]" and got[1]["reason"] == "[REDACTED]"
+
+
+def test_concurrent_writers_produce_exactly_n_valid_lines(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    w = AuditWriter(path, Redactor([SECRET]))
+    threads, per_thread = 16, 250
+
+    def work(n: int) -> None:
+        for i in range(per_thread):
+            w.write(
+                record(
+                    path=f"/t{n}/{i}?token={SECRET}",
+                    reason=("x" * 5000) + SECRET,
+                    decision="deny" if i % 5 == 0 else "allow",
+                    injected=[{"secret": "k", "location": "header:A"}] if i % 2 else [],
+                )
+            )
+
+    pool = [threading.Thread(target=work, args=(n,)) for n in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    w.close()
+    got = lines(path)
+    assert len(got) == threads * per_thread
+    assert len({r["id"] for r in got}) == len(got)
+    assert {(r["path"].split("/")[1], r["path"].split("/")[2].split("?")[0]) for r in got} == {
+        (f"t{n}", str(i)) for n in range(threads) for i in range(per_thread)
+    }
+    assert SECRET not in path.read_text()
+    assert w.counts["denied"] == threads * 50
+    assert w.counts["allowed"] == threads * 200
+    # odd i carry injections; the odd multiples of 5 among them were denied and do not count
+    assert w.counts["injected"] == threads * 100
+    assert sum(1 for r in got if r["injected"] and r["decision"] == "allow") == w.counts["injected"]
+
+
+def test_warn_counts_as_allowed(tmp_path: Path) -> None:
+    w = AuditWriter(tmp_path / "a.jsonl", Redactor())
+    for decision in ("warn", "allow", "deny"):
+        w.write(record(decision=decision, injected=[{"secret": "k", "location": "basic"}]))
+    w.close()
+    assert w.counts == {"allowed": 2, "denied": 1, "warned": 1, "injected": 2}
+
+
+def test_dash_writes_to_stderr() -> None:
+    code = (
+        "from gateway.audit.writer import AuditWriter, AuditRecord;"
+        "from gateway.credentials.redact import Redactor;"
+        f"w = AuditWriter('-', Redactor([{SECRET!r}]));"
+        "w.write(AuditRecord(plane='http', method='GET', scheme='http', host='h', port=80,"
+        f" path='/?a=1', decision='allow', error={SECRET!r}))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
+    )
+    assert proc.stdout == ""
+    rec = json.loads(proc.stderr)
+    assert rec["error"] == "[REDACTED]" and rec["path"] == "/?a=REDACTED"
