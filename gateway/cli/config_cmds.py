@@ -100,8 +100,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         json.dump(info, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
-    from rich.console import Console
     from rich.table import Table
+
+    from gateway.cli.console import console as make_console
 
     table = Table(title=f"{info['config']}: default {info['default']}", title_justify="left")
     for col in ("host", "decision", "injects", "denied paths"):
@@ -111,7 +112,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         table.add_row(
             h["host"], "allow" if h["allow"] else "deny", injects, ", ".join(h["deny"]) or "-"
         )
-    console = Console()
+    console = make_console()
     console.print(table)
     if info["secrets"]:
         console.print("secrets: " + ", ".join(f"{n} ({k})" for n, k in info["secrets"].items()))

@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
 from gateway.audit.reader import follow, read_records, summarise
+from gateway.cli.console import console as make_console
 from gateway.cli.errors import UsageError
 from gateway.config.loader import load_config
 from gateway.config.paths import config_path
@@ -44,7 +44,7 @@ def cmd_log(args: argparse.Namespace) -> int:
     path = _audit_file(args)
     if not path.exists():
         raise UsageError(f"{path}: no audit log yet")
-    console = Console()
+    console = make_console()
     if args.summary:
         rows = summarise(read_records(path))
         if args.json:
