@@ -1,0 +1,14 @@
+"""The DNS plane: a listener that answers only names the policy allows, and its resolver."""
+
+from gateway.dns.resolver import NameNotFound, NotSupported, ResolveError, Resolver
+from gateway.dns.server import AnswerLog, DnsListener, TokenBuckets
+
+__all__ = [
+    "AnswerLog",
+    "DnsListener",
+    "NameNotFound",
+    "NotSupported",
+    "ResolveError",
+    "Resolver",
+    "TokenBuckets",
+]

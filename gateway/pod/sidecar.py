@@ -95,7 +95,11 @@ class Sidecar:
         )
         self.ctx.prepare_tokens = self.minter.ensure
         resolver = Resolver.from_upstream_config(self.ctx.config.config.upstream.resolve)
-        self.dns = DnsListener(self.ctx.policy, resolver, audit=self._audit_dns)
+        # Every agent query arrives from 127.0.0.1 and glibc does not cache: a parallel
+        # package install asks A and AAAA per connection, so the per-client bucket is generous.
+        self.dns = DnsListener(
+            self.ctx.policy, resolver, audit=self._audit_dns, rate=500.0, burst=2000
+        )
         await self.dns.start("127.0.0.1", p.dns)
         verifier = make_verifier(self.dns.names_for, self.ctx.connect_target)
         self.mitm = await start_mitm(

@@ -1,0 +1,303 @@
+"""Where the DNS listener gets real answers: static overrides, an upstream server, or the system.
+
+The listener asks only after the policy allowed the name, so nothing here decides anything; it
+only has to be correct (answers match the question, spoofed replies are ignored), bounded (short
+timeouts, a size-capped cache) and cheap under repetition (concurrent identical lookups share one
+upstream query).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import secrets
+import socket
+import struct
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping
+
+from gateway.dns import wire
+from gateway.policy.hosts import is_ip, normalise_host, split_hostport
+
+ADDRESS_TYPES = {"A": socket.AF_INET, "AAAA": socket.AF_INET6}
+
+
+class ResolveError(Exception):
+    """The answer could not be found out (upstream failed or timed out): SERVFAIL."""
+
+
+class NameNotFound(ResolveError):
+    """The name does not exist: NXDOMAIN."""
+
+
+class NotSupported(ResolveError):
+    """No configured source can answer this record type: NOTIMP."""
+
+
+_Value = list[str] | list[bytes]
+
+
+class Resolver:
+    """Overrides first, then `upstream` (ip, port) if given, else the system resolver."""
+
+    def __init__(
+        self,
+        overrides: Mapping[str, list[str]] | None = None,
+        upstream: tuple[str, int] | None = None,
+        use_system: bool = True,
+        *,
+        timeout: float = 2.0,
+        attempts: int = 2,
+        cache_ttl: float = 30.0,
+        negative_ttl: float = 5.0,
+        cache_size: int = 4096,
+    ) -> None:
+        self.overrides: dict[str, list[str]] = {
+            normalise_host(k): list(dict.fromkeys(v)) for k, v in (overrides or {}).items()
+        }
+        self.upstream = upstream
+        self.use_system = use_system
+        self.timeout = timeout
+        self.attempts = max(1, attempts)
+        self.cache_ttl = cache_ttl
+        self.negative_ttl = negative_ttl
+        self.cache_size = cache_size
+        self._cache: OrderedDict[tuple[str, str], tuple[float, _Value | NameNotFound]] = (
+            OrderedDict()
+        )
+        self._inflight: dict[tuple[str, str], asyncio.Future[_Value]] = {}
+
+    @classmethod
+    def from_upstream_config(
+        cls,
+        resolve: Mapping[str, str],
+        *,
+        upstream: tuple[str, int] | None = None,
+        use_system: bool = True,
+    ) -> Resolver:
+        """Overrides from `upstream.resolve` ("host:port" -> "ip:port"): the agent gets the IP.
+
+        A target that is a name rather than an IP is kept and resolved like any other name.
+        """
+        overrides: dict[str, list[str]] = {}
+        for key, target in resolve.items():
+            host, _ = split_hostport(key)
+            thost, _ = split_hostport(target)
+            overrides.setdefault(normalise_host(host), []).append(normalise_host(thost))
+        return cls(overrides, upstream, use_system)
+
+    # -- public ---------------------------------------------------------------------------
+    async def resolve(self, name: str, qtype: str = "A") -> list[str]:
+        """Addresses of `name` for A or AAAA; [] when the name has none of that family."""
+        qtype = qtype.upper()
+        if qtype not in ADDRESS_TYPES:
+            raise ValueError(f"resolve() answers A or AAAA, not {qtype}")
+        host = normalise_host(name)
+        got = await self._cached(host, qtype, lambda: self._resolve_addresses(host, qtype))
+        return list(got)  # type: ignore[arg-type]
+
+    async def lookup(self, name: str, qtype: str) -> list[bytes]:
+        """RDATA (embedded names expanded) of records of another type, from the upstream only."""
+        qtype = qtype.upper()
+        code = wire.type_code(qtype)
+        if code is None or qtype in ADDRESS_TYPES:
+            raise ValueError(f"lookup() needs a non-address record type, not {qtype}")
+        if self.upstream is None:
+            raise NotSupported(f"no upstream DNS server to ask for {qtype}")
+        host = normalise_host(name)
+        got = await self._cached(host, qtype, lambda: self._lookup_rdata(host, code))
+        return list(got)  # type: ignore[arg-type]
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    # -- cache ----------------------------------------------------------------------------
+    async def _cached(
+        self, host: str, qtype: str, fetch: Callable[[], Awaitable[tuple[_Value, float]]]
+    ) -> _Value:
+        key = (host, qtype)
+        now = time.monotonic()
+        hit = self._cache.get(key)
+        if hit is not None:
+            expires, value = hit
+            if expires > now:
+                self._cache.move_to_end(key)
+                if isinstance(value, NameNotFound):
+                    raise NameNotFound(str(value))
+                return value
+            del self._cache[key]
+        pending = self._inflight.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[_Value] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = fut
+        try:
+            value, ttl = await fetch()
+        except NameNotFound as e:
+            self._store(key, e, self.negative_ttl)
+            fut.set_exception(NameNotFound(str(e)))
+            raise
+        except BaseException as e:
+            fut.set_exception(e if isinstance(e, Exception) else ResolveError("cancelled"))
+            raise
+        else:
+            self._store(key, value, min(ttl, self.cache_ttl) if value else self.negative_ttl)
+            fut.set_result(value)
+            return value
+        finally:
+            del self._inflight[key]
+            if fut.done() and not fut.cancelled():
+                fut.exception()  # mark retrieved: nobody else may be waiting
+
+    def _store(self, key: tuple[str, str], value: _Value | NameNotFound, ttl: float) -> None:
+        if ttl <= 0 or self.cache_size <= 0:
+            return
+        self._cache[key] = (time.monotonic() + ttl, value)
+        self._cache.move_to_end(key)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+
+    # -- sources --------------------------------------------------------------------------
+    async def _resolve_addresses(self, host: str, qtype: str) -> tuple[list[str], float]:
+        version = 4 if qtype == "A" else 6
+        if is_ip(host):
+            ip = ipaddress.ip_address(host)
+            return ([str(ip)] if ip.version == version else []), self.cache_ttl
+        if host in self.overrides:
+            out: list[str] = []
+            for target in self.overrides[host]:
+                if is_ip(target):
+                    if ipaddress.ip_address(target).version == version:
+                        out.append(target)
+                    continue
+                with contextlib.suppress(NameNotFound):
+                    found, _ = await self._resolve_real(target, qtype)
+                    out.extend(found)
+            return list(dict.fromkeys(out)), self.cache_ttl
+        return await self._resolve_real(host, qtype)
+
+    async def _resolve_real(self, host: str, qtype: str) -> tuple[list[str], float]:
+        if self.upstream is not None:
+            records, ttl = await self._query_upstream(host, wire.TYPE_CODES[qtype])
+            addrs = [a for r in records if (a := r.address()) is not None]
+            return list(dict.fromkeys(addrs)), ttl
+        if self.use_system:
+            return await self._system(host, qtype), self.cache_ttl
+        raise NameNotFound(f"no source knows {host}")
+
+    async def _lookup_rdata(self, host: str, code: int) -> tuple[list[bytes], float]:
+        records, ttl = await self._query_upstream(host, code)
+        return [r.rdata for r in records if r.rtype == code], ttl
+
+    async def _system(self, host: str, qtype: str) -> list[str]:
+        loop = asyncio.get_running_loop()
+        family = ADDRESS_TYPES[qtype]
+        try:
+            infos = await asyncio.wait_for(
+                loop.getaddrinfo(host, None, family=family, type=socket.SOCK_STREAM),
+                self.timeout * self.attempts,
+            )
+        except socket.gaierror as e:
+            nodata = {getattr(socket, n, None) for n in ("EAI_NODATA", "EAI_ADDRFAMILY")}
+            if e.errno in nodata - {None}:
+                return []
+            if e.errno == socket.EAI_NONAME:
+                raise NameNotFound(host) from e
+            raise ResolveError(f"system resolver: {e}") from e
+        except TimeoutError as e:
+            raise ResolveError("system resolver timed out") from e
+        version = 4 if qtype == "A" else 6
+        addrs = [str(info[4][0]) for info in infos]
+        return list(dict.fromkeys(a for a in addrs if ipaddress.ip_address(a).version == version))
+
+    async def _query_upstream(self, host: str, code: int) -> tuple[list[wire.Record], float]:
+        """Ask the upstream server; UDP first, TCP when the reply is truncated."""
+        assert self.upstream is not None
+        labels = wire.encode_name(host)
+        question = wire.Question(labels, code)
+        last: Exception = ResolveError("no answer")
+        for _ in range(self.attempts):
+            qid = secrets.randbelow(65536)
+            query = wire.build_query(qid, labels, code)
+            try:
+                reply = await _udp_exchange(self.upstream, query, qid, question, self.timeout)
+                if reply.header.tc:
+                    reply = await _tcp_exchange(self.upstream, query, qid, question, self.timeout)
+            except (OSError, TimeoutError, wire.WireError, asyncio.IncompleteReadError) as e:
+                last = ResolveError(f"upstream DNS: {type(e).__name__}")
+                continue
+            rcode = reply.header.rcode
+            if rcode == wire.Rcode.NXDOMAIN:
+                raise NameNotFound(host)
+            if rcode != wire.Rcode.NOERROR:
+                raise ResolveError(f"upstream DNS answered rcode {rcode}")
+            ttls = [r.ttl for r in reply.answers]
+            return list(reply.answers), float(min(ttls)) if ttls else self.negative_ttl
+        raise last
+
+
+def _matches(msg: wire.Message, qid: int, question: wire.Question) -> bool:
+    if msg.header.id != qid or not msg.header.qr or len(msg.questions) != 1:
+        return False
+    q = msg.questions[0]
+    return q.qtype == question.qtype and wire.same_name(q.labels, question.labels)
+
+
+class _ReplyCatcher(asyncio.DatagramProtocol):
+    """Keeps the first datagram that answers our question; anything else is ignored."""
+
+    def __init__(self, qid: int, question: wire.Question) -> None:
+        self.qid = qid
+        self.question = question
+        self.reply: asyncio.Future[wire.Message] = asyncio.get_running_loop().create_future()
+
+    def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
+        if self.reply.done():
+            return
+        try:
+            msg = wire.parse_message(data)
+        except wire.WireError:
+            return
+        if _matches(msg, self.qid, self.question):
+            self.reply.set_result(msg)
+
+    def error_received(self, exc: Exception) -> None:
+        if not self.reply.done():
+            self.reply.set_exception(exc)
+
+
+async def _udp_exchange(
+    server: tuple[str, int], query: bytes, qid: int, question: wire.Question, timeout: float
+) -> wire.Message:
+    loop = asyncio.get_running_loop()
+    transport, proto = await loop.create_datagram_endpoint(
+        lambda: _ReplyCatcher(qid, question), remote_addr=server
+    )
+    try:
+        transport.sendto(query)
+        return await asyncio.wait_for(proto.reply, timeout)
+    finally:
+        transport.close()
+
+
+async def _tcp_exchange(
+    server: tuple[str, int], query: bytes, qid: int, question: wire.Question, timeout: float
+) -> wire.Message:
+    async def run() -> wire.Message:
+        reader, writer = await asyncio.open_connection(*server)
+        try:
+            writer.write(struct.pack("!H", len(query)) + query)
+            await writer.drain()
+            (size,) = struct.unpack("!H", await reader.readexactly(2))
+            msg = wire.parse_message(await reader.readexactly(size))
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        if not _matches(msg, qid, question):
+            raise wire.WireError("TCP reply does not answer the question")
+        return msg
+
+    return await asyncio.wait_for(run(), timeout)

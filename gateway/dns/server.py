@@ -1,0 +1,424 @@
+"""The DNS listener: answers only names the policy allows (LESSONS "DNS exfiltration").
+
+A resolver that forwards every name lets data out in the labels of the query itself, so a name
+the policy does not allow is answered NXDOMAIN here and never reaches any upstream. Record types
+that carry data (TXT, NULL, MX, ...) are refused unless a rule's `dns_types` names them. Allowed
+A/AAAA answers are remembered (`names_for`) so the transparent TLS plane can check that a
+ClientHello's SNI really resolved to the address the agent connected to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import struct
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from gateway.dns import wire
+from gateway.dns.resolver import NameNotFound, NotSupported, ResolveError, Resolver
+from gateway.policy.core import Policy, Verdict
+from gateway.policy.hosts import normalise_host
+
+log = logging.getLogger("keyward.dns")
+
+ANSWER_TTL = 30
+ADDRESS_QTYPES = frozenset({"A", "AAAA"})
+# Not record types a stub resolver may ask for, whatever a rule's dns_types says.
+META_QTYPES = frozenset({"OPT", "AXFR", "IXFR", "TKEY", "TSIG", "MAILA", "MAILB"})
+Rcode = wire.Rcode
+
+AuditSink = Callable[[dict[str, object]], None]
+
+
+class TokenBuckets:
+    """Per-client token buckets; the table is bounded so spoofed sources cannot grow it."""
+
+    def __init__(self, rate: float, burst: int, max_clients: int = 4096) -> None:
+        self.rate = rate
+        self.burst = max(1, burst)
+        self.max_clients = max_clients
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def allow(self, key: str, now: float | None = None) -> bool:
+        if self.rate <= 0:
+            return True
+        now = time.monotonic() if now is None else now
+        tokens, last = self._buckets.pop(key, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+        ok = tokens >= 1.0
+        self._buckets[key] = (tokens - 1.0 if ok else tokens, now)
+        while len(self._buckets) > self.max_clients:
+            self._buckets.popitem(last=False)
+        return ok
+
+
+class AnswerLog:
+    """Which names were answered with which addresses, kept `retain` seconds, bounded.
+
+    Retained longer than the answer TTL: clients (JVMs, browsers) cache past it, and a connection
+    made from a stale cache is still a connection to an address we handed out for that name.
+    """
+
+    def __init__(self, retain: float = 600.0, max_pairs: int = 65536) -> None:
+        self.retain = retain
+        self.max_pairs = max_pairs
+        self._pairs: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._by_ip: dict[str, set[str]] = {}
+        self._by_name: dict[str, set[str]] = {}
+
+    def record(self, name: str, addresses: Iterable[str]) -> None:
+        expires = time.monotonic() + self.retain
+        for raw in addresses:
+            ip = _canonical_ip(raw)
+            if ip is None:
+                continue
+            key = (ip, name)
+            self._pairs.pop(key, None)
+            self._pairs[key] = expires
+            self._by_ip.setdefault(ip, set()).add(name)
+            self._by_name.setdefault(name, set()).add(ip)
+        while len(self._pairs) > self.max_pairs:
+            (ip, name), _ = self._pairs.popitem(last=False)
+            self._forget(ip, name)
+
+    def names_for(self, ip: str) -> set[str]:
+        key = _canonical_ip(ip)
+        if key is None:
+            return set()
+        return {n for n in list(self._by_ip.get(key, ())) if self._live(key, n)}
+
+    def addresses_for(self, name: str) -> set[str]:
+        try:
+            host = normalise_host(name)
+        except ValueError:
+            return set()
+        return {ip for ip in list(self._by_name.get(host, ())) if self._live(ip, host)}
+
+    def _live(self, ip: str, name: str) -> bool:
+        expires = self._pairs.get((ip, name))
+        if expires is None:
+            return False
+        if expires > time.monotonic():
+            return True
+        del self._pairs[(ip, name)]
+        self._forget(ip, name)
+        return False
+
+    def _forget(self, ip: str, name: str) -> None:
+        for index, k, v in ((self._by_ip, ip, name), (self._by_name, name, ip)):
+            members = index.get(k)
+            if members is not None:
+                members.discard(v)
+                if not members:
+                    del index[k]
+
+
+def _canonical_ip(text: str) -> str | None:
+    try:
+        ip = ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+@dataclass
+class _Outcome:
+    """What one query came to; becomes its one audit record."""
+
+    method: str = ""
+    host: str = ""
+    decision: str = "deny"
+    rule: str | None = None
+    reason: str = "malformed"
+    status: int | None = None
+
+
+class DnsListener:
+    """UDP and TCP DNS on one host:port, answering per the policy."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        resolver: Resolver,
+        *,
+        audit: AuditSink | None = None,
+        rate: float = 50.0,
+        burst: int = 100,
+        ttl: int = ANSWER_TTL,
+        max_inflight: int = 1024,
+        max_tcp_clients: int = 256,
+        tcp_idle: float = 10.0,
+    ) -> None:
+        self.policy = policy
+        self.resolver = resolver
+        self.audit = audit
+        self.ttl = ttl
+        self.limiter = TokenBuckets(rate, burst)
+        self.answers = AnswerLog()
+        self.max_inflight = max_inflight
+        self.max_tcp_clients = max_tcp_clients
+        self.tcp_idle = tcp_idle
+        self.port: int | None = None
+        self._udp: asyncio.DatagramTransport | None = None
+        self._tcp: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._tcp_writers: set[asyncio.StreamWriter] = set()
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def start(self, host: str, port: int) -> int:
+        """Bind UDP and TCP on the same port (an ephemeral one when `port` is 0)."""
+        loop = asyncio.get_running_loop()
+        for _ in range(20 if port == 0 else 1):
+            udp, _proto = await loop.create_datagram_endpoint(
+                lambda: _UdpProtocol(self), local_addr=(host, port)
+            )
+            bound = udp.get_extra_info("sockname")[1]
+            try:
+                tcp = await asyncio.start_server(self._serve_tcp, host, bound)
+            except OSError:
+                udp.close()
+                if port != 0:
+                    raise
+                continue
+            self._udp, self._tcp, self.port = udp, tcp, bound
+            log.info("dns listening on %s:%d (udp+tcp)", host, bound)
+            return bound
+        raise OSError(f"no port free for both UDP and TCP on {host}")
+
+    async def close(self) -> None:
+        if self._udp is not None:
+            self._udp.close()
+            self._udp = None
+        if self._tcp is not None:
+            self._tcp.close()
+        for w in list(self._tcp_writers):
+            w.close()
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._tcp is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._tcp.wait_closed(), 5)
+            self._tcp = None
+
+    # -- lookups for other planes ---------------------------------------------------------
+    def names_for(self, ip: str) -> set[str]:
+        """Names whose answers (recently) included `ip`."""
+        return self.answers.names_for(ip)
+
+    def answered_addresses(self, name: str) -> set[str]:
+        """Addresses recently answered for `name`."""
+        return self.answers.addresses_for(name)
+
+    # -- transports -----------------------------------------------------------------------
+    def _datagram(self, data: bytes, peer: tuple[str, int]) -> None:
+        if len(self._tasks) >= self.max_inflight:
+            self._emit(_Outcome(reason="overloaded"), peer, time.monotonic())
+            return
+        task = asyncio.ensure_future(self._answer_udp(data, peer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _answer_udp(self, data: bytes, peer: tuple[str, int]) -> None:
+        reply = await self.handle(data, peer, udp=True)
+        if reply is not None and self._udp is not None:
+            self._udp.sendto(reply, peer)
+
+    async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername") or ("?", 0)
+        if len(self._tcp_writers) >= self.max_tcp_clients:
+            writer.close()
+            return
+        self._tcp_writers.add(writer)
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            while True:
+                try:
+                    head = await asyncio.wait_for(reader.readexactly(2), self.tcp_idle)
+                    (size,) = struct.unpack("!H", head)
+                    if size == 0:
+                        break
+                    data = await asyncio.wait_for(reader.readexactly(size), self.tcp_idle)
+                except (asyncio.IncompleteReadError, TimeoutError, OSError):
+                    break
+                reply = await self.handle(data, peer, udp=False)
+                if reply is None:
+                    break
+                writer.write(struct.pack("!H", len(reply)) + reply)
+                await writer.drain()
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            self._tcp_writers.discard(writer)
+            if task is not None:
+                self._tasks.discard(task)
+            writer.close()
+
+    # -- the decision ---------------------------------------------------------------------
+    async def handle(self, data: bytes, peer: tuple[str, int], *, udp: bool) -> bytes | None:
+        """Answer one message; None = send nothing. Exactly one audit record per call."""
+        started = time.monotonic()
+        out = _Outcome()
+        reply: bytes | None = None
+        try:
+            reply = await self._respond(data, peer, udp, out)
+        except Exception:
+            log.exception("dns: failed answering a query")
+            out.reason, out.status = "internal-error", Rcode.SERVFAIL
+            reply = _bare(data, Rcode.SERVFAIL)
+            if reply is None:
+                out.status = None
+        finally:
+            self._emit(out, peer, started)
+        return reply
+
+    async def _respond(
+        self, data: bytes, peer: tuple[str, int], udp: bool, out: _Outcome
+    ) -> bytes | None:
+        if not self.limiter.allow(str(peer[0])):
+            out.reason = "rate-limited"
+            reply = _refuse_quietly(data, out)
+            out.status = Rcode.REFUSED if reply is not None else None
+            return reply
+        try:
+            msg = wire.parse_message(data)
+        except wire.WireError:
+            out.reason = "malformed"
+            reply = _bare(data, Rcode.FORMERR)
+            out.status = Rcode.FORMERR if reply is not None else None
+            return reply
+        header = msg.header
+        if header.qr:
+            out.reason = "not-a-query"
+            return None
+        question = msg.questions[0] if len(msg.questions) == 1 else None
+        edns = msg.edns_payload()
+        limit = min(edns or wire.UDP_PLAIN_LIMIT, wire.EDNS_PAYLOAD) if udp else wire.MAX_MESSAGE
+
+        def reply(rcode: int, reason: str, records: list[wire.Record] | None = None) -> bytes:
+            out.reason, out.status = reason, rcode
+            return wire.build_response(
+                header, question, rcode, records or (), edns=edns is not None, limit=limit
+            )
+
+        if header.opcode != wire.OPCODE_QUERY:
+            return reply(Rcode.NOTIMP, "opcode-not-implemented")
+        if question is None:
+            return reply(Rcode.FORMERR, "question-count")
+        qtype = question.type_name
+        out.method = qtype
+        out.host = question.name
+        if question.qclass != wire.CLASS_IN:
+            return reply(Rcode.REFUSED, "class-refused")
+        try:
+            host = normalise_host(question.name)
+        except ValueError:
+            return reply(Rcode.NXDOMAIN, "bad-name")
+        out.host = host
+
+        name_ok, rule = self.policy.name_allowed(host, "A")
+        out.rule = rule
+        if not name_ok:
+            return reply(Rcode.NXDOMAIN, "host-denied" if rule is not None else "no-rule")
+        ok, rule = self.policy.name_allowed(host, qtype)
+        if not ok or qtype in META_QTYPES:
+            return reply(Rcode.REFUSED, f"{qtype.lower()}-refused")
+        out.rule = rule
+        out.decision, allow_reason = self._allowed_verdict(rule)
+
+        try:
+            if qtype in ADDRESS_QTYPES:
+                addrs = await self.resolver.resolve(host, qtype)
+                self.answers.record(host, addrs)
+                records = [wire.address_record(question.labels, a, self.ttl) for a in addrs]
+            else:
+                rdatas = await self.resolver.lookup(host, qtype)
+                records = [
+                    wire.Record(question.labels, question.qtype, wire.CLASS_IN, self.ttl, r)
+                    for r in rdatas
+                ]
+        except NameNotFound:
+            return reply(Rcode.NXDOMAIN, "nxdomain-upstream")
+        except NotSupported:
+            return reply(Rcode.NOTIMP, "no-upstream-for-type")
+        except ResolveError:
+            return reply(Rcode.SERVFAIL, "upstream-error")
+        return reply(Rcode.NOERROR, allow_reason if records else "no-data", records)
+
+    def _allowed_verdict(self, rule: str | None) -> tuple[str, str]:
+        if rule is not None:
+            return Verdict.ALLOW.value, "rule"
+        if self.policy.default is Verdict.WARN:
+            return Verdict.WARN.value, "would-deny: no-rule"
+        return Verdict.ALLOW.value, "default-allow"
+
+    def _emit(self, out: _Outcome, peer: tuple[str, int], started: float) -> None:
+        if self.audit is None:
+            return
+        record: dict[str, object] = {
+            "plane": "dns",
+            "method": out.method,
+            "scheme": "dns",
+            "host": out.host,
+            "port": 53,
+            "path": "",
+            "client": f"{peer[0]}:{peer[1]}",
+            "decision": out.decision,
+            "rule": out.rule,
+            "reason": out.reason,
+            "status": out.status,
+            "duration_ms": round((time.monotonic() - started) * 1000, 3),
+        }
+        try:
+            self.audit(record)
+        except Exception:
+            log.exception("dns: audit sink failed")
+
+
+def _bare(data: bytes, rcode: int) -> bytes | None:
+    """A header-only reply for a message whose header parsed and which is a query."""
+    try:
+        header = wire.parse_header(data)
+    except wire.WireError:
+        return None
+    if header.qr:
+        return None
+    return wire.build_response(header, None, rcode)
+
+
+def _refuse_quietly(data: bytes, out: _Outcome) -> bytes | None:
+    """REFUSED for a rate-limited client, echoing its question when it parses."""
+    try:
+        msg = wire.parse_message(data)
+    except wire.WireError:
+        return _bare(data, Rcode.REFUSED)
+    if msg.header.qr:
+        return None
+    question = msg.questions[0] if len(msg.questions) == 1 else None
+    if question is not None:
+        out.method, out.host = question.type_name, question.name
+        with contextlib.suppress(ValueError):
+            out.host = normalise_host(question.name)
+    return wire.build_response(msg.header, question, Rcode.REFUSED)
+
+
+class _UdpProtocol(asyncio.DatagramProtocol):
+    def __init__(self, listener: DnsListener) -> None:
+        self.listener = listener
+
+    def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
+        self.listener._datagram(data, (str(addr[0]), int(str(addr[1]))))
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("dns udp error: %s", exc)
