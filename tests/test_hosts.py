@@ -61,8 +61,19 @@ def test_wildcard_does_not_match_ip_literals() -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    ["", "http://x.com", "a b", "*.*.x.com", "x*.com", "*.com:443", "x.com:0", "x.com:99999",
-     "10.0.0.0/33", "-bad.com", "a..b"],
+    [
+        "",
+        "http://x.com",
+        "a b",
+        "*.*.x.com",
+        "x*.com",
+        "*.com:443",
+        "x.com:0",
+        "x.com:99999",
+        "10.0.0.0/33",
+        "-bad.com",
+        "a..b",
+    ],
 )
 def test_bad_patterns_rejected(bad: str) -> None:
     with pytest.raises(ValueError):
@@ -79,14 +90,20 @@ def test_pattern_kinds() -> None:
 label = st.builds(
     lambda a, b: a + b,
     st.sampled_from("abcdefghijklmnopqrstuvwxyz"),
-    st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-", max_size=7).map(lambda s: s.rstrip("-")),
+    st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-", max_size=7).map(
+        lambda s: s.rstrip("-")
+    ),
 )
 hostname = st.lists(label, min_size=1, max_size=4).map(".".join)
 
 
 @settings(max_examples=300, deadline=None)
-@given(hosts=st.lists(hostname, min_size=1, max_size=8), query=hostname, port=st.integers(1, 65535),
-       extra=hostname)
+@given(
+    hosts=st.lists(hostname, min_size=1, max_size=8),
+    query=hostname,
+    port=st.integers(1, 65535),
+    extra=hostname,
+)
 def test_adding_an_unrelated_rule_never_changes_a_decision(
     hosts: list[str], query: str, port: int, extra: str
 ) -> None:

@@ -51,7 +51,9 @@ def policy(default: str = "deny") -> Policy:
     return build_policy(loaded.config, [Placeholder("OPENAI_API_KEY", "openai", OPENAI_FAKE)])
 
 
-def facts(url_host: str, path: str = "/", method: str = "GET", port: int = 443, **kw: object) -> RequestFacts:
+def facts(
+    url_host: str, path: str = "/", method: str = "GET", port: int = 443, **kw: object
+) -> RequestFacts:
     scheme = str(kw.pop("scheme", "https"))
     return RequestFacts(Plane.MITM, method, scheme, url_host, port, path, **kw)  # type: ignore[arg-type]
 
@@ -68,10 +70,18 @@ class CountingResolver:
 def test_allow_injects_and_replaces_agent_headers() -> None:
     d = policy().decide(facts("api.openai.com", "/v1/chat"))
     assert d.verdict is Verdict.ALLOW and d.rule == "api.openai.com"
-    assert [i.as_dict() for i in d.injections] == [{"secret": "openai", "location": "header:Authorization"}]
+    assert [i.as_dict() for i in d.injections] == [
+        {"secret": "openai", "location": "header:Authorization"}
+    ]
     r = CountingResolver()
-    out = apply_plan(d, [("authorization", "Bearer agent"), ("AUTHORIZATION", "dup"), ("Accept", "*/*")], r)
-    assert out == [("Accept", "*/*"), ("Authorization", "Bearer REAL-openai-value"), ("X-Literal", "{braces}")]
+    out = apply_plan(
+        d, [("authorization", "Bearer agent"), ("AUTHORIZATION", "dup"), ("Accept", "*/*")], r
+    )
+    assert out == [
+        ("Accept", "*/*"),
+        ("Authorization", "Bearer REAL-openai-value"),
+        ("X-Literal", "{braces}"),
+    ]
 
 
 def test_basic_auth_encoding() -> None:
@@ -94,7 +104,9 @@ def test_precedence(host: str, port: int, verdict: Verdict, rule: str | None) ->
     assert (d.verdict, d.rule) == (verdict, rule)
 
 
-@pytest.mark.parametrize("path", ["/repos/o/r", "/repos/../repos/o/r", "//repos/o/r", "/%72epos/o/r"])
+@pytest.mark.parametrize(
+    "path", ["/repos/o/r", "/repos/../repos/o/r", "//repos/o/r", "/%72epos/o/r"]
+)
 def test_method_path_deny_cannot_be_dodged(path: str) -> None:
     d = policy().decide(facts("api.github.com", path, method="delete"))
     assert d.verdict is Verdict.DENY and d.reason == "path-denied: DELETE /repos/**"
@@ -104,7 +116,11 @@ def test_method_path_deny_cannot_be_dodged(path: str) -> None:
 def test_default_modes() -> None:
     assert policy("allow").decide(facts("evil.example")).verdict is Verdict.ALLOW
     warn = policy("warn").decide(facts("evil.example"))
-    assert warn.verdict is Verdict.WARN and warn.reason == "would-deny: no-rule" and warn.injections == ()
+    assert (
+        warn.verdict is Verdict.WARN
+        and warn.reason == "would-deny: no-rule"
+        and warn.injections == ()
+    )
     # explicit denies stay denies in warn mode
     assert policy("warn").decide(facts("169.254.169.254", port=80)).verdict is Verdict.DENY
 
@@ -115,7 +131,10 @@ def test_host_header_and_sni_must_match_verified_destination() -> None:
     assert spoof.verdict is Verdict.DENY and spoof.reason == "host-mismatch" and spoof.plan is None
     assert p.decide(facts("api.openai.com", host_header="API.openai.com.")).allowed
     assert p.decide(facts("api.openai.com", host_header="api.openai.com:443")).allowed
-    assert p.decide(facts("api.openai.com", host_header="api.openai.com:444")).reason == "host-mismatch"
+    assert (
+        p.decide(facts("api.openai.com", host_header="api.openai.com:444")).reason
+        == "host-mismatch"
+    )
     assert p.decide(facts("api.openai.com", sni="evil.example")).reason == "sni-mismatch"
 
 

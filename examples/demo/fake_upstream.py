@@ -13,8 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.support.pki import make_ca  # noqa: E402
-from tests.support.upstream import Upstream  # noqa: E402
+from tests.support.pki import make_ca
+from tests.support.upstream import Upstream
 
 
 async def main() -> None:
