@@ -291,3 +291,138 @@ async def test_exit_code_and_missing_secret(world: World) -> None:
     _, err = await proc.communicate()
     assert proc.returncode == 2
     assert "secret 'key'" in err.decode() and "TEST_API_KEY" in err.decode()
+
+
+PASSTHROUGH_AND_OAUTH = """version: 1
+secrets:
+  google:
+    oauth:
+      token_url: https://api.example.test/token
+      grant: refresh_token
+      client_id: {{ env: G_CLIENT_ID }}
+      client_secret: {{ env: G_CLIENT_SECRET }}
+      refresh_token: {{ env: G_REFRESH }}
+egress:
+  default: deny
+  hosts:
+    api.example.test:
+      headers: {{ Authorization: "Bearer {{google}}" }}
+    open.example.test: {{ intercept: false }}
+upstream:
+  ca_bundle: {ca}
+  resolve:
+    "api.example.test:443": "127.0.0.1:{port}"
+    "open.example.test:443": "127.0.0.1:{port}"
+audit:
+  path: audit.jsonl
+"""
+
+
+@pytest.fixture
+async def oauth_world(tmp_path: Path) -> AsyncIterator[World]:
+    w = await make_world(tmp_path, PASSTHROUGH_AND_OAUTH)
+    yield w
+    await w.upstream.close()
+
+
+def oauth_env(world: World) -> dict[str, str]:
+    env = world.env()
+    env.update(
+        G_CLIENT_ID="client-REALID-123456",
+        G_CLIENT_SECRET="csecret-REAL-987654",
+        G_REFRESH="1//refresh-REAL-token-abcdef",
+    )
+    return env
+
+
+async def run_env(world: World, env: dict[str, str], *cmd: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *world.run_argv(*cmd),
+        env=env,
+        cwd=world.dir,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+async def test_oauth_minted_once_for_concurrent_requests(oauth_world: World) -> None:
+    code, out, err = await run_env(
+        oauth_world,
+        oauth_env(oauth_world),
+        *py(
+            """
+            import json
+            from concurrent.futures import ThreadPoolExecutor
+            import requests
+            def get(i):
+                r = requests.get(f"https://api.example.test/v1/{i}", timeout=30)
+                return r.status_code, r.json()["headers"]["Authorization"]
+            with ThreadPoolExecutor(8) as pool:
+                print(json.dumps(list(pool.map(get, range(16)))))
+            """
+        ),
+    )
+    assert code == 0, err
+    results = json.loads(out)
+    assert [s for s, _ in results] == [200] * 16
+    assert {a for _, a in results} == {"Bearer [REDACTED]"}  # minted token scrubbed from echoes
+    assert oauth_world.upstream.seen.token_requests == 1  # single-flight
+    auths = {r["headers"].get("Authorization") for r in oauth_world.upstream.seen.requests}  # type: ignore[union-attr]
+    assert auths == {"Bearer ya29.MINTED-0001-abcdefgh"}
+    text = oauth_world.audit_path.read_text()
+    assert "MINTED" not in text and "REAL" not in text and "MINTED" not in out + err
+
+
+async def test_oauth_endpoint_down_fails_closed(oauth_world: World) -> None:
+    oauth_world.upstream.seen.token_fail = True
+    code, out, err = await run_env(
+        oauth_world, oauth_env(oauth_world), "curl", "-sS", "-i", "https://api.example.test/v1/x"
+    )
+    assert code == 0, err
+    assert " 502" in out.splitlines()[2] or "HTTP/2 502" in out
+    assert "credentials-unavailable" in out
+    assert oauth_world.upstream.seen.requests == []  # nothing sent without a fresh token
+    rec = oauth_world.audit()[-1]
+    assert rec["status"] == 502 and rec["reason"].startswith("credentials-unavailable")
+
+
+async def test_hosts_needing_nothing_pass_through_untouched(oauth_world: World) -> None:
+    """`intercept: false`: the agent sees the upstream's own certificate, not the gateway's."""
+    code, out, err = await run_env(
+        oauth_world,
+        oauth_env(oauth_world),
+        "curl",
+        "-sS",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "--cacert",
+        str(oauth_world.ca.path),
+        "https://open.example.test/p",
+    )
+    assert code == 0, err
+    assert out == "200"
+    rec = oauth_world.audit()[-1]
+    assert rec["plane"] == "passthrough" and rec["host"] == "open.example.test"
+
+
+async def test_client_abort_is_audited(world: World) -> None:
+    code, _, err = await run(
+        world,
+        *py(
+            """
+            import requests
+            r = requests.get("https://api.example.test/sse?n=20&interval=0.2", stream=True)
+            next(r.iter_lines())
+            r.close()
+            import time; time.sleep(1.5)
+            """
+        ),
+    )
+    assert code == 0, err
+    recs = [r for r in world.audit() if str(r["path"]).startswith("/sse")]
+    assert len(recs) == 1
+    assert recs[0]["error"] is not None or recs[0]["status"] == 200

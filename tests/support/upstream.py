@@ -15,6 +15,8 @@ class Seen:
     requests: list[dict[str, object]] = field(default_factory=list)
     peers: set[tuple[str, int]] = field(default_factory=set)
     upload_first_chunk_at: float | None = None
+    token_requests: int = 0
+    token_fail: bool = False
 
 
 def make_app(seen: Seen) -> web.Application:
@@ -87,7 +89,18 @@ def make_app(seen: Seen) -> web.Application:
                 await sock.send_bytes(msg.data)
         return sock
 
+    async def token(request: web.Request) -> web.Response:
+        form = await request.post()
+        seen.token_requests += 1
+        if seen.token_fail:
+            return web.json_response({"error": "temporarily_unavailable"}, status=503)
+        assert form.get("grant_type") in ("refresh_token", "client_credentials")
+        return web.json_response(
+            {"access_token": f"ya29.MINTED-{seen.token_requests:04d}-abcdefgh", "expires_in": 3600}
+        )
+
     app = web.Application(client_max_size=1 << 34)
+    app.router.add_route("POST", "/token", token)
     app.router.add_route("*", "/sse", sse)
     app.router.add_route("*", "/big", big)
     app.router.add_route("*", "/upload", upload)

@@ -71,10 +71,10 @@ class World:
         return [*KEYWARD, "run", "-c", str(self.config), "--", *cmd]
 
 
-async def make_world(tmp: Path) -> World:
+async def make_world(tmp: Path, config_text: str = CONFIG) -> World:
     ca = make_ca(tmp / "pki")
     names = ("api.example.test", "open.example.test", "a.wild.example.test", "evil.example.test")
     upstream = await Upstream.start(ca.server_context(tmp / "pki", *names))
     config = tmp / "keyward.yaml"
-    config.write_text(CONFIG.format(ca=ca.path, port=upstream.port))
+    config.write_text(config_text.format(ca=ca.path, port=upstream.port))
     return World(tmp, ca, upstream, config)

@@ -1,0 +1,249 @@
+"""The sandbox contract (DESIGN §6), attempted from inside the agent. Standard library only:
+this file is copied into the agent and run with its python3, as the agent's user.
+
+It is given *hashes* of the real secrets and of the CA key, never the values, and reports one
+result per attack as JSON on stdout. Every check is an attempt with an observable outcome.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import socket
+import struct
+import sys
+import time
+from collections.abc import Iterator
+
+TOKEN = re.compile(rb"[A-Za-z0-9_\-.+/=:~]{6,}")
+SKIP_DIRS = ("/proc", "/sys", "/dev", "/run/keyward-none")
+MAX_FILE = 4 * 1024 * 1024
+FAST = 3.0  # a refusal slower than this counts as a hang
+
+
+def _result(check: str, ok: bool, detail: str) -> dict[str, object]:
+    return {"check": check, "ok": ok, "detail": detail}
+
+
+def _windows(blob: bytes, lengths: set[int]) -> Iterator[bytes]:
+    for m in TOKEN.finditer(blob):
+        tok = m.group(0)
+        for n in lengths:
+            if len(tok) == n:
+                yield tok
+            elif len(tok) > n:
+                for i in range(len(tok) - n + 1):
+                    yield tok[i : i + n]
+
+
+def _find_hashes(blob: bytes, wanted: dict[int, set[str]]) -> bool:
+    lengths = set(wanted)
+    return any(hashlib.sha256(w).hexdigest() in wanted[len(w)] for w in _windows(blob, lengths))
+
+
+def _readable_files(roots: list[str], budget: float) -> Iterator[str]:
+    deadline = time.monotonic() + budget
+    for root in roots:
+        for dirpath, dirnames, filenames in os.walk(root):
+            if time.monotonic() > deadline:
+                return
+            dirnames[:] = [d for d in dirnames if os.path.join(dirpath, d) not in SKIP_DIRS]
+            for f in filenames:
+                yield os.path.join(dirpath, f)
+
+
+def check_secrets(spec: dict) -> list[dict[str, object]]:
+    wanted: dict[int, set[str]] = {}
+    for h in spec.get("secret_hashes", []):
+        wanted.setdefault(int(h["len"]), set()).add(h["sha256"])
+    out = []
+    env_blob = "\n".join(f"{k}={v}" for k, v in os.environ.items()).encode()
+    out.append(
+        _result(
+            "no secret in environment",
+            not _find_hashes(env_blob, wanted),
+            f"{len(os.environ)} variables searched",
+        )
+    )
+    proc_hits, procs = [], 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        for part in ("environ", "cmdline"):
+            try:
+                with open(f"/proc/{pid}/{part}", "rb") as fh:
+                    blob = fh.read(MAX_FILE)
+            except OSError:
+                continue
+            procs += 1
+            if _find_hashes(blob, wanted):
+                proc_hits.append(f"/proc/{pid}/{part}")
+    out.append(
+        _result(
+            "no secret in /proc (environ, cmdline)",
+            not proc_hits,
+            ", ".join(proc_hits) or f"{procs} readable entries searched",
+        )
+    )
+    file_hits, key_hits, files = [], [], 0
+    key_line = spec.get("ca_key_line_sha256")
+    for path in _readable_files(spec.get("scan_roots", ["/"]), spec.get("scan_seconds", 60)):
+        try:
+            if not os.path.isfile(path) or os.path.getsize(path) > MAX_FILE:
+                continue
+            with open(path, "rb") as fh:
+                blob = fh.read()
+        except OSError:
+            continue
+        files += 1
+        if wanted and _find_hashes(blob, wanted):
+            file_hits.append(path)
+        if key_line and b"PRIVATE KEY" in blob:
+            for line in blob.splitlines():
+                if hashlib.sha256(line.strip()).hexdigest() == key_line:
+                    key_hits.append(path)
+                    break
+    out.append(
+        _result(
+            "no secret in readable files",
+            not file_hits,
+            ", ".join(file_hits[:5]) or f"{files} files searched",
+        )
+    )
+    out.append(
+        _result(
+            "CA private key not readable",
+            not key_hits,
+            ", ".join(key_hits[:5]) or f"{files} files searched",
+        )
+    )
+    return out
+
+
+def _tcp_attempt(host: str, port: int, family: int) -> tuple[bool, str]:
+    """True if the destination itself answered (a leak)."""
+    start = time.monotonic()
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.settimeout(FAST * 2)
+    try:
+        s.connect((host, port))
+        # Connected: maybe to the gateway's transparent listener. Speak a non-HTTP protocol and
+        # see whether anything answers that is not the gateway closing on us.
+        s.sendall(b"KEYWARD-PROBE\r\n")
+        data = s.recv(256)
+        took = time.monotonic() - start
+        if not data:
+            return False, f"closed by the gateway after {took:.2f}s"
+        return True, f"got {data[:40]!r}"
+    except (ConnectionRefusedError, ConnectionResetError) as e:
+        return False, f"{type(e).__name__} after {time.monotonic() - start:.2f}s"
+    except OSError as e:
+        took = time.monotonic() - start
+        if took > FAST:
+            return True, f"hung {took:.1f}s ({e})"
+        return False, f"{e.strerror or e} after {took:.2f}s"
+    finally:
+        s.close()
+
+
+def check_network(spec: dict) -> list[dict[str, object]]:
+    out = []
+    for host, port in spec.get("direct_tcp", []):
+        leaked, detail = _tcp_attempt(host, int(port), socket.AF_INET)
+        out.append(_result(f"direct TCP {host}:{port} blocked", not leaked, detail))
+    for host, port in spec.get("ipv6_tcp", []):
+        leaked, detail = _tcp_attempt(host, int(port), socket.AF_INET6)
+        out.append(_result(f"IPv6 TCP [{host}]:{port} blocked", not leaked, detail))
+    for host, port in spec.get("udp", []):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(FAST)
+        start = time.monotonic()
+        try:
+            s.connect((host, int(port)))
+            s.send(b"KEYWARD-PROBE")
+            data = s.recv(256)
+            ok, detail = False, f"answered {data[:40]!r}"
+        except ConnectionRefusedError:
+            ok, detail = True, f"port unreachable after {time.monotonic() - start:.2f}s"
+        except OSError as e:
+            ok, detail = True, f"{e} after {time.monotonic() - start:.2f}s"
+        finally:
+            s.close()
+        out.append(_result(f"UDP {host}:{port} blocked", ok, detail))
+    for name in spec.get("dns_denied", []):
+        rcode, detail = _dns_query(name, 1, spec.get("resolver"))
+        out.append(_result(f"DNS A {name} refused", rcode in (3, 5) or rcode < 0, detail))
+    for name in spec.get("dns_txt", []):
+        rcode, detail = _dns_query(name, 16, spec.get("resolver"))
+        out.append(_result(f"DNS TXT {name} refused", rcode in (3, 5) or rcode < 0, detail))
+    for path in spec.get("unix_sockets", []):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(FAST)
+        try:
+            s.connect(path)
+            ok, detail = False, "connected"
+        except OSError as e:
+            ok, detail = True, e.strerror or str(e)
+        finally:
+            s.close()
+        out.append(_result(f"socket {path} unreachable", ok, detail))
+    for host, port in spec.get("control_tcp", []):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.settimeout(FAST)
+        try:
+            s.connect((host, int(port)))
+            ok, detail = False, "connected"
+        except OSError as e:
+            ok, detail = True, e.strerror or str(e)
+        finally:
+            s.close()
+        out.append(_result(f"control endpoint {host}:{port} unreachable", ok, detail))
+    return out
+
+
+def _nameserver(explicit: str | None) -> str:
+    if explicit:
+        return explicit
+    try:
+        with open("/etc/resolv.conf") as fh:
+            for line in fh:
+                bits = line.split()
+                if len(bits) >= 2 and bits[0] == "nameserver":
+                    return bits[1]
+    except OSError:
+        pass
+    return "127.0.0.1"
+
+
+def _dns_query(name: str, qtype: int, resolver: str | None) -> tuple[int, str]:
+    qid = int.from_bytes(os.urandom(2), "big")
+    q = struct.pack(">HHHHHH", qid, 0x0100, 1, 0, 0, 0)
+    for label in name.strip(".").split("."):
+        q += bytes([len(label)]) + label.encode()
+    q += b"\0" + struct.pack(">HH", qtype, 1)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(FAST)
+    server = _nameserver(resolver)
+    try:
+        s.sendto(q, (server, 53))
+        data = s.recv(4096)
+        rcode = data[3] & 0x0F
+        return rcode, f"rcode {rcode} from {server}"
+    except OSError as e:
+        return -1, f"no answer from {server}: {e}"
+    finally:
+        s.close()
+
+
+def main() -> int:
+    spec = json.loads(sys.stdin.read() or "{}")
+    results = check_network(spec) + check_secrets(spec)
+    json.dump(results, sys.stdout)
+    sys.stdout.write("\n")
+    return 0 if all(r["ok"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
