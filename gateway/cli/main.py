@@ -18,6 +18,9 @@ COMMAND_MODULES: tuple[str, ...] = (
     "policy_cmds",
     "run_cmds",
     "log_cmds",
+    "serve_cmds",
+    "netfilter_cmds",
+    "entrypoint_cmds",
     "ca_cmds",
 )
 

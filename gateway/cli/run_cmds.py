@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import shutil
 import signal
+import subprocess
 import sys
+from pathlib import Path
 
 from gateway.cli.config_cmds import add_config_option, load_from_args
 from gateway.cli.errors import UsageError
+from gateway.config.model import Config, EnvSource, OAuthSource
 from gateway.config.paths import state_dir
 from gateway.planes.context import build_context
 from gateway.planes.embedded import EmbeddedGateway
@@ -46,6 +51,59 @@ async def run_command(args: argparse.Namespace) -> int:
     return code if code >= 0 else 128 - code
 
 
+def secret_env_names(config: Config) -> frozenset[str]:
+    """Every environment variable a secret is read from: never passed to the agent."""
+    names: set[str] = set()
+    for src in config.secrets.values():
+        if isinstance(src, OAuthSource):
+            fields = (src.oauth.client_id, src.oauth.client_secret, src.oauth.refresh_token)
+            names.update(f.env for f in fields if isinstance(f, EnvSource))
+        elif isinstance(src, EnvSource):
+            names.add(src.env)
+    return frozenset(names)
+
+
+def run_isolated(args: argparse.Namespace) -> int:
+    """The pod without containers: CMD in a fresh namespace, the gateway in front of it."""
+    from gateway.pod.isolate import IsolatedPod, host_uplink
+    from gateway.pod.netns import NetNamespace
+
+    if os.geteuid() != 0:
+        raise UsageError("--isolate needs root (network namespaces and iptables)")
+    loaded = load_from_args(args)
+    sdir = state_dir(args.state)
+    agent_uid = (
+        args.agent_uid if args.agent_uid is not None else int(os.environ.get("SUDO_UID", 65534))
+    )
+    audit = str(Path(args.audit).resolve()) if args.audit and args.audit != "-" else args.audit
+    with NetNamespace() as ns, host_uplink(ns):
+        pod = IsolatedPod(
+            ns,
+            loaded.path.resolve(),
+            sdir,
+            agent_uid=agent_uid,
+            agent_gid=agent_uid,
+            audit_path=audit,
+        )
+        try:
+            pod.start()
+            env = pod.agent_env(drop=secret_env_names(loaded.config))
+            proc = subprocess.Popen(pod.agent_argv(args.cmd), env=env)
+            previous = {
+                s: signal.signal(s, lambda n, _f: proc.send_signal(n)) for s in FORWARDED_SIGNALS
+            }
+            try:
+                code = proc.wait()
+            finally:
+                for s, h in previous.items():
+                    signal.signal(s, h)
+        finally:
+            pod.stop_gateway()
+            shutil.rmtree(pod.work, ignore_errors=True)
+    print(f"keyward: isolated run finished (namespace {ns.name} removed)", file=sys.stderr)
+    return code if code >= 0 else 128 - code
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
@@ -53,6 +111,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not cmd:
         raise UsageError("nothing to run: keyward run [-c FILE] -- CMD [ARGS...]")
     args.cmd = cmd
+    if args.isolate:
+        return run_isolated(args)
     return asyncio.run(run_command(args))
 
 
@@ -64,5 +124,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--state", metavar="DIR", help="state dir (CA, placeholders; default $KEYWARD_STATE)"
     )
     p.add_argument("--agent", default="agent", help="agent name written to audit records")
+    p.add_argument(
+        "--isolate",
+        action="store_true",
+        help="Linux, root: CMD in its own network namespace; no way out but the gateway",
+    )
+    p.add_argument(
+        "--agent-uid", type=int, help="with --isolate: uid CMD runs as (default $SUDO_UID)"
+    )
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD")
     p.set_defaults(func=cmd_run)

@@ -78,6 +78,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         drain_seconds=args.drain,
         agent=args.agent,
         audit_path=args.audit,
+        trust_dir=Path(args.trust_dir) if args.trust_dir else None,
+        trust_mount=args.trust_mount or args.trust_dir or "/etc/keyward",
     )
     return asyncio.run(serve(loaded, opts))
 
@@ -108,6 +110,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--ready-file", metavar="FILE", help="written when ready, removed on stop")
     p.add_argument("--control-socket", metavar="PATH", help="health/readiness unix socket")
     p.add_argument("--audit", metavar="FILE", help="audit log (overrides audit.path)")
+    p.add_argument("--trust-dir", metavar="DIR", help="write the agent's trust files here at start")
+    p.add_argument("--trust-mount", metavar="PATH", help="where the agent sees --trust-dir")
     p.add_argument("--agent", default="agent", help="agent name written to audit records")
     p.add_argument(
         "--drain", type=float, default=10.0, metavar="S", help="stream drain bound on stop"

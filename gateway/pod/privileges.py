@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import importlib
 import os
+import pkgutil
 from pathlib import Path
 
 PR_SET_NO_NEW_PRIVS = 38
@@ -24,8 +27,33 @@ def chown_tree(path: Path, uid: int, gid: int) -> None:
             os.chown(os.path.join(root, name), uid, gid, follow_symlinks=False)
 
 
+# Imported lazily by the data planes (codecs on first use, protocol layers on first flow). After
+# the drop the interpreter's own files may be unreadable (a Python under /root), so load now.
+PRELOAD_MODULES = (
+    "encodings.idna",
+    "encodings.punycode",
+    "encodings.latin_1",
+    "encodings.ascii",
+    "encodings.utf_16",
+    "stringprep",
+    "unicodedata",
+)
+PRELOAD_PACKAGES = ("mitmproxy.proxy", "mitmproxy.net", "mitmproxy.utils", "h2", "h11", "wsproto")
+
+
+def preload_modules() -> None:
+    for name in PRELOAD_MODULES:
+        importlib.import_module(name)
+    for package in PRELOAD_PACKAGES:
+        pkg = importlib.import_module(package)
+        for info in pkgutil.walk_packages(pkg.__path__, package + "."):
+            with contextlib.suppress(Exception):
+                importlib.import_module(info.name)
+
+
 def drop_to(uid: int, gid: int) -> None:
     """Empty the bounding set, switch uid/gid, forbid regaining privileges. Irreversible."""
+    preload_modules()
     for cap in range(CAP_LAST + 1):
         _prctl(PR_CAPBSET_DROP, cap)  # fails (EINVAL) past the kernel's last cap: harmless
     os.setgroups([])

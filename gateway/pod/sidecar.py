@@ -28,6 +28,7 @@ from gateway.planes.http.proxy import HttpPlane
 from gateway.planes.mitm.master import MitmPlane, start_mitm
 from gateway.planes.transparent import make_verifier
 from gateway.pod.privileges import chown_tree, drop_to
+from gateway.tls.trust import render_agent_trust
 
 log = logging.getLogger("keyward.serve")
 
@@ -45,6 +46,17 @@ class ServeOptions:
     drain_seconds: float = 10.0
     agent: str = "agent"
     audit_path: str | None = None
+    trust_dir: Path | None = None
+    trust_mount: str = "/etc/keyward"
+
+
+def write_agent_trust(ctx: GatewayContext, out: Path, mount: str) -> None:
+    """The agent's half: CA certificate and bundle, trust.env with every CA variable and the
+    placeholder values (fakes, safe to share). Never the key, never a real value."""
+    render_agent_trust(ctx.ca, out, f"{mount}/ca-bundle.crt")
+    with (out / "trust.env").open("a") as f:
+        for ph in ctx.placeholders:
+            f.write(f"{ph.env}={ph.value}\n")
 
 
 @dataclass
@@ -62,6 +74,8 @@ class Sidecar:
     def prepare(cls, loaded: LoadedConfig, opts: ServeOptions) -> Sidecar:
         """The privileged part: secrets, CA, rules, then the irreversible drop."""
         ctx = build_context(loaded, opts.state_dir, audit_path=opts.audit_path, agent=opts.agent)
+        if opts.trust_dir is not None:
+            write_agent_trust(ctx, opts.trust_dir, opts.trust_mount)
         services = {s.listen for s in loaded.config.services.values() if s.listen}
         opts.ports = replace(
             opts.ports, services=tuple(sorted(services | set(opts.ports.services)))

@@ -58,10 +58,18 @@ class Destinations:
         self.verify_transparent = verify_transparent
         self.targets: dict[str, tuple[str, int]] = {}
         self.tunnelled: set[str] = set()
+        # Per client connection: the server addresses a decision has allowed it to dial.
+        self.approved: dict[str, set[tuple[str, int]]] = {}
+        self.refused: set[str] = set()  # already audited by server_connect
+
+    def approve(self, client: connection.Client, address: tuple[str, int]) -> None:
+        self.approved.setdefault(client.id, set()).add((address[0], address[1]))
 
     def client_disconnected(self, client: connection.Client) -> None:
         self.targets.pop(client.id, None)
         self.tunnelled.discard(client.id)
+        self.approved.pop(client.id, None)
+        self.refused.discard(client.id)
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         cid = flow.client_conn.id
@@ -69,10 +77,24 @@ class Destinations:
         self.tunnelled.add(cid)
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        """Every upstream connection passes here: nothing is dialled that no decision allowed
+        (mitmproxy would otherwise connect for server-speaks-first TCP before any hook)."""
         address = data.server.address
         if address is None:
             return
         self.targets.setdefault(data.client.id, address)
+        if (address[0], address[1]) not in self.approved.get(data.client.id, ()):
+            tcp = self.ctx.policy.connection(address[0], address[1])
+            if not (tcp.allowed and tcp.tcp):
+                data.server.error = "keyward: no policy decision allows this connection"
+                self.refused.add(data.client.id)
+                facts = RequestFacts(
+                    Plane.MITM, "TCP", "tcp", address[0], address[1], client=_client(data.client)
+                )
+                self.ctx.record(
+                    facts, _as_decision(tcp), started=time.monotonic(), reason="non-http-killed"
+                )
+                return
         try:
             key = (normalise_host(address[0]), address[1])
         except ValueError:
@@ -86,11 +108,13 @@ class Destinations:
     def verified(self, flow: http.HTTPFlow) -> tuple[str, int, str | None]:
         """(host, port, addr): the destination the policy decides on."""
         cid = flow.client_conn.id
-        if cid not in self.tunnelled and flow.request.first_line_format == "absolute":
-            return flow.request.host, flow.request.port, None
-        host, port = self.targets.get(cid) or (flow.request.host, flow.request.port)
-        self.targets.setdefault(cid, (host, port))
-        if cid in self.tunnelled or self.verify_transparent is None:
+        if flow.client_conn.proxy_mode.type_name != "transparent":
+            if cid in self.tunnelled:  # explicit proxy: the CONNECT target
+                return (*self.targets[cid], None)
+            return flow.request.host, flow.request.port, None  # absolute-form plain HTTP
+        # transparent: the original destination (an IP), remembered before any resolve rewrite
+        host, port = self.targets.setdefault(cid, (flow.request.host, flow.request.port))
+        if self.verify_transparent is None:
             return host, port, None
         name = self.verify_transparent(host, port, flow.client_conn.sni, flow.request.host_header)
         return (name or host), port, host
@@ -121,26 +145,32 @@ class ConnectionGate:
             self.ctx.record(facts, _as_decision(decision), started=started, status=403)
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        """Pass TLS through untouched when the rule needs nothing from inside it. A transparent
+        connection qualifies only if its SNI is verified against the dialled IP."""
         client = data.context.client
         target = self.dest.targets.get(client.id) or data.context.server.address
         if target is None:
             return
         sni = data.client_hello.sni
-        decision = self.ctx.policy.connection(target[0], target[1], sni=sni)
-        if (
-            decision.allowed
-            and not decision.intercept
-            and (client.id in self.dest.tunnelled or self.dest.verify_transparent is None)
-        ):
+        host, addr = target[0], None
+        if client.id not in self.dest.tunnelled and self.dest.verify_transparent is not None:
+            name = self.dest.verify_transparent(target[0], target[1], sni, None)
+            if name is None:
+                return  # intercept; the request gate will refuse the unverified name
+            host, addr = name, target[0]
+        decision = self.ctx.policy.connection(host, target[1], sni=sni, addr=addr)
+        if decision.allowed and not decision.intercept:
+            self.dest.approve(client, target)
             data.ignore_connection = True
             facts = RequestFacts(
                 Plane.PASSTHROUGH,
                 "TLS",
                 "tls",
-                target[0],
+                host,
                 target[1],
                 sni=sni,
                 client=_client(client),
+                addr=addr,
             )
             self.ctx.record(facts, _as_decision(decision), started=time.monotonic())
 
@@ -154,12 +184,10 @@ class ConnectionGate:
             self.ctx.record(facts, _as_decision(decision), started=started)
             return
         flow.kill()
-        self.ctx.record(
-            facts,
-            _as_decision(decision),
-            started=started,
-            reason="non-http-killed",
-        )
+        if flow.client_conn.id not in self.dest.refused:
+            self.ctx.record(
+                facts, _as_decision(decision), started=started, reason="non-http-killed"
+            )
 
     def udp_start(self, flow: udp.UDPFlow) -> None:
         addr = flow.server_conn.address or ("unknown", 0)
@@ -200,7 +228,9 @@ class PolicyGate:
         decision = self.ctx.policy.decide(facts)
         flow.metadata[M_FACTS] = facts
         flow.metadata[M_DECISION] = decision
-        if not decision.allowed:
+        if decision.allowed:
+            self.dest.approve(flow.client_conn, (req.host, req.port))
+        else:
             flow.response = deny_response(decision.reason, decision.rule)
             flow.metadata[M_AUDITED] = True
             self.ctx.record(facts, decision, started=flow.metadata[M_STARTED], status=403)
