@@ -15,6 +15,7 @@ from gateway.cli.errors import UsageError
 from gateway.config.loader import load_config
 from gateway.config.paths import config_path
 
+SUMMARY_COLUMNS = ("host", "allow", "warn", "deny", "injected", "bytes_up", "bytes_down", "alerts")
 COLUMNS = ("ts", "plane", "decision", "method", "host", "path", "status", "reason", "injected")
 
 
@@ -51,33 +52,10 @@ def cmd_log(args: argparse.Namespace) -> int:
             print(json.dumps(rows))
             return 0
         table = Table(title=f"{path}: per-host summary", title_justify="left")
-        for col in (
-            "host",
-            "allow",
-            "warn",
-            "deny",
-            "injected",
-            "bytes_up",
-            "bytes_down",
-            "alerts",
-        ):
+        for col in SUMMARY_COLUMNS:
             table.add_column(col, justify="left" if col == "host" else "right")
         for row in rows:
-            table.add_row(
-                *(
-                    str(row[c])
-                    for c in (
-                        "host",
-                        "allow",
-                        "warn",
-                        "deny",
-                        "injected",
-                        "bytes_up",
-                        "bytes_down",
-                        "alerts",
-                    )
-                )
-            )
+            table.add_row(*(str(row[c]) for c in SUMMARY_COLUMNS))
         console.print(table)
         return 0
     if args.follow:

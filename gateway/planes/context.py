@@ -8,7 +8,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.audit.writer import AuditRecord, AuditWriter, new_id
 from gateway.config.compile import build_policy
@@ -20,6 +20,9 @@ from gateway.credentials.store import SecretStore
 from gateway.policy.core import Decision, Placeholder, Policy, RequestFacts
 from gateway.policy.hosts import normalise_host, split_hostport
 from gateway.tls.ca import CertificateAuthority, system_roots_path
+
+if TYPE_CHECKING:
+    from gateway.credentials.oauth import TokenMinter
 
 # Mints (or reuses) the OAuth access tokens a plan needs before it is applied.
 TokenPreparer = Callable[[frozenset[str]], Awaitable[None]]
@@ -43,6 +46,19 @@ class GatewayContext:
     @property
     def redactor(self) -> Redactor:
         return self.secrets.redactor
+
+    def start_token_minter(self) -> TokenMinter:
+        """OAuth tokens are minted on demand by the data planes; the caller closes it."""
+        from gateway.credentials.oauth import TokenMinter
+
+        minter = TokenMinter(
+            self.secrets,
+            self.state_dir,
+            self.upstream_ssl_context(),
+            connect_target=self.connect_target,
+        )
+        self.prepare_tokens = minter.ensure
+        return minter
 
     def upstream_ssl_context(self) -> ssl.SSLContext:
         """Verified TLS to upstreams: system roots plus `upstream.ca_bundle`."""

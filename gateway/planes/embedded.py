@@ -24,13 +24,7 @@ class EmbeddedGateway:
     service_ports: dict[str, int] = field(default_factory=dict)
 
     async def start(self, host: str = "127.0.0.1") -> None:
-        self.minter = TokenMinter(
-            self.ctx.secrets,
-            self.ctx.state_dir,
-            self.ctx.upstream_ssl_context(),
-            connect_target=self.ctx.connect_target,
-        )
-        self.ctx.prepare_tokens = self.minter.ensure
+        self.minter = self.ctx.start_token_minter()
         self.mitm = await start_mitm(self.ctx, [f"regular@{host}:0"])
         self.http = HttpPlane(self.ctx)
         self.service_ports = await self.http.start(host)

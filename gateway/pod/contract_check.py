@@ -148,6 +148,18 @@ def _tcp_attempt(host: str, port: int, family: int) -> tuple[bool, str]:
         s.close()
 
 
+def _refused(family: int, address: object) -> tuple[bool, str]:
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.settimeout(FAST)
+    try:
+        s.connect(address)
+        return False, "connected"
+    except OSError as e:
+        return True, e.strerror or str(e)
+    finally:
+        s.close()
+
+
 def check_network(spec: dict) -> list[dict[str, object]]:
     out = []
     for host, port in spec.get("direct_tcp", []):
@@ -179,26 +191,10 @@ def check_network(spec: dict) -> list[dict[str, object]]:
         rcode, detail = _dns_query(name, 16, spec.get("resolver"))
         out.append(_result(f"DNS TXT {name} refused", rcode in (3, 5) or rcode < 0, detail))
     for path in spec.get("unix_sockets", []):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(FAST)
-        try:
-            s.connect(path)
-            ok, detail = False, "connected"
-        except OSError as e:
-            ok, detail = True, e.strerror or str(e)
-        finally:
-            s.close()
+        ok, detail = _refused(socket.AF_UNIX, path)
         out.append(_result(f"socket {path} unreachable", ok, detail))
     for host, port in spec.get("control_tcp", []):
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.settimeout(FAST)
-        try:
-            s.connect((host, int(port)))
-            ok, detail = False, "connected"
-        except OSError as e:
-            ok, detail = True, e.strerror or str(e)
-        finally:
-            s.close()
+        ok, detail = _refused(socket.AF_INET, (host, int(port)))
         out.append(_result(f"control endpoint {host}:{port} unreachable", ok, detail))
     return out
 

@@ -101,13 +101,7 @@ class Sidecar:
 
     async def start(self) -> None:
         p = self.opts.ports
-        self.minter = TokenMinter(
-            self.ctx.secrets,
-            self.ctx.state_dir,
-            self.ctx.upstream_ssl_context(),
-            connect_target=self.ctx.connect_target,
-        )
-        self.ctx.prepare_tokens = self.minter.ensure
+        self.minter = self.ctx.start_token_minter()
         resolver = Resolver.from_upstream_config(self.ctx.config.config.upstream.resolve)
         # Every agent query arrives from 127.0.0.1 and glibc does not cache: a parallel
         # package install asks A and AAAA per connection, so the per-client bucket is generous.
