@@ -22,6 +22,9 @@ COMMAND_MODULES: tuple[str, ...] = (
     "netfilter_cmds",
     "entrypoint_cmds",
     "ca_cmds",
+    "engine_cmds",
+    "pair_cmds",
+    "audit_cmds",
 )
 
 log = logging.getLogger("keyward")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import codecs
 import contextlib
 import json
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
@@ -24,6 +25,7 @@ import aiohttp
 from gateway.engine.errors import (
     EngineError,
     EngineUnavailable,
+    NotFound,
     StreamError,
     error_from_response,
     error_from_stream,
@@ -119,7 +121,7 @@ class _JsonStream:
     def __init__(self) -> None:
         self._buf = ""
         self._dec = json.JSONDecoder()
-        self._utf8 = __import__("codecs").getincrementaldecoder("utf-8")("replace")
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
 
     def feed(self, data: bytes) -> list[Any]:
         self._buf += self._utf8.decode(data)
@@ -299,7 +301,7 @@ class EngineClient:
         method: str,
         path: str,
         *,
-        params: Mapping[str, str] | None = None,
+        params: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
         json_body: Any = None,
         data: Any = None,
         headers: Mapping[str, str] | None = None,
@@ -327,6 +329,8 @@ class EngineClient:
                 yield resp
         except aiohttp.ClientConnectionError as e:
             raise EngineUnavailable(0, f"{self.socket_path}: {e}", operation=op) from None
+        except aiohttp.ClientPayloadError as e:
+            raise StreamError(0, f"response body cut off: {e}", operation=op) from None
         except TimeoutError:
             raise EngineUnavailable(0, f"no answer within {limit}s", operation=op) from None
 
@@ -468,18 +472,39 @@ class EngineClient:
         progress: ProgressCallback | None = None,
     ) -> str:
         """Create an image from a root filesystem tar (like `docker import`); returns its id."""
-        repo, tag = split_ref(ref)
-        params: list[tuple[str, str]] = [("fromSrc", "-"), ("repo", repo), ("tag", tag)]
+        # `repo` may carry the tag; Podman 4.3 ignores a separate `tag` parameter.
+        params: list[tuple[str, str]] = [("fromSrc", "-"), ("repo", ref)]
         params += [("changes", c) for c in changes]
-        await self._progress(
+        items = await self._progress(
             "POST",
             "/images/create",
             progress,
-            params=params,  # type: ignore[arg-type]
+            params=params,
             data=tar,
             headers={"Content-Type": "application/x-tar"},
         )
-        return str((await self.image_inspect(ref))["Id"])
+        try:
+            return str((await self.image_inspect(ref))["Id"])
+        except NotFound:
+            new_id = next(
+                (
+                    str(i.get("status"))
+                    for i in reversed(items)
+                    if "sha256:" in str(i.get("status"))
+                ),
+                None,
+            )
+            if new_id is None:
+                raise
+        await self.image_tag(new_id, ref)  # engines that dropped the name: name it ourselves
+        return new_id
+
+    async def image_tag(self, image: str, ref: str) -> None:
+        repo, tag = split_ref(ref)
+        await self._none("POST", f"/images/{image}/tag", params={"repo": repo, "tag": tag})
+
+    async def image_list(self, filters: Filters | None = None) -> list[dict[str, Any]]:
+        return list(await self._json("GET", "/images/json", params=_filters_param(filters)) or [])
 
     async def image_remove(self, ref: str, *, force: bool = False) -> list[dict[str, Any]]:
         return await self._json("DELETE", f"/images/{ref}", params={"force": _bool(force)}) or []
@@ -609,7 +634,11 @@ class EngineClient:
         since: int | None = None,
         tty: bool | None = None,
     ) -> AsyncIterator[tuple[Stream, bytes]]:
-        """Log output as (Stream, bytes); TTY containers have one raw stream (reported STDOUT)."""
+        """Log output as (Stream, bytes); TTY containers have one raw stream (reported STDOUT).
+
+        The connection is held until the iterator ends; wrap it in `contextlib.aclosing` when
+        leaving a followed stream early.
+        """
         if tty is None:
             tty = bool((await self.container_inspect(container)).get("Config", {}).get("Tty"))
         params = {"stdout": _bool(stdout), "stderr": _bool(stderr), "follow": _bool(follow)}
@@ -765,7 +794,8 @@ class EngineClient:
         ) as ex:
             async for stream, data in ex:
                 (err if stream == Stream.STDERR else out).extend(data)
-        assert ex.exit_code is not None
+        if ex.exit_code is None:  # the stream was left before its end
+            raise StreamError(0, "exec output ended without an exit code")
         return ExecResult(ex.exit_code, bytes(out), bytes(err))
 
 

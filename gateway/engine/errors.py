@@ -143,7 +143,8 @@ def error_from_stream(item: dict[str, Any], *, operation: str | None = None) -> 
         code = int(detail.get("code") or 0)
     if not message:
         message = str(err or detail)
-    cls = _class_for(code, None, message) if code else EngineError
+    status = code if code >= 400 else 0  # build steps put the command's exit status here
+    cls = _class_for(status, None, message) if status else EngineError
     if cls is EngineError and "not found" in message.lower():
         cls = NotFound
-    return cls(code, message, operation=operation)
+    return cls(status, message, operation=operation)
