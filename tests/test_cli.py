@@ -122,3 +122,44 @@ def test_usage_errors_exit_2() -> None:
     assert keyward().returncode == 2
     assert keyward("nonsense").returncode == 2
     assert keyward("run", "-c", str(EXAMPLE)).returncode == 2
+
+
+def test_log_table_and_summary(tmp_path: Path) -> None:
+    audit = tmp_path / "audit.jsonl"
+    rows = [
+        {
+            "ts": "2026-01-01T00:00:00.000Z",
+            "plane": "mitm",
+            "decision": "allow",
+            "method": "GET",
+            "host": "api.openai.com",
+            "path": "/v1",
+            "status": 200,
+            "reason": "rule",
+            "injected": [{"secret": "openai", "location": "header:Authorization"}],
+            "bytes_up": 10,
+            "bytes_down": 20,
+        },
+        {
+            "ts": "2026-01-01T00:00:01.000Z",
+            "plane": "mitm",
+            "decision": "deny",
+            "method": "GET",
+            "host": "evil.example",
+            "path": "/",
+            "status": 403,
+            "reason": "no-rule",
+            "injected": [],
+            "alert": True,
+        },
+    ]
+    audit.write_text("\n".join(json.dumps(r) for r in rows) + "\n{torn")
+    r = keyward("log", str(audit))
+    assert r.returncode == 0, r.stderr
+    assert "api.openai.com" in r.stdout and "openai@header:Authorization" in r.stdout
+    assert "no-rule" in r.stdout
+    r = keyward("log", "--summary", "--json", str(audit))
+    summary = {row["host"]: row for row in json.loads(r.stdout)}
+    assert summary["api.openai.com"]["allow"] == 1 and summary["api.openai.com"]["injected"] == 1
+    assert summary["evil.example"]["deny"] == 1 and summary["evil.example"]["alerts"] == 1
+    assert keyward("log", str(tmp_path / "none.jsonl")).returncode == 2
