@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
 import re
 import tarfile
 import tempfile
@@ -52,11 +53,12 @@ GW_CA_KEY = f"{GW_STATE}/ca/ca-key.pem"
 AGENT_TRUST = "/etc/keyward"
 AGENT_WORKSPACE = "/workspace"
 
-# What `keyward serve` needs as root before it drops to the proxy uid with no capabilities:
-# NET_ADMIN (netfilter rules), CHOWN + DAC_OVERRIDE + FOWNER (CA and trust files in volumes
-# owned by the proxy uid, then chown of the state dir), SETUID/SETGID (the drop), SETPCAP
-# (emptying the bounding set).
-GATEWAY_CAPS = ("NET_ADMIN", "CHOWN", "DAC_OVERRIDE", "FOWNER", "SETUID", "SETGID", "SETPCAP")
+# What `keyward serve` needs as root before it drops to the proxy uid with no capabilities,
+# each one checked by removing it: NET_ADMIN (netfilter rules), CHOWN + DAC_OVERRIDE (CA,
+# placeholder seed and trust files in volumes owned by the proxy uid, then chown of the state
+# dir), SETUID/SETGID (the drop), SETPCAP (emptying the bounding set; without it the drop still
+# works but the bounding set keeps these capabilities). FOWNER is not needed.
+GATEWAY_CAPS = ("NET_ADMIN", "CHOWN", "DAC_OVERRIDE", "SETUID", "SETGID", "SETPCAP")
 GATEWAY_MEMORY = 512 * 1024 * 1024
 GATEWAY_PIDS = 256
 AGENT_PIDS = 4096
@@ -395,6 +397,28 @@ async def wait_ready(
         delay = min(delay * 2, 0.5)
 
 
+async def ensure_image(client: EngineClient, image: str, say: Say = _quiet) -> None:
+    """Pull an image the engine lacks (progress shown); local-only names get a build hint."""
+    try:
+        await client.image_inspect(image)
+        return
+    except NotFound:
+        pass
+    if image.startswith("localhost/"):
+        raise PairError(f"image {image} not found in the engine (scripts/build-images builds it)")
+
+    def progress(item: Mapping[str, Any]) -> None:
+        detail = item.get("progress") or ""
+        say(f"pulling {image}: {item.get('status', '')} {detail}".rstrip())
+
+    try:
+        await client.image_pull(image, progress=progress)
+    except EngineError as e:
+        raise PairError(
+            f"image {image} is not in the engine and could not be pulled: {e}"
+        ) from None
+
+
 async def up(
     client: EngineClient,
     loaded: LoadedConfig,
@@ -406,16 +430,21 @@ async def up(
     check_pair_name(opts.name)
     names = PairNames(opts.name)
     bundle = build_gateway_bundle(loaded, store)
-    if await find_pair(client, opts.name):
+    existing = await find_pair(client, opts.name)
+    if "gateway" in existing or "agent" in existing:
         raise PairError(f"pair {opts.name!r} exists already (keyward down --name {opts.name})")
     for image in (opts.gateway_image, opts.agent_image):
-        try:
-            await client.image_inspect(image)
-        except NotFound:
-            raise PairError(f"image {image} not found in the engine (build or pull it)") from None
+        await ensure_image(client, image, say)
+    made: list[str] = []
     try:
         for vol in (names.state_volume, names.trust_volume, names.config_volume):
+            try:
+                await client.volume_inspect(vol)
+                continue  # kept by `down --keep-state`: the same CA and placeholders again
+            except NotFound:
+                pass
             await client.volume_create(vol, labels=pair_labels(opts))
+            made.append(vol)
         say("creating the gateway")
         gw = await client.container_create(
             names.gateway, gateway_config(opts, bundle.service_ports)
@@ -432,9 +461,19 @@ async def up(
         await client.container_start(agent)
     except BaseException:
         with contextlib.suppress(Exception):
-            await asyncio.shield(down(client, opts.name))
+            await asyncio.shield(_undo(client, names, made))
         raise
     return PairInfo(opts.name, gw, agent, ready)
+
+
+async def _undo(client: EngineClient, names: PairNames, volumes: Sequence[str]) -> None:
+    """Remove what a failed `up` created (by name: other labelled objects are not ours)."""
+    for container in (names.agent, names.gateway):
+        with contextlib.suppress(NotFound):
+            await client.container_remove(container, force=True)
+    for vol in volumes:
+        with contextlib.suppress(NotFound):
+            await client.volume_remove(vol, force=True)
 
 
 async def find_pair(client: EngineClient, name: str) -> dict[str, dict[str, Any]]:
@@ -486,8 +525,6 @@ async def down(client: EngineClient, name: str, *, keep_state: bool = False) -> 
 
 
 async def read_audit(client: EngineClient, gateway: str) -> list[dict[str, Any]]:
-    import json
-
     r = await client.exec_run(gateway, ["cat", GW_AUDIT])
     if r.exit_code != 0:
         return []

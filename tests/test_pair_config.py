@@ -1,0 +1,284 @@
+"""The container configs `keyward up` sends to the engine, and the config shipped to the gateway:
+hardening options present, secrets only in the gateway's `.env`, never in the agent or an argv."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from gateway.config.loader import load_config
+from gateway.credentials.sources import load_secrets, read_dotenv
+from gateway.engine.pair import (
+    AGENT_TRUST,
+    GATEWAY_CAPS,
+    GW_UPSTREAM_CA,
+    LABEL_PAIR,
+    PairError,
+    PairNames,
+    PairOptions,
+    agent_config,
+    build_gateway_bundle,
+    check_pair_name,
+    dotenv_text,
+    gateway_config,
+    parse_trust_env,
+    secret_env_name,
+)
+from gateway.engine.verify import build_spec, resolve_targets
+
+REAL = "sk-test-REALVALUE-0123456789abcdef"
+FILE_SECRET = 'file-secret-with "quotes" $dollar \\slash'
+CLIENT_SECRET = "oauth-client-secret-XYZ-0987654321"
+REFRESH = "oauth-refresh-token-ABC-1234567890"
+
+CONFIG = """version: 1
+secrets:
+  key: { env: PAIRTEST_KEY }
+  other-key: { file: ./other.key }
+  google:
+    oauth:
+      token_url: https://oauth.example.test/token
+      grant: refresh_token
+      client_id: { env: PAIRTEST_CLIENT_ID }
+      client_secret: { env: PAIRTEST_CLIENT_SECRET }
+      refresh_token: { command: [cat, refresh.txt] }
+egress:
+  default: deny
+  hosts:
+    api.example.test:
+      headers: { Authorization: "Bearer {key}", X-Other: "{other-key}" }
+    "*.googleapis.example.test":
+      headers: { Authorization: "Bearer {google}" }
+placeholders:
+  PAIRTEST_KEY: { secret: key }
+services:
+  api: { listen: 8701, upstream: https://api.example.test }
+upstream:
+  ca_bundle: ./corp-ca.pem
+  resolve: { "api.example.test:443": "198.51.100.7:443" }
+"""
+
+ALL_SECRETS = (REAL, FILE_SECRET, CLIENT_SECRET, REFRESH)
+
+
+@pytest.fixture
+def cfg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    (tmp_path / "keyward.yaml").write_text(CONFIG)
+    (tmp_path / "other.key").write_text(FILE_SECRET + "\n")
+    (tmp_path / "other.key").chmod(0o600)
+    (tmp_path / "refresh.txt").write_text(REFRESH)
+    (tmp_path / "corp-ca.pem").write_text("-----BEGIN CERTIFICATE-----\nfake\n")
+    monkeypatch.setenv("PAIRTEST_KEY", REAL)
+    monkeypatch.setenv("PAIRTEST_CLIENT_ID", "client-id-public")
+    monkeypatch.setenv("PAIRTEST_CLIENT_SECRET", CLIENT_SECRET)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path / "keyward.yaml"
+
+
+def _bundle(cfg: Path):  # type: ignore[no-untyped-def]
+    loaded = load_config(cfg)
+    store = load_secrets(loaded.config.secrets, config_dir=loaded.base_dir)
+    return build_gateway_bundle(loaded, store)
+
+
+def opts(**kw: object) -> PairOptions:
+    base: dict[str, object] = {"name": "t1", "labels": {"keyward.test": "1"}}
+    base.update(kw)
+    return PairOptions(**base)  # type: ignore[arg-type]
+
+
+def test_names_and_labels() -> None:
+    n = PairNames("dev")
+    assert (n.gateway, n.agent) == ("keyward-dev-gateway", "keyward-dev-agent")
+    assert (n.state_volume, n.trust_volume) == ("keyward-dev-state", "keyward-dev-trust")
+    o = opts()
+    for body in (gateway_config(o), agent_config(o, "gwid", [])):
+        assert body["Labels"][LABEL_PAIR] == "t1"
+        assert body["Labels"]["keyward.test"] == "1"
+    assert gateway_config(o)["Labels"]["keyward.role"] == "gateway"
+    assert agent_config(o, "gwid", [])["Labels"]["keyward.role"] == "agent"
+
+
+@pytest.mark.parametrize("bad", ["", "UPPER", "has space", "../x", "a" * 60])
+def test_bad_pair_names_refused(bad: str) -> None:
+    with pytest.raises(PairError):
+        check_pair_name(bad)
+
+
+def test_gateway_hardening() -> None:
+    body = gateway_config(opts(extra_hosts=["db.example.test:198.51.100.9"], dns=["192.0.2.53"]))
+    host = body["HostConfig"]
+    assert host["CapDrop"] == ["ALL"]
+    assert set(host["CapAdd"]) == set(GATEWAY_CAPS)
+    assert not {"SYS_ADMIN", "NET_RAW", "SYS_PTRACE", "ALL"} & set(host["CapAdd"])
+    assert "no-new-privileges" in host["SecurityOpt"]
+    assert host["ReadonlyRootfs"] is True
+    assert "/tmp" in host["Tmpfs"]
+    assert host["PidsLimit"] > 0 and host["Memory"] > 0
+    assert host.get("Privileged") is not True
+    assert host["ExtraHosts"] == ["db.example.test:198.51.100.9"]
+    assert host["Dns"] == ["192.0.2.53"]
+    assert body["User"] == "0:0"  # serve drops itself after applying rules
+    cmd = body["Cmd"]
+    assert cmd[0] == "serve" and "--ready-file" in cmd and "--trust-dir" in cmd
+    assert "ExposedPorts" not in body
+
+
+def test_gateway_networks_and_published_services() -> None:
+    body = gateway_config(opts(networks=["net-a", "net-b"], publish_services=True), [8701])
+    assert body["HostConfig"]["NetworkMode"] == "net-a"
+    assert list(body["NetworkingConfig"]["EndpointsConfig"]) == ["net-a"]
+    assert body["HostConfig"]["PortBindings"] == {
+        "8701/tcp": [{"HostIp": "127.0.0.1", "HostPort": "8701"}]
+    }
+
+
+def test_agent_hardening_and_namespace(tmp_path: Path) -> None:
+    trust = ["SSL_CERT_FILE=/etc/keyward/ca-bundle.crt", "PAIRTEST_KEY=sk-fake-placeholder"]
+    body = agent_config(opts(workspace=tmp_path, agent_read_only=True), "abc123", trust)
+    host = body["HostConfig"]
+    assert host["NetworkMode"] == "container:abc123"
+    assert host["CapDrop"] == ["ALL"] and "CapAdd" not in host
+    assert "no-new-privileges" in host["SecurityOpt"]
+    assert host["ReadonlyRootfs"] is True and "/tmp" in host["Tmpfs"]
+    assert host["PidsLimit"] > 0
+    assert body["User"] == "1000:1000"
+    assert body["Env"] == trust
+    assert f"keyward-t1-trust:{AGENT_TRUST}:ro" in host["Binds"]
+    assert f"{tmp_path.resolve()}:/workspace:rw" in host["Binds"]
+    assert not any("state" in b or "config" in b for b in host["Binds"])
+    # joiners may not set these: they belong on the gateway
+    for key in ("ExtraHosts", "Dns", "PortBindings"):
+        assert key not in host
+    assert "Hostname" not in body
+    assert body["Cmd"] == ["sh", "-c", "while :; do sleep 3600; done"]
+    assert agent_config(opts(command=["claude"]), "x", [])["Cmd"] == ["claude"]
+
+
+def test_parse_trust_env() -> None:
+    assert parse_trust_env("# c\nA=1\n\nB=x=y\nnot a line\n") == ["A=1", "B=x=y"]
+
+
+def test_bundle_moves_every_secret_to_dotenv(cfg: Path, tmp_path: Path) -> None:
+    bundle = _bundle(cfg)
+    names = set(bundle.files)
+    assert names == {"keyward.yaml", ".env", "upstream-ca.pem"}
+    text = bundle.files["keyward.yaml"][0].decode()
+    for secret in ALL_SECRETS:
+        assert secret not in text
+    assert bundle.files[".env"][1] == 0o600
+    env = bundle.files[".env"][0].decode()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".env").write_text(env)
+    values = read_dotenv(out / ".env")
+    assert values[secret_env_name("key")] == REAL
+    assert values[secret_env_name("other-key")] == FILE_SECRET
+    assert values[secret_env_name("google", "client_secret")] == CLIENT_SECRET
+    assert values[secret_env_name("google", "refresh_token")] == REFRESH
+    assert "command" not in text and "other.key" not in text
+    assert GW_UPSTREAM_CA in text
+    assert bundle.service_ports == (8701,)
+
+
+def test_bundle_tar_modes(cfg: Path) -> None:
+    bundle = _bundle(cfg)
+    with tarfile.open(fileobj=io.BytesIO(bundle.tar())) as tf:
+        members = {m.name: m for m in tf.getmembers()}
+    assert members[".env"].mode == 0o600 and members[".env"].uid == 0
+    assert members["keyward.yaml"].mode == 0o644
+
+
+def test_secrets_never_in_container_configs(cfg: Path, tmp_path: Path) -> None:
+    bundle = _bundle(cfg)
+    o = opts(workspace=tmp_path, command=["sh", "-c", "env"])
+    blob = json.dumps([gateway_config(o, bundle.service_ports), agent_config(o, "gw", ["A=b"])])
+    for secret in ALL_SECRETS:
+        assert secret not in blob
+
+
+def test_dotenv_round_trip(tmp_path: Path) -> None:
+    values = {"A": 'x"y', "B": "a\\b$c d #e", "C": "'single'"}
+    (tmp_path / ".env").write_text(dotenv_text(values))
+    assert read_dotenv(tmp_path / ".env") == values
+
+
+def test_missing_ca_bundle_is_an_error(cfg: Path) -> None:
+    (cfg.parent / "corp-ca.pem").unlink()
+    with pytest.raises(PairError, match="ca_bundle"):
+        _bundle(cfg)
+
+
+def test_verify_spec_has_hashes_only(cfg: Path) -> None:
+    loaded = load_config(cfg)
+    store = load_secrets(loaded.config.secrets, config_dir=loaded.base_dir)
+    facts = {"secret_hashes": [{"len": 3, "sha256": "ab"}], "ca_key_line_sha256": "cd"}
+    targets = resolve_targets(cfg.read_text())
+    assert targets == [("198.51.100.7", 443)]
+    spec = build_spec(facts, targets, store)
+    blob = json.dumps(spec)
+    for secret in ALL_SECRETS:
+        assert secret not in blob
+    assert {"len": 3, "sha256": "ab"} in spec["secret_hashes"]
+    assert len(spec["secret_hashes"]) >= 3
+    assert spec["ca_key_line_sha256"] == "cd"
+    assert ["198.51.100.7", 9999] in spec["direct_tcp"]
+    assert ["192.0.2.1", 443] in spec["direct_tcp"]
+    assert spec["scan_roots"] == ["/workspace", "/home", "/etc", "/tmp"]
+    assert "/run/podman/podman.sock" in spec["unix_sockets"]
+
+
+def test_up_fails_on_a_missing_secret_before_touching_the_engine(
+    cfg: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gateway.cli.main import main
+
+    monkeypatch.delenv("PAIRTEST_KEY")
+    rc = main(["up", "-c", str(cfg), "--name", "t1", "--engine-socket", "/nonexistent.sock"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "PAIRTEST_KEY" in err and "nonexistent" not in err
+
+
+class _FakeImages:
+    def __init__(self, pull_error: Exception | None = None) -> None:
+        self.pulled: list[str] = []
+        self.pull_error = pull_error
+
+    async def image_inspect(self, ref: str) -> dict[str, str]:
+        from gateway.engine.errors import NotFound
+
+        raise NotFound(404, f"no such image {ref}")
+
+    async def image_pull(self, ref: str, *, progress: object = None) -> list[object]:
+        if self.pull_error is not None:
+            raise self.pull_error
+        self.pulled.append(ref)
+        if callable(progress):
+            progress({"status": "Downloading", "progress": "[==>  ]"})
+        return []
+
+
+async def test_missing_image_is_pulled_with_progress() -> None:
+    from gateway.engine.pair import ensure_image
+
+    fake = _FakeImages()
+    lines: list[str] = []
+    await ensure_image(fake, "example.test/agent:1", lines.append)  # type: ignore[arg-type]
+    assert fake.pulled == ["example.test/agent:1"]
+    assert lines and "Downloading" in lines[0]
+
+
+async def test_missing_local_image_names_the_build_script() -> None:
+    from gateway.engine.errors import EngineError
+    from gateway.engine.pair import ensure_image
+
+    with pytest.raises(PairError, match="build-images"):
+        await ensure_image(_FakeImages(), "localhost/keyward-agent:dev")  # type: ignore[arg-type]
+    failing = _FakeImages(EngineError(0, "registry unreachable"))
+    with pytest.raises(PairError, match="could not be pulled"):
+        await ensure_image(failing, "example.test/agent:1")  # type: ignore[arg-type]
