@@ -13,8 +13,8 @@ from pathlib import Path
 
 from gateway.cli.config_cmds import add_config_option, load_from_args
 from gateway.cli.errors import UsageError
-from gateway.config.model import Config, EnvSource, OAuthSource
 from gateway.config.paths import state_dir
+from gateway.credentials.sources import secret_env_names
 from gateway.planes.context import build_context
 from gateway.planes.embedded import EmbeddedGateway
 
@@ -51,18 +51,6 @@ async def run_command(args: argparse.Namespace) -> int:
     return code if code >= 0 else 128 - code
 
 
-def secret_env_names(config: Config) -> frozenset[str]:
-    """Every environment variable a secret is read from: never passed to the agent."""
-    names: set[str] = set()
-    for src in config.secrets.values():
-        if isinstance(src, OAuthSource):
-            fields = (src.oauth.client_id, src.oauth.client_secret, src.oauth.refresh_token)
-            names.update(f.env for f in fields if isinstance(f, EnvSource))
-        elif isinstance(src, EnvSource):
-            names.add(src.env)
-    return frozenset(names)
-
-
 def run_isolated(args: argparse.Namespace) -> int:
     """The pod without containers: CMD in a fresh namespace, the gateway in front of it."""
     from gateway.pod.isolate import IsolatedPod, host_uplink
@@ -87,7 +75,7 @@ def run_isolated(args: argparse.Namespace) -> int:
         )
         try:
             pod.start()
-            env = pod.agent_env(drop=secret_env_names(loaded.config))
+            env = pod.agent_env(drop=secret_env_names(loaded.config.secrets))
             proc = subprocess.Popen(pod.agent_argv(args.cmd), env=env)
             previous = {
                 s: signal.signal(s, lambda n, _f: proc.send_signal(n)) for s in FORWARDED_SIGNALS

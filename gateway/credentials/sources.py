@@ -248,6 +248,19 @@ def _oauth_field(
         raise SecretError(name, f"oauth {field}: {e.source}", e.problem) from None
 
 
+def secret_env_names(secrets: Mapping[str, AnySource]) -> frozenset[str]:
+    """Every environment variable a secret (or an OAuth field) is read from: never given to an
+    agent."""
+    names: set[str] = set()
+    for src in secrets.values():
+        if isinstance(src, OAuthSource):
+            fields = (src.oauth.client_id, src.oauth.client_secret, src.oauth.refresh_token)
+            names.update(f.env for f in fields if isinstance(f, EnvSource))
+        elif isinstance(src, EnvSource):
+            names.add(src.env)
+    return frozenset(names)
+
+
 def load_secrets(
     secrets: Mapping[str, AnySource],
     *,
@@ -273,7 +286,7 @@ def load_secrets(
 
     values: dict[str, SecretValue] = {}
     oauth: dict[str, OAuthCredentials] = {}
-    env_vars: set[str] = set()
+    env_vars = secret_env_names(secrets)
     used_dotenv = False
     for name, src in secrets.items():
         if isinstance(src, OAuthSource):
@@ -290,7 +303,6 @@ def load_secrets(
                     loaded[field] = None
                     continue
                 if isinstance(fsrc, EnvSource):
-                    env_vars.add(fsrc.env)
                     used_dotenv |= fsrc.env not in env and fsrc.env in dotenv
                 try:
                     loaded[field] = load(name, fsrc, field)
@@ -305,7 +317,6 @@ def load_secrets(
                 )
             continue
         if isinstance(src, EnvSource):
-            env_vars.add(src.env)
             used_dotenv |= src.env not in env and src.env in dotenv
         try:
             values[name] = load(name, src)

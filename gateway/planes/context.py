@@ -62,7 +62,8 @@ class GatewayContext:
 
     def upstream_ssl_context(self) -> ssl.SSLContext:
         """Verified TLS to upstreams: system roots plus `upstream.ca_bundle`."""
-        ctx = ssl.create_default_context(cafile=str(system_roots_path() or "") or None)
+        roots = system_roots_path()
+        ctx = ssl.create_default_context(cafile=str(roots) if roots else None)
         if self.upstream_ca_file:
             ctx.load_verify_locations(cafile=self.upstream_ca_file)
         return ctx

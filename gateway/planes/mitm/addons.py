@@ -223,7 +223,8 @@ class PolicyGate:
             host_header=req.host_header,
             client=_client(flow.client_conn),
             addr=addr,
-            headers=tuple(req.headers.items(multi=True)),
+            # only read when placeholders exist: the core scans headers for them, nothing else
+            headers=tuple(req.headers.items(multi=True)) if self.ctx.policy.placeholders else (),
         )
         decision = self.ctx.policy.decide(facts)
         flow.metadata[M_FACTS] = facts
