@@ -148,10 +148,26 @@ async def cleanup(c: EngineClient, run: str, images: list[str]) -> list[str]:
         await attempt(f"network {n['Name']}", c.network_remove(n["Id"]))
     for v in await c.volume_list(label):
         await attempt(f"volume {v['Name']}", c.volume_remove(v["Name"], force=True))
-    for img in await c.image_list(label):
-        await attempt(f"image {img['Id'][:19]}", c.image_remove(img["Id"], force=True))
-    for ref in images:
-        await attempt(f"image {ref}", c.image_remove(ref, force=True))
+    # Built images inherit the base's labels, so the list holds parents and children in any
+    # order; an engine refuses to remove a parent first (409). Retry while removals progress.
+    pending = [img["Id"] for img in await c.image_list(label)] + list(images)
+    while pending:
+        refused: list[str] = []
+        last: dict[str, Conflict] = {}
+        for ref in pending:
+            try:
+                await c.image_remove(ref, force=True)
+            except NotFound:
+                pass
+            except Conflict as e:
+                refused.append(ref)
+                last[ref] = e
+            except EngineError as e:
+                failures.append(f"image {ref}: {e}")
+        if len(refused) == len(pending):
+            failures.extend(f"image {ref}: {last[ref]}" for ref in refused)
+            break
+        pending = refused
     return failures
 
 
