@@ -426,3 +426,24 @@ async def test_client_abort_is_audited(world: World) -> None:
     recs = [r for r in world.audit() if str(r["path"]).startswith("/sse")]
     assert len(recs) == 1
     assert recs[0]["error"] is not None or recs[0]["status"] == 200
+
+
+async def test_keep_alive_client_reuses_one_upstream_connection(world: World) -> None:
+    """`upstream.resolve` redirects where the gateway dials; a keep-alive agent connection must
+    still reuse its upstream connection instead of opening one per request."""
+    world.upstream.seen.peers.clear()
+    code, out, err = await run(
+        world,
+        *py(
+            """
+            import requests
+            s = requests.Session()
+            print([s.get("https://api.example.test/x", timeout=10).status_code
+                   for _ in range(30)].count(200))
+            """
+        ),
+        timeout=60,
+    )
+    assert code == 0, err
+    assert out.strip() == "30"
+    assert 1 <= len(world.upstream.seen.peers) <= 2, world.upstream.seen.peers

@@ -60,15 +60,35 @@ class Destinations:
         self.tunnelled: set[str] = set()
         # Per client connection: the server addresses a decision has allowed it to dial.
         self.approved: dict[str, set[tuple[str, int]]] = {}
+        # Per client connection: redirected address -> the verified name to present as SNI.
+        self.names: dict[str, dict[tuple[str, int], str]] = {}
         self.refused: set[str] = set()  # already audited by server_connect
 
     def approve(self, client: connection.Client, address: tuple[str, int]) -> None:
         self.approved.setdefault(client.id, set()).add((address[0], address[1]))
 
+    def route(self, flow: http.HTTPFlow, name: str) -> None:
+        """Approve an allowed request's dial and point it where `upstream.resolve` says.
+
+        The request's host:port is rewritten (the Host header is kept) rather than only the
+        server address: mitmproxy reuses a connection only when they are equal, so rewriting
+        just the address opened a new upstream connection per request, and stalled."""
+        req = flow.request
+        try:
+            key = (normalise_host(req.host), req.port)
+        except ValueError:
+            key = (req.host, req.port)
+        target = self.ctx.connect_target(*key)
+        self.approve(flow.client_conn, target)
+        if target != (req.host, req.port):
+            self.names.setdefault(flow.client_conn.id, {})[target] = name
+            req.data.host, req.data.port = target
+
     def client_disconnected(self, client: connection.Client) -> None:
         self.targets.pop(client.id, None)
         self.tunnelled.discard(client.id)
         self.approved.pop(client.id, None)
+        self.names.pop(client.id, None)
         self.refused.discard(client.id)
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
@@ -95,12 +115,18 @@ class Destinations:
                     facts, _as_decision(tcp), started=time.monotonic(), reason="non-http-killed"
                 )
                 return
+        name = self.names.get(data.client.id, {}).get((address[0], address[1]))
+        if name is not None:  # already routed by `route`
+            # mitmproxy defaulted the SNI to the dialled address; present the verified name
+            if data.server.tls and data.server.sni in (None, address[0]):
+                data.server.sni = name
+            return
         try:
             key = (normalise_host(address[0]), address[1])
         except ValueError:
             return
         target = self.ctx.connect_target(*key)
-        if target != key:
+        if target != key:  # a connection opened before any request (allowed raw TCP)
             if data.server.sni is None and data.server.tls:
                 data.server.sni = key[0]
             data.server.address = target
@@ -230,7 +256,7 @@ class PolicyGate:
         flow.metadata[M_FACTS] = facts
         flow.metadata[M_DECISION] = decision
         if decision.allowed:
-            self.dest.approve(flow.client_conn, (req.host, req.port))
+            self.dest.route(flow, host)
         else:
             flow.response = deny_response(decision.reason, decision.rule)
             flow.metadata[M_AUDITED] = True
