@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from gateway.audit.writer import AuditRecord, AuditWriter, new_id, redact_query
-from gateway.credentials.redact import Redactor
+from gateway.credentials.redact import Redactor, derived_forms
 
 SECRET = "sk-audit-SECRET-value-0123456789abcdef"
 ROOT = Path(__file__).resolve().parent.parent
@@ -137,6 +137,26 @@ def test_secrets_never_reach_the_file(tmp_path: Path) -> None:
     assert rec["reason"] == "upstream echoed [REDACTED]"
     assert rec["client"] == "[REDACTED]" and rec["alert"] is True
     assert rec["injected"] == [{"secret": "openai", "location": "header:[REDACTED]"}]
+
+
+@pytest.mark.parametrize("secret", ["sk-plain-0123456789abcdef", 'pa"ss/w\\ord-ü-0123456789'])
+def test_no_form_of_a_secret_survives_in_any_field(tmp_path: Path, secret: str) -> None:
+    """Every registered form (raw, base64, percent, JSON-escaped) in every text field, read
+    back decoded: none survives, including escaped forms the JSON line escapes again."""
+    forms = derived_forms(secret)
+    path = tmp_path / "audit.jsonl"
+    w = AuditWriter(path, Redactor([secret]))
+    text_fields = ["agent", "client", "method", "host", "path", "rule", "reason", "error"]
+    for name in text_fields:
+        for form in sorted(forms):
+            w.write(record(**{name: f"/pre {form} post"}))
+    w.close()
+    got = lines(path)
+    assert len(got) == len(text_fields) * len(forms)
+    for rec in got:
+        decoded = json.dumps(rec, ensure_ascii=False)
+        values = " ".join(str(v) for v in rec.values())
+        assert not [f for f in forms if f in values or f in decoded], rec
 
 
 @pytest.mark.parametrize(

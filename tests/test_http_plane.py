@@ -434,6 +434,23 @@ async def test_echoed_key_scrubbed_across_chunk_boundaries(env: Env) -> None:
     assert_one_record_each(env, 2)
 
 
+async def test_small_bodies_get_their_scrubbed_length_large_ones_stream(env: Env) -> None:
+    """A small sized response is scrubbed whole and re-framed with its new length; a large
+    one is streamed (chunked), never held in memory."""
+    async with env.client.post(env.url("/v1/echo"), data=f"key {REAL_KEY} and more") as r:
+        body = await r.read()
+        assert r.headers.get("Transfer-Encoding") is None
+        assert int(r.headers["Content-Length"]) == len(body)
+    assert REAL_KEY.encode() not in body and b"[REDACTED]" in body
+    size = 200_000  # above the small-body limit
+    async with env.client.get(env.url(f"/v1/big?size={size}")) as r:
+        assert r.headers.get("Transfer-Encoding") == "chunked"
+        assert "Content-Length" not in r.headers
+        assert len(await r.read()) == size
+    recs = assert_one_record_each(env, 2)
+    assert recs[0]["bytes_down"] == len(body) and recs[1]["bytes_down"] == size
+
+
 async def _raw_request(port: int, head: str) -> tuple[str, dict[str, str], bytes]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(head.replace("\n", "\r\n").encode() + b"\r\n")

@@ -52,7 +52,7 @@ class TokenMinter:
         self,
         store: SecretStore,
         state_dir: Path,
-        ssl_context: ssl.SSLContext,
+        ssl_context: ssl.SSLContext | Callable[[], ssl.SSLContext],
         connect_target: ConnectTarget | None = None,
         *,
         timeout: float = 30.0,
@@ -61,6 +61,8 @@ class TokenMinter:
     ) -> None:
         self.store = store
         self.dir = Path(state_dir) / "oauth"
+        # A factory is called on the first token request: loading the roots costs ~70 ms of
+        # start-up that a config without OAuth secrets never needs.
         self.ssl_context = ssl_context
         self.connect_target = connect_target
         self.timeout = timeout
@@ -147,7 +149,10 @@ class TokenMinter:
             resolver = (
                 OverrideResolver(self.connect_target) if self.connect_target is not None else None
             )
-            connector = aiohttp.TCPConnector(ssl=self.ssl_context, resolver=resolver, limit=16)
+            ssl_context = self.ssl_context
+            if callable(ssl_context):
+                ssl_context = ssl_context()
+            connector = aiohttp.TCPConnector(ssl=ssl_context, resolver=resolver, limit=16)
             self._session = aiohttp.ClientSession(
                 connector=connector,
                 timeout=aiohttp.ClientTimeout(total=self.timeout),

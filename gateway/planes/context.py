@@ -3,6 +3,8 @@ how to reach upstreams. Built once at start-up; a missing secret stops start-up 
 
 from __future__ import annotations
 
+import functools
+import gc
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -42,10 +44,16 @@ class GatewayContext:
     agent: str = "agent"
     prepare_tokens: TokenPreparer | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    _upstream_ssl: ssl.SSLContext | None = field(default=None, init=False, repr=False)
 
     @property
     def redactor(self) -> Redactor:
         return self.secrets.redactor
+
+    @functools.cached_property
+    def oauth_names(self) -> frozenset[str]:
+        """Which secrets are minted OAuth tokens (fixed once the store is loaded)."""
+        return frozenset(self.secrets.oauth())
 
     def start_token_minter(self) -> TokenMinter:
         """OAuth tokens are minted on demand by the data planes; the caller closes it."""
@@ -54,19 +62,22 @@ class GatewayContext:
         minter = TokenMinter(
             self.secrets,
             self.state_dir,
-            self.upstream_ssl_context(),
+            self.upstream_ssl_context,
             connect_target=self.connect_target,
         )
         self.prepare_tokens = minter.ensure
         return minter
 
     def upstream_ssl_context(self) -> ssl.SSLContext:
-        """Verified TLS to upstreams: system roots plus `upstream.ca_bundle`."""
-        roots = system_roots_path()
-        ctx = ssl.create_default_context(cafile=str(roots) if roots else None)
-        if self.upstream_ca_file:
-            ctx.load_verify_locations(cafile=self.upstream_ca_file)
-        return ctx
+        """Verified TLS to upstreams: system roots plus `upstream.ca_bundle`. Built once, on
+        first use, and shared by the service plane and the token minter."""
+        if self._upstream_ssl is None:
+            roots = system_roots_path()
+            ctx = ssl.create_default_context(cafile=str(roots) if roots else None)
+            if self.upstream_ca_file:
+                ctx.load_verify_locations(cafile=self.upstream_ca_file)
+            self._upstream_ssl = ctx
+        return self._upstream_ssl
 
     def connect_target(self, host: str, port: int) -> tuple[str, int]:
         """Where a (verified) host:port is actually dialled: `upstream.resolve` or itself."""
@@ -75,7 +86,7 @@ class GatewayContext:
     async def resolver_for(self, decision: Decision) -> Callable[[str], str]:
         """The secret resolver for an allowed decision, minting OAuth tokens first if needed."""
         if decision.plan is not None and self.prepare_tokens is not None:
-            oauth = decision.plan.secrets & frozenset(self.secrets.oauth())
+            oauth = decision.plan.secrets & self.oauth_names
             if oauth:
                 await self.prepare_tokens(oauth)
         return self.secrets.resolve
@@ -140,6 +151,13 @@ def parse_resolve(entries: dict[str, str]) -> dict[tuple[str, int], tuple[str, i
         assert port is not None and tport is not None  # validated by the config model
         out[(normalise_host(host), port)] = (thost, tport)
     return out
+
+
+def freeze_startup_heap() -> None:
+    """Called once the listeners are up. Everything built so far (config, rules, CA, imported
+    modules) lives as long as the process; frozen, a full collection no longer rescans it, which
+    otherwise stalls every stream for 50 ms (10 rules) to 120 ms (10,000 rules) at a time."""
+    gc.freeze()
 
 
 def build_context(

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 
 from gateway.credentials.oauth import TokenMinter
-from gateway.planes.context import GatewayContext
+from gateway.planes.context import GatewayContext, freeze_startup_heap
 from gateway.planes.http.proxy import HttpPlane
 from gateway.planes.mitm.master import MitmPlane, start_mitm
 from gateway.tls.ca import write_bundle
@@ -28,6 +28,7 @@ class EmbeddedGateway:
         self.mitm = await start_mitm(self.ctx, [f"regular@{host}:0"])
         self.http = HttpPlane(self.ctx)
         self.service_ports = await self.http.start(host)
+        freeze_startup_heap()
 
     async def close(self) -> None:
         if self.mitm is not None:

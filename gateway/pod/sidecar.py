@@ -23,7 +23,7 @@ from gateway.credentials.oauth import TokenMinter
 from gateway.dns.resolver import Resolver
 from gateway.dns.server import DnsListener
 from gateway.netfilter.rules import PodPorts, render_all
-from gateway.planes.context import GatewayContext, build_context
+from gateway.planes.context import GatewayContext, build_context, freeze_startup_heap
 from gateway.planes.http.proxy import HttpPlane
 from gateway.planes.mitm.master import MitmPlane, start_mitm
 from gateway.planes.transparent import make_verifier
@@ -119,6 +119,7 @@ class Sidecar:
         await self.http.start("127.0.0.1")
         if self.opts.control_socket is not None:
             await self._start_control(self.opts.control_socket)
+        freeze_startup_heap()
         self.ready = True
         if self.opts.ready_file is not None:
             self.opts.ready_file.write_text("ready\n")

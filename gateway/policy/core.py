@@ -118,16 +118,15 @@ class InjectionPlan:
 
     headers: tuple[HeaderWrite, ...] = ()
     swaps: tuple[Placeholder, ...] = ()
+    # Derived once here: every allowed request reads them (audit record, token minting).
+    injections: tuple[Injection, ...] = field(init=False, repr=False, compare=False)
+    secrets: frozenset[str] = field(init=False, repr=False, compare=False)
 
-    @property
-    def injections(self) -> tuple[Injection, ...]:
+    def __post_init__(self) -> None:
         out = [Injection(s, h.location) for h in self.headers for s in dict.fromkeys(h.secrets)]
         out.extend(Injection(p.secret, f"placeholder:{p.env}") for p in self.swaps)
-        return tuple(out)
-
-    @property
-    def secrets(self) -> frozenset[str]:
-        return frozenset(i.secret for i in self.injections)
+        object.__setattr__(self, "injections", tuple(out))
+        object.__setattr__(self, "secrets", frozenset(i.secret for i in out))
 
 
 EMPTY_PLAN = InjectionPlan()
@@ -228,13 +227,13 @@ class Policy:
 
         rule = self.rule_for(host, facts.port, facts.addr)
         rule_text = rule.pattern.text if rule is not None else None
-        secrets = rule.secrets if rule is not None else frozenset()
 
         swaps: dict[str, Placeholder] = {}
         if self._placeholder_re is not None:
+            # One scan over every header value (no placeholder contains a newline).
             seen = self.placeholders_in(facts.path)
-            for _, value in facts.headers:
-                seen.extend(self.placeholders_in(value))
+            seen.extend(self.placeholders_in("\n".join(v for _, v in facts.headers)))
+            secrets = rule.secrets if rule is not None and seen else frozenset()
             for ph in seen:
                 if ph.secret not in secrets or (rule is not None and not rule.allow):
                     return Decision(

@@ -7,6 +7,7 @@ length so a lookup is one dict probe per distinct prefix length present.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 from enum import IntEnum
@@ -38,10 +39,12 @@ class HostPattern:
         return self.text
 
 
+@functools.lru_cache(maxsize=4096)
 def normalise_host(host: str) -> str:
     """Lowercase, strip one trailing dot and IPv6 brackets, IDNA-encode.
 
-    Raises ValueError for names that cannot be a DNS host name.
+    Raises ValueError for names that cannot be a DNS host name. Cached: every request
+    normalises the same few names, and the IP-literal probe alone costs microseconds.
     """
     h = host.strip()
     if h.startswith("[") and h.endswith("]"):

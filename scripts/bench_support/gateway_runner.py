@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import os
 import signal
@@ -23,14 +22,11 @@ from gateway.planes.context import build_context
 from gateway.planes.embedded import EmbeddedGateway
 
 
-async def serve(config: Path, state: Path, audit: str, gc_freeze: bool = False) -> None:
+async def serve(config: Path, state: Path, audit: str) -> None:
     ctx = build_context(load_config(config), state, audit_path=audit, agent="bench")
     gw = EmbeddedGateway(ctx)
     await gw.start()
     assert gw.mitm is not None
-    if gc_freeze:  # experiment: keep start-up objects out of every later GC pass
-        gc.collect()
-        gc.freeze()
     ready = {
         "pid": os.getpid(),
         "proxy": gw.mitm.addresses[0][1],
@@ -58,14 +54,13 @@ def main() -> None:
     ap.add_argument("--state", type=Path, required=True)
     ap.add_argument("--audit", required=True)
     ap.add_argument("--uvloop", action="store_true", help="run on uvloop (if installed)")
-    ap.add_argument("--gc-freeze", action="store_true", help="gc.freeze() once listening")
     args = ap.parse_args()
     args.state.mkdir(parents=True, exist_ok=True)
     if args.uvloop:
         import uvloop  # type: ignore[import-not-found]
 
         uvloop.install()
-    asyncio.run(serve(args.config, args.state, args.audit, args.gc_freeze))
+    asyncio.run(serve(args.config, args.state, args.audit))
 
 
 if __name__ == "__main__":

@@ -8,12 +8,17 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from mitmproxy import options
-from mitmproxy.addons import core, disable_h2c, next_layer, proxyserver, tlsconfig
-from mitmproxy.master import Master
-
 from gateway.planes.context import GatewayContext
 from gateway.planes.mitm.addons import TransparentVerifier, addon_chain
+from gateway.planes.mitm.loader import (
+    Master,
+    core,
+    disable_h2c,
+    next_layer,
+    options,
+    proxyserver,
+    tlsconfig,
+)
 from gateway.tls.ca import system_roots_path
 
 log = logging.getLogger("keyward.mitm")
