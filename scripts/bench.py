@@ -1,7 +1,7 @@
 """keyward benchmarks: both data planes against a direct connection and vanilla mitmdump, in one
 run, everything on 127.0.0.1.
 
-    python scripts/bench.py [--quick | --tiny] [--json OUT] [--uvloop]
+    python scripts/bench.py [--quick | --tiny] [--json OUT] [--uvloop] [--compare TREE]
 
 `--quick` finishes in under 2 minutes, the full run in under 15 (2-core machine); `--tiny` is
 the smoke-test size (about 30 s, figures too small to quote).
@@ -22,10 +22,12 @@ Planes:
 - `mitm`: HTTPS through the mitm plane as an explicit proxy: CONNECT 127.0.0.1:<upstream>,
   matched by a `host:port` rule that injects a header;
 - `mitmdump`: the same CONNECT through vanilla mitmdump.
-The proxies are given the upstream's address rather than a name rewritten by
-`upstream.resolve`: that rewrite changes the server connection's address, so mitmproxy opens a
-new upstream connection for every request on a keep-alive client connection (and stalls after
-a few), which is not the keep-alive figure this run is after.
+Both proxies are given the same CONNECT target, the upstream's address, so that vanilla
+mitmdump needs no name resolution; the service plane dials its name through `upstream.resolve`.
+
+`--compare TREE` also starts a gateway from another checkout of keyward (e.g. `git worktree add
+../keyward-old REF`) and measures it interleaved with this one (same upstream, same load
+generator, alternating runs), for a before/after table that machine noise cannot fake.
 
 JSON keys (stable; every number is > 0 unless marked "may be <= 0"):
 - `meta`: {mode, cpus, pinned (0/1), seconds} plus version strings.
@@ -47,6 +49,8 @@ JSON keys (stable; every number is > 0 unless marked "may be <= 0"):
 - `startup`: {median_s, min_s, max_s, runs}: `keyward run -c F -- curl` from exec to the end
   of the first proxied request.
 - `wrk`: null, or {direct|service: {rps_c1, rps_c16, rps_c64}} measured with wrk (one thread).
+- `compare`: absent, or {tree, and per plane service|mitm: {rps_c1, rps_c64, p50_ms: {before,
+  after, ratio (after / before)}}, startup_s: {before, after, ratio}} (medians, interleaved).
 """
 
 from __future__ import annotations
@@ -65,7 +69,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -100,12 +104,13 @@ class Profile:
     rules_repeats: int
     startup_runs: int
     wrk: bool
+    compare_rounds: int  # interleaved before/after rounds with --compare
 
 
 PROFILES = {
-    "tiny": Profile("tiny", 0.3, 2_000, 1, 5, 0.01, 1, 4 << 20, 1, 1, True),
-    "quick": Profile("quick", 1.0, 50_000, 2, 20, 0.01, 3, 64 << 20, 2, 3, True),
-    "full": Profile("full", 3.0, 500_000, 5, 40, 0.01, 10, 1 << 30, 5, 7, True),
+    "tiny": Profile("tiny", 0.3, 2_000, 1, 5, 0.01, 1, 4 << 20, 1, 1, True, 1),
+    "quick": Profile("quick", 1.0, 50_000, 2, 20, 0.01, 3, 64 << 20, 2, 3, True, 4),
+    "full": Profile("full", 3.0, 500_000, 5, 40, 0.01, 10, 1 << 30, 5, 7, True, 7),
 }
 
 
@@ -131,6 +136,7 @@ class Processes:
         cpus: set[int] | None,
         env: dict[str, str] | None = None,
         stdout: int = subprocess.PIPE,
+        cwd: Path | None = None,
     ) -> subprocess.Popen[str]:
         name = Path(argv[1] if len(argv) > 1 else argv[0]).stem
         log = self.logs / f"{name}.{len(self.procs)}.log"
@@ -143,6 +149,7 @@ class Processes:
                 env=env,
                 text=True,
                 preexec_fn=_pin(cpus),
+                cwd=cwd,
             )
         proc.log = log  # type: ignore[attr-defined]
         self.procs.append(proc)
@@ -281,10 +288,10 @@ class World:
     uvloop: bool = False
     gateway_start_s: float = 0.0
 
-    def env(self) -> dict[str, str]:
+    def env(self, root: Path = ROOT) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if "PROXY" not in k.upper()}
         env["BENCH_API_KEY"] = SECRET
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
         return env
 
     def start_upstream(self) -> None:
@@ -293,8 +300,11 @@ class World:
         proc = self.procs.spawn([*argv, "--key", str(key)], self.gen_cpus, self.env())
         self.upstream_port = int(read_ready(proc)["https"])
 
-    def start_gateway(self, rules: int, name: str) -> tuple[subprocess.Popen[str], dict, float]:
-        """A gateway process with `rules` host rules; (process, its ready line, start seconds)."""
+    def start_gateway(
+        self, rules: int, name: str, root: Path = ROOT
+    ) -> tuple[subprocess.Popen[str], dict, float]:
+        """A gateway process (keyward from `root`) with `rules` host rules; (process, its
+        ready line, start seconds)."""
         d = self.tmp / name
         d.mkdir(exist_ok=True)
         cfg = write_config(
@@ -304,12 +314,13 @@ class World:
             rules=rules,
             audit=d / "audit.jsonl",
         )
-        argv = [sys.executable, str(SUPPORT / "gateway_runner.py"), "--config", str(cfg)]
+        runner = root / "scripts" / "bench_support" / "gateway_runner.py"
+        argv = [sys.executable, str(runner), "--config", str(cfg)]
         argv += ["--state", str(self.tmp / "state"), "--audit", str(d / "audit.jsonl")]
         if self.uvloop:
             argv.append("--uvloop")
         t0 = time.monotonic()
-        proc = self.procs.spawn(argv, self.gw_cpus, self.env())
+        proc = self.procs.spawn(argv, self.gw_cpus, self.env(root), cwd=root)
         ready = read_ready(proc, 120)
         return proc, ready, time.monotonic() - t0
 
@@ -329,19 +340,22 @@ class World:
         wait_port(self.mitmdump_port)
         self.mitmdump_ca = conf / "mitmproxy-ca-cert.pem"
 
-    def target(self, plane: str, proxy_port: int | None = None) -> list[str]:
+    def target(
+        self, plane: str, proxy_port: int | None = None, gateway: dict[str, Any] | None = None
+    ) -> list[str]:
         """Load-generator arguments that reach the upstream through `plane`."""
         up = f"127.0.0.1:{self.upstream_port}"
         tls = ["--tls", "--authority", up]
-        assert self.gateway is not None
+        gateway = gateway or self.gateway
+        assert gateway is not None
         if plane == "direct":
             return ["--connect", up, *tls, "--cafile", str(self.test_ca)]
         if plane == "service":
-            port = self.gateway["services"]["api"]
+            port = gateway["services"]["api"]
             return ["--connect", f"127.0.0.1:{port}", "--authority", f"127.0.0.1:{port}"]
         if plane == "mitm":
-            port = proxy_port or self.gateway["proxy"]
-            ca = self.gateway["ca"]
+            port = proxy_port or gateway["proxy"]
+            ca = gateway["ca"]
         else:
             assert self.mitmdump_ca is not None
             port, ca = self.mitmdump_port, str(self.mitmdump_ca)
@@ -516,7 +530,7 @@ def measure_rules(world: World, prof: Profile) -> dict[str, float]:
     }
 
 
-def measure_startup(world: World, prof: Profile) -> dict[str, Any]:
+def measure_startup(world: World, prof: Profile, root: Path = ROOT) -> dict[str, Any]:
     """`keyward run -- curl URL`: from exec to the end of the first proxied request."""
     d = world.tmp / "startup"
     d.mkdir(exist_ok=True)
@@ -546,7 +560,8 @@ def measure_startup(world: World, prof: Profile) -> dict[str, Any]:
             capture_output=True,
             text=True,
             timeout=60,
-            env=world.env(),
+            env=world.env(root),
+            cwd=root,
             preexec_fn=_pin(world.gw_cpus),
             check=False,
         )
@@ -559,6 +574,60 @@ def measure_startup(world: World, prof: Profile) -> dict[str, Any]:
         "max_s": round(max(times), 3),
         "runs": len(times),
     }
+
+
+def measure_compare(world: World, prof: Profile, tree: Path) -> dict[str, Any]:
+    """This checkout ("after") against `tree` ("before"), interleaved run by run."""
+    proc, before_gw, _ = world.start_gateway(10, "compare", root=tree)
+    gateways = {"before": before_gw, "after": world.gateway}
+    runs: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    starts: dict[str, list[float]] = {"before": [], "after": []}
+    try:
+        for _ in range(prof.compare_rounds):
+            for which, gw in gateways.items():
+                for plane in ("service", "mitm"):
+                    for c in (1, 64):
+                        args = world.target(plane, gateway=gw)
+                        args += ["--concurrency", str(c), "--requests", str(prof.rps_requests)]
+                        args += ["--duration", str(prof.rps_seconds)]
+                        res = world.loadgen("rps", args, prof.rps_seconds + 60)
+                        runs.setdefault((which, plane, c), []).append(res)
+        for _ in range(prof.compare_rounds):
+            for which, root in (("before", tree), ("after", ROOT)):
+                one = replace(prof, startup_runs=1)
+                starts[which].append(measure_startup(world, one, root)["median_s"])
+    finally:
+        world.procs.stop(proc)
+
+    def pair(before: float, after: float) -> dict[str, float]:
+        return {"before": before, "after": after, "ratio": round(after / before, 3)}
+
+    out: dict[str, Any] = {"tree": str(tree)}
+    for plane in ("service", "mitm"):
+        fig = {}
+        for c in (1, 64):
+            b, a = (med([r["rps"] for r in runs[(w, plane, c)]]) for w in ("before", "after"))
+            fig[f"rps_c{c}"] = pair(b, a)
+        b, a = (med([r["p50_ms"] for r in runs[(w, plane, 1)]]) for w in ("before", "after"))
+        fig["p50_ms"] = pair(b, a)
+        out[plane] = fig
+    out["startup_s"] = pair(med(starts["before"]), med(starts["after"]))
+    return out
+
+
+def render_compare(cmp: dict[str, Any]) -> None:
+    t = Table(title=f"before ({cmp['tree']}) / after (this checkout), interleaved medians")
+    for col in ("figure", "before", "after", "after/before"):
+        t.add_column(col, justify="left" if col == "figure" else "right")
+    rows = [
+        (f"{plane} {label}", cmp[plane][key])
+        for plane in ("service", "mitm")
+        for key, label in (("rps_c1", "rps c=1"), ("rps_c64", "rps c=64"), ("p50_ms", "p50 ms"))
+    ]
+    rows.append(("keyward run -> first request, s", cmp["startup_s"]))
+    for label, f in rows:
+        t.add_row(label, f"{f['before']:.3f}", f"{f['after']:.3f}", f"{f['ratio']:.2f}")
+    console.print(t)
 
 
 # -- report ---------------------------------------------------------------------------------
@@ -638,6 +707,8 @@ def render(result: dict[str, Any]) -> None:
         f"(min {st['min_s']:.3f}, max {st['max_s']:.3f}, {st['runs']} runs)"
     )
     render_targets(result)
+    if result.get("compare"):
+        render_compare(result["compare"])
 
 
 def render_targets(result: dict[str, Any]) -> None:
@@ -690,7 +761,7 @@ def versions() -> dict[str, str]:
     }
 
 
-def run(prof: Profile, use_uvloop: bool) -> dict[str, Any]:
+def run(prof: Profile, use_uvloop: bool, compare: Path | None = None) -> dict[str, Any]:
     started = time.monotonic()
     gen_cpus, gw_cpus = cpu_plan()
     with tempfile.TemporaryDirectory(prefix="keyward-bench-") as tmp_name:
@@ -717,6 +788,9 @@ def run(prof: Profile, use_uvloop: bool) -> dict[str, Any]:
                 result["rules"] = measure_rules(world, prof)
             with console.status("keyward run start-up"):
                 result["startup"] = measure_startup(world, prof)
+            if compare is not None:
+                with console.status(f"before/after against {compare}"):
+                    result["compare"] = measure_compare(world, prof, compare)
         finally:
             procs.stop_all()
     direct, service, mitm, md = (result[p] for p in PLANES)
@@ -746,10 +820,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--json", metavar="OUT", type=Path, help="write the figures here")
     ap.add_argument("--uvloop", action="store_true", help="run the gateway on uvloop")
+    ap.add_argument(
+        "--compare",
+        metavar="TREE",
+        type=Path,
+        help="another keyward checkout to measure interleaved with this one (before/after)",
+    )
     args = ap.parse_args(argv)
     prof = PROFILES["tiny" if args.tiny else "quick" if args.quick else "full"]
+    if args.compare is not None:
+        args.compare = args.compare.resolve()
+        if not (args.compare / "gateway" / "__init__.py").is_file():
+            ap.error(f"--compare {args.compare}: not a keyward checkout (no gateway/ package)")
     ensure_wrk()
-    result = run(prof, args.uvloop)
+    result = run(prof, args.uvloop, args.compare)
     render(result)
     console.print(f"[dim]{prof.name} run, {result['meta']['seconds']} s[/]")
     if args.json:

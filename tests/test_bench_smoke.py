@@ -56,6 +56,8 @@ def test_bench_tiny_writes_every_key(tmp_path: Path) -> None:
             "--tiny",
             "--json",
             str(out),
+            "--compare",
+            str(ROOT),  # this checkout against itself: the before/after path runs
         ],
         capture_output=True,
         text=True,
@@ -93,6 +95,12 @@ def test_bench_tiny_writes_every_key(tmp_path: Path) -> None:
     positive(data["startup"], STARTUP_KEYS, "startup")
     positive(data["meta"], ("cpus", "seconds"), "meta")
     assert data["meta"]["mode"] == "tiny"
+    cmp = data["compare"]
+    assert Path(cmp["tree"]) == ROOT.resolve()
+    for plane in ("service", "mitm"):
+        for key in ("rps_c1", "rps_c64", "p50_ms"):
+            positive(cmp[plane][key], ("before", "after", "ratio"), f"compare.{plane}.{key}")
+    positive(cmp["startup_s"], ("before", "after", "ratio"), "compare.startup_s")
     if data["wrk"] is not None:
         for plane in ("direct", "service"):
             positive(data["wrk"][plane], ("rps_c1", "rps_c16", "rps_c64"), f"wrk.{plane}")
