@@ -11,11 +11,9 @@ so a stale one is never injected.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
-import os
 import re
 import ssl
 import time
@@ -25,6 +23,7 @@ from typing import Any
 
 import aiohttp
 
+from gateway.config.paths import write_atomic
 from gateway.credentials.redact import global_redactor
 from gateway.credentials.store import OAuthCredentials, SecretStore, StaleTokenError
 from gateway.planes.http.resolver import ConnectTarget, OverrideResolver
@@ -260,7 +259,9 @@ class TokenMinter:
             "updated": int(self.clock()),
         }
         try:
-            _write_private(self._state_file(cred.name), json.dumps(record).encode())
+            path = self._state_file(cred.name)
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            write_atomic(path, json.dumps(record).encode(), 0o600)
         except OSError as e:
             log.warning(
                 "oauth %s: could not persist the rotated refresh token (%s)",
@@ -296,22 +297,3 @@ def _expires_in(value: object) -> float | None:
     if isinstance(value, (int, float)) and value > 0:
         return float(value)
     return None
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Atomic, owner-only write: a crash leaves the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from gateway.cli.errors import KeywardError
+from gateway.config.paths import write_atomic
 
 CA_DIR = "ca"
 KEY_FILE = "ca-key.pem"
@@ -66,23 +67,6 @@ def _secure_dir(path: Path) -> Path:
     if stat.S_IMODE(path.stat().st_mode) != 0o700:
         path.chmod(0o700)
     return path
-
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    """Atomic write with the final mode set before any byte lands."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
 
 
 def _key_pem(key: rsa.RSAPrivateKey) -> bytes:
@@ -163,8 +147,8 @@ class CertificateAuthority:
                 return cls(directory, *cls._load(key_path, cert_path))
             # Nothing (or half of a creation that never finished): nobody trusts it yet.
             key, cert = _new_ca()
-            _write(key_path, _key_pem(key), 0o600)
-            _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+            write_atomic(key_path, _key_pem(key), 0o600)
+            write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
             return cls(directory, key, cert)
 
     @staticmethod
@@ -233,17 +217,17 @@ class CertificateAuthority:
             combined = _key_pem(self.__key) + cert_pem
             ca_file = confdir / MITMPROXY_CA
             if not ca_file.exists() or ca_file.read_bytes() != combined:
-                _write(ca_file, combined, 0o600)
+                write_atomic(ca_file, combined, 0o600)
             elif stat.S_IMODE(ca_file.stat().st_mode) != 0o600:
                 ca_file.chmod(0o600)
             cert_file = confdir / MITMPROXY_CA_CERT
             if not cert_file.exists() or cert_file.read_bytes() != cert_pem:
-                _write(cert_file, cert_pem, 0o644)
+                write_atomic(cert_file, cert_pem, 0o644)
             dh_file = confdir / MITMPROXY_DHPARAM
             if not dh_file.exists():
                 from mitmproxy.certs import DEFAULT_DHPARAM
 
-                _write(dh_file, DEFAULT_DHPARAM, 0o644)
+                write_atomic(dh_file, DEFAULT_DHPARAM, 0o644)
         self._confdir = confdir
         return confdir
 
@@ -265,8 +249,9 @@ def system_roots_path() -> Path | None:
     return path if path.is_file() else None
 
 
-def write_bundle(ca: CertificateAuthority, out: Path) -> Path:
-    """Write system roots + our CA certificate to `out` (0644) for agents to trust."""
+def write_with_system_roots(out: Path, extra: bytes) -> Path:
+    """The system roots followed by the `extra` PEM certificates, written to `out` (0644) only
+    when it differs, so a running reader never sees the file change under it for nothing."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     parts: list[bytes] = []
@@ -274,8 +259,13 @@ def write_bundle(ca: CertificateAuthority, out: Path) -> Path:
     if roots is not None:
         data = roots.read_bytes()
         parts.append(data if data.endswith(b"\n") else data + b"\n")
-    parts.append(ca.cert_pem)
+    parts.append(extra)
     data = b"".join(parts)
     if not out.exists() or out.read_bytes() != data or stat.S_IMODE(out.stat().st_mode) != 0o644:
-        _write(out, data, 0o644)
+        write_atomic(out, data, 0o644)
     return out
+
+
+def write_bundle(ca: CertificateAuthority, out: Path) -> Path:
+    """System roots + our CA certificate, for agents to trust."""
+    return write_with_system_roots(out, ca.cert_pem)

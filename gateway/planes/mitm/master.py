@@ -19,7 +19,7 @@ from gateway.planes.mitm.loader import (
     proxyserver,
     tlsconfig,
 )
-from gateway.tls.ca import system_roots_path
+from gateway.tls.ca import write_with_system_roots
 
 log = logging.getLogger("keyward.mitm")
 
@@ -38,19 +38,8 @@ class MitmPlane:
 
 def upstream_trust_file(ctx: GatewayContext) -> Path:
     """mitmproxy takes one CA file for upstream verification: system roots + upstream.ca_bundle."""
-    out = ctx.state_dir / "upstream-trust.pem"
-    parts = []
-    roots = system_roots_path()
-    if roots is not None:
-        parts.append(Path(roots).read_bytes())
-    if ctx.upstream_ca_file:
-        parts.append(Path(ctx.upstream_ca_file).read_bytes())
-    data = b"\n".join(parts)
-    if not out.exists() or out.read_bytes() != data:
-        tmp = out.with_suffix(".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(out)
-    return out
+    extra = Path(ctx.upstream_ca_file).read_bytes() if ctx.upstream_ca_file else b""
+    return write_with_system_roots(ctx.state_dir / "upstream-trust.pem", extra)
 
 
 async def start_mitm(
