@@ -9,18 +9,18 @@ import socket
 import statistics
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from gateway.config.loader import load_config
 from gateway.credentials.oauth import TokenMinter
 from gateway.planes.context import GatewayContext, build_context
 from gateway.planes.http import HttpPlane, OverrideResolver
 from tests.support.pki import TestCA, make_ca
+from tests.support.upstream import Upstream
 
 REAL_KEY = "sk-live-REALKEY-5f2b9c1e7a3d4b6f8e0a1c2d"
 MB = 1 << 20
@@ -62,134 +62,6 @@ upstream:
 audit:
   path: audit.jsonl
 """
-
-
-# -- a fake upstream ------------------------------------------------------------------------
-@dataclass
-class Seen:
-    requests: list[dict[str, object]] = field(default_factory=list)
-    peers: set[tuple[str, int]] = field(default_factory=set)
-    upload_first_chunk_at: float | None = None
-
-
-def upstream_app(seen: Seen) -> web.Application:
-    def note(request: web.Request) -> None:
-        peer = request.transport.get_extra_info("peername") if request.transport else None
-        if peer:
-            seen.peers.add((peer[0], peer[1]))
-        seen.requests.append(
-            {"method": request.method, "path": request.raw_path, "headers": dict(request.headers)}
-        )
-
-    async def echo(request: web.Request) -> web.Response:
-        note(request)
-        body = await request.read()
-        payload = {
-            "method": request.method,
-            "path": request.raw_path,
-            "headers": dict(request.headers),
-            "body": body.decode("utf-8", "replace"),
-        }
-        auth = request.headers.get("Authorization", "")
-        return web.json_response(payload, headers={"X-Echo-Auth": auth})
-
-    async def sse(request: web.Request) -> web.StreamResponse:
-        note(request)
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        for i in range(5):
-            await resp.write(f"data: event {i}\n\n".encode())
-            await asyncio.sleep(0.2)
-        await resp.write_eof()
-        return resp
-
-    async def split(request: web.Request) -> web.StreamResponse:
-        """Echo the Authorization value in pieces, so the key straddles chunk boundaries."""
-        note(request)
-        auth = request.headers.get("Authorization", "").encode()
-        resp = web.StreamResponse(headers={"Content-Type": "text/plain"})
-        await resp.prepare(request)
-        for piece in (b"data: " + auth[:9], auth[9:20], auth[20:31], auth[31:] + b"\n"):
-            await resp.write(piece)
-            await asyncio.sleep(0.05)
-        await resp.write_eof()
-        return resp
-
-    async def upload(request: web.Request) -> web.Response:
-        note(request)
-        total = 0
-        async for chunk in request.content.iter_any():
-            if total == 0 and chunk:
-                seen.upload_first_chunk_at = time.monotonic()
-            total += len(chunk)
-        return web.json_response({"received": total})
-
-    async def big(request: web.Request) -> web.StreamResponse:
-        note(request)
-        size = int(request.query["size"])
-        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
-        resp.content_length = size
-        await resp.prepare(request)
-        chunk = b"\0" * 65536
-        left = size if request.method != "HEAD" else 0
-        while left > 0:
-            n = min(left, len(chunk))
-            await resp.write(chunk if n == len(chunk) else chunk[:n])
-            left -= n
-        await resp.write_eof()
-        return resp
-
-    async def hop(request: web.Request) -> web.Response:
-        note(request)
-        headers = {
-            "Connection": "X-Hop-Resp",
-            "X-Hop-Resp": "1",
-            "Keep-Alive": "timeout=5",
-            "Proxy-Authenticate": "Basic realm=x",
-            "Trailer": "X-Trailer",
-            "Upgrade": "h2c",
-            "X-Kept": "yes",
-        }
-        return web.Response(text="ok", headers=headers)
-
-    async def empty(request: web.Request) -> web.Response:
-        note(request)
-        return web.Response(status=204, headers={"X-Empty": "1"})
-
-    async def hang(request: web.Request) -> web.Response:
-        note(request)
-        await asyncio.sleep(10)
-        return web.Response(text="late")
-
-    app = web.Application(client_max_size=1 << 34)
-    for path, handler in (
-        ("/v1/sse", sse),
-        ("/v1/split", split),
-        ("/v1/upload", upload),
-        ("/v1/big", big),
-        ("/v1/hop", hop),
-        ("/v1/hang", hang),
-        ("/v1/empty", empty),
-    ):
-        app.router.add_route("*", path, handler)
-    app.router.add_route("*", "/{tail:.*}", echo)
-    return app
-
-
-@dataclass
-class Upstream:
-    runner: web.AppRunner
-    port: int
-    seen: Seen
-
-
-async def start_upstream(ssl_context: object | None) -> Upstream:
-    seen = Seen()
-    runner = web.AppRunner(upstream_app(seen), access_log=None, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)  # type: ignore[arg-type]
-    await site.start()
-    return Upstream(runner, int(runner.addresses[0][1]), seen)
 
 
 def closed_port() -> int:
@@ -237,10 +109,10 @@ class Env:
 @pytest.fixture
 async def env(tmp_path: Path) -> AsyncIterator[Env]:
     ca = make_ca(tmp_path / "pki")
-    up = await start_upstream(ca.server_context(tmp_path / "pki", "api.example.test"))
+    up = await Upstream.start(ca.server_context(tmp_path / "pki", "api.example.test"))
     rogue = make_ca(tmp_path / "rogue", name="not trusted by anyone")
-    bad = await start_upstream(rogue.server_context(tmp_path / "rogue", "badtls.example.test"))
-    plain = await start_upstream(None)
+    bad = await Upstream.start(rogue.server_context(tmp_path / "rogue", "badtls.example.test"))
+    plain = await Upstream.start(None)
     cfg = tmp_path / "keyward.yaml"
     cfg.write_text(
         CONFIG.format(
@@ -270,7 +142,7 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     await plane.close()
     await minter.close()
     for u in (up, bad, plain):
-        await u.runner.cleanup()
+        await u.close()
     ctx.audit.close()
 
 

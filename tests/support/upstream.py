@@ -59,13 +59,48 @@ def make_app(seen: Seen) -> web.Application:
         resp.content_length = size
         await resp.prepare(request)
         chunk = b"\0" * 65536
-        left = size
+        left = size if request.method != "HEAD" else 0
         while left > 0:
             n = min(left, len(chunk))
             await resp.write(chunk[:n])
             left -= n
         await resp.write_eof()
         return resp
+
+    async def split(request: web.Request) -> web.StreamResponse:
+        """Echo the Authorization value in pieces, so the key straddles chunk boundaries."""
+        await record(request)
+        auth = request.headers.get("Authorization", "").encode()
+        resp = web.StreamResponse(headers={"Content-Type": "text/plain"})
+        await resp.prepare(request)
+        for piece in (b"data: " + auth[:9], auth[9:20], auth[20:31], auth[31:] + b"\n"):
+            await resp.write(piece)
+            await asyncio.sleep(0.05)
+        await resp.write_eof()
+        return resp
+
+    async def hop(request: web.Request) -> web.Response:
+        """Answers with every hop-by-hop header a proxy must not pass on."""
+        await record(request)
+        headers = {
+            "Connection": "X-Hop-Resp",
+            "X-Hop-Resp": "1",
+            "Keep-Alive": "timeout=5",
+            "Proxy-Authenticate": "Basic realm=x",
+            "Trailer": "X-Trailer",
+            "Upgrade": "h2c",
+            "X-Kept": "yes",
+        }
+        return web.Response(text="ok", headers=headers)
+
+    async def empty(request: web.Request) -> web.Response:
+        await record(request)
+        return web.Response(status=204, headers={"X-Empty": "1"})
+
+    async def hang(request: web.Request) -> web.Response:
+        await record(request)
+        await asyncio.sleep(10)
+        return web.Response(text="late")
 
     async def upload(request: web.Request) -> web.Response:
         await record(request)
@@ -101,9 +136,17 @@ def make_app(seen: Seen) -> web.Application:
 
     app = web.Application(client_max_size=1 << 34)
     app.router.add_route("POST", "/token", token)
-    app.router.add_route("*", "/sse", sse)
-    app.router.add_route("*", "/big", big)
-    app.router.add_route("*", "/upload", upload)
+    for name, handler in (
+        ("sse", sse),
+        ("big", big),
+        ("upload", upload),
+        ("split", split),
+        ("hop", hop),
+        ("empty", empty),
+        ("hang", hang),
+    ):  # also under /v1/, where services with an API-style base path send them
+        app.router.add_route("*", f"/{name}", handler)
+        app.router.add_route("*", f"/v1/{name}", handler)
     app.router.add_route("GET", "/ws", ws)
     app.router.add_route("*", "/{tail:.*}", echo)
     return app
@@ -118,7 +161,7 @@ class Upstream:
     @classmethod
     async def start(cls, ssl_context: ssl.SSLContext | None, host: str = "127.0.0.1") -> Upstream:
         seen = Seen()
-        runner = web.AppRunner(make_app(seen), access_log=None)
+        runner = web.AppRunner(make_app(seen), access_log=None, shutdown_timeout=0.5)
         await runner.setup()
         site = web.TCPSite(runner, host, 0, ssl_context=ssl_context)
         await site.start()
