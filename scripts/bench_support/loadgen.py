@@ -70,6 +70,19 @@ def content_length(head: bytes) -> int | None:
     return int(head[i + 17 : head.index(b"\r\n", i + 2)])
 
 
+async def read_exactly(
+    reader: asyncio.StreamReader, n: int, sink: Callable[[bytes], None] | None, what: str
+) -> None:
+    """`n` bytes, in pieces as they arrive (never all in memory), each passed to `sink`."""
+    while n:
+        data = await reader.read(min(n, CHUNK))
+        if not data:
+            raise ConnectionError(f"{what} cut short")
+        n -= len(data)
+        if sink is not None:
+            sink(data)
+
+
 async def read_body(
     reader: asyncio.StreamReader, head: bytes, sink: Callable[[bytes], object] | None = None
 ) -> int:
@@ -78,14 +91,7 @@ async def read_body(
     total = 0
     length = content_length(head)
     if length is not None:
-        left = length
-        while left:
-            data = await reader.read(min(left, CHUNK))
-            if not data:
-                raise ConnectionError("body cut short")
-            left -= len(data)
-            if sink is not None:
-                sink(data)
+        await read_exactly(reader, length, sink, "body")
         return length
     if b"transfer-encoding: chunked" in head:
         while True:
@@ -95,14 +101,7 @@ async def read_body(
                 while await reader.readuntil(b"\r\n") != b"\r\n":
                     pass
                 return total
-            left = size
-            while left:
-                data = await reader.read(min(left, CHUNK))
-                if not data:
-                    raise ConnectionError("chunk cut short")
-                left -= len(data)
-                if sink is not None:
-                    sink(data)
+            await read_exactly(reader, size, sink, "chunk")
             total += size
             await reader.readexactly(2)
     while data := await reader.read(CHUNK):
