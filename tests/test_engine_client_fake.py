@@ -645,41 +645,30 @@ async def test_network_create_internal_with_labels(serve: Callable[..., Any]) ->
 
 async def test_cli_describes_a_fake_podman(serve: Callable[..., Any]) -> None:
     s = await serve(FakeEngine(kind="podman", api="1.41", min_api="1.24", rootless=True))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway",
-        "engine",
-        "--engine-socket",
-        f"unix://{s.socket}",
-        "--json",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HOME": str(s.socket.parent)},
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 0, err
-    facts = json.loads(out)
+
+    async def keyward_engine(*args: str) -> bytes:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "gateway",
+            "engine",
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HOME": str(s.socket.parent)},
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err
+        return out
+
+    facts = json.loads(await keyward_engine("--engine-socket", f"unix://{s.socket}", "--json"))
     assert facts["kind"] == "podman"
     assert facts["found_by"] == "--engine-socket"
     assert facts["api_version"] == "1.41"
     assert facts["engine_version"] == "podman-fake-1"
     assert facts["rootless"] is True
 
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway",
-        "engine",
-        "--engine-socket",
-        str(s.socket),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HOME": str(s.socket.parent)},
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 0, err
-    text = out.decode()
+    text = (await keyward_engine("--engine-socket", str(s.socket))).decode()
     for piece in ("podman", "--engine-socket", "1.41", "rootless", "yes"):
         assert piece in text
 
