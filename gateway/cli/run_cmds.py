@@ -18,6 +18,8 @@ from gateway.credentials.sources import secret_env_names
 from gateway.planes.context import build_context
 from gateway.planes.embedded import EmbeddedGateway
 
+# `sudo keyward run --isolate`: root's home is 0700, and the gateway drops to its own uid.
+ISOLATE_STATE = "/var/lib/keyward"
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
@@ -53,13 +55,20 @@ async def run_command(args: argparse.Namespace) -> int:
 
 def run_isolated(args: argparse.Namespace) -> int:
     """The pod without containers: CMD in a fresh namespace, the gateway in front of it."""
-    from gateway.pod.isolate import IsolatedPod, host_uplink
+    from gateway.pod.isolate import PROXY_UID, IsolatedPod, host_uplink
     from gateway.pod.netns import NetNamespace
+    from gateway.pod.privileges import unreachable_ancestor
 
     if os.geteuid() != 0:
         raise UsageError("--isolate needs root (network namespaces and iptables)")
     loaded = load_from_args(args)
-    sdir = state_dir(args.state)
+    sdir = state_dir(args.state or os.environ.get("KEYWARD_STATE") or ISOLATE_STATE)
+    blocked = unreachable_ancestor(sdir, PROXY_UID)
+    if blocked is not None:
+        raise UsageError(
+            f"state dir {sdir}: the gateway's uid {PROXY_UID} cannot enter {blocked};"
+            f" use --state DIR outside it (default for --isolate: {ISOLATE_STATE})"
+        )
     agent_uid = (
         args.agent_uid if args.agent_uid is not None else int(os.environ.get("SUDO_UID", 65534))
     )
@@ -109,7 +118,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_config_option(p)
     p.add_argument("--audit", metavar="FILE", help='audit log (overrides audit.path; "-" = stderr)')
     p.add_argument(
-        "--state", metavar="DIR", help="state dir (CA, placeholders; default $KEYWARD_STATE)"
+        "--state",
+        metavar="DIR",
+        help=f"state dir (CA, placeholders; default $KEYWARD_STATE; --isolate: {ISOLATE_STATE})",
     )
     p.add_argument("--agent", default="agent", help="agent name written to audit records")
     p.add_argument(

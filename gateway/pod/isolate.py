@@ -20,12 +20,13 @@ from typing import Any
 
 from gateway.cli.errors import KeywardError
 from gateway.netfilter.rules import PodPorts
-from gateway.pod.netns import NetNamespace, VethLink, unique_name
+from gateway.pod.netns import NetNamespace, NetnsError, VethLink, ip, unique_name
 
 # Shared address space (RFC 6598) for the uplink /30: never a destination of anything.
 UPLINK_HOST = "100.64.{n}.1"
 UPLINK_POD = "100.64.{n}.2"
 READY_TIMEOUT = 30.0
+PROXY_UID = 10101
 
 
 @dataclass
@@ -35,7 +36,7 @@ class IsolatedPod:
     ns: NetNamespace
     config: Path
     state_dir: Path
-    proxy_uid: int = 10101
+    proxy_uid: int = PROXY_UID
     agent_uid: int = 65534
     agent_gid: int = 65534
     ports: PodPorts = field(default_factory=PodPorts)
@@ -127,25 +128,71 @@ class IsolatedPod:
         self.gateway = None
 
 
+def _iptables(action: str, table: str, chain: str, spec: list[str]) -> str | None:
+    """`iptables -t TABLE ACTION CHAIN SPEC` (the table option comes before the command);
+    returns its error text, or None on success."""
+    argv = ["iptables", "-w", "-t", table, action, chain, *spec]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    if proc.returncode != 0:
+        return f"{' '.join(argv)}: {proc.stderr.strip() or f'exit {proc.returncode}'}"
+    return None
+
+
+def uplink_rules(pod_addr: str, host_dev: str, tag: str) -> list[tuple[str, str, list[str]]]:
+    """(table, chain, spec) of the host rules an uplink needs: NAT for the pod's address, and
+    forwarding both ways even where the FORWARD policy is DROP (as Docker sets it)."""
+    mark = ["-m", "comment", "--comment", tag]
+    replies = ["-o", host_dev, "-d", f"{pod_addr}/32", "-m", "conntrack", "--ctstate"]
+    return [
+        ("nat", "POSTROUTING", ["-s", f"{pod_addr}/32", *mark, "-j", "MASQUERADE"]),
+        ("filter", "FORWARD", ["-i", host_dev, "-s", f"{pod_addr}/32", *mark, "-j", "ACCEPT"]),
+        ("filter", "FORWARD", [*replies, "RELATED,ESTABLISHED", *mark, "-j", "ACCEPT"]),
+    ]
+
+
+def _free_uplink_subnet() -> int:
+    """An `n` whose 100.64.n.0/30 no interface on the host uses (parallel isolated runs)."""
+    used = ip("-4", "-o", "addr", "show")
+    free = [n for n in range(1, 251) if f" {UPLINK_HOST.format(n=n)}/" not in used]
+    if not free:
+        raise KeywardError("no free uplink subnet in 100.64.1-250.0/30")
+    return free[int.from_bytes(os.urandom(2), "big") % len(free)]
+
+
 @contextlib.contextmanager
 def host_uplink(ns: NetNamespace) -> Iterator[None]:
-    """Egress for a real `run --isolate`: a veth to the host, NAT on the host, forwarding on.
-    Everything is undone on exit, including the forwarding setting."""
-    n = int.from_bytes(os.urandom(1), "big") % 250 + 1
+    """Egress for a real `run --isolate`: a veth to the host, NAT and forwarding rules on the
+    host, forwarding on. Everything is undone on exit, including the forwarding setting; a
+    step of the teardown that fails is reported (raised) after the others have run, never
+    left behind silently."""
+    n = _free_uplink_subnet()
     host_addr, pod_addr = UPLINK_HOST.format(n=n), UPLINK_POD.format(n=n)
     link = VethLink(ns, None, left_name=unique_name() + "p", right_name=unique_name() + "h")
     fwd = Path("/proc/sys/net/ipv4/ip_forward")
     before = fwd.read_text().strip()
-    nat = ["-t", "nat", "POSTROUTING", "-s", f"{pod_addr}/32", "-j", "MASQUERADE"]
+    rules = uplink_rules(pod_addr, link.right_name, f"keyward-isolate {ns.name}")
+    added: list[tuple[str, str, list[str]]] = []
     try:
         link.create()
         link.add_address("left", f"{pod_addr}/30")
         link.add_address("right", f"{host_addr}/30")
         link.add_route("left", "default", via=host_addr)
-        subprocess.run(["iptables", "-I", *nat[:3], *nat[3:]], check=True)
+        for table, chain, spec in rules:
+            err = _iptables("-I", table, chain, spec)
+            if err is not None:
+                raise KeywardError(f"cannot set up the uplink: {err}")
+            added.append((table, chain, spec))
         fwd.write_text("1\n")
         yield
     finally:
-        subprocess.run(["iptables", "-D", *nat[:3], *nat[3:]], check=False, capture_output=True)
-        fwd.write_text(before + "\n")
-        link.delete()
+        errors = [e for t, c, s in reversed(added) if (e := _iptables("-D", t, c, s))]
+        try:
+            fwd.write_text(before + "\n")
+        except OSError as e:
+            errors.append(f"restoring {fwd}: {e}")
+        try:
+            link.delete()
+        except NetnsError as e:
+            errors.append(str(e))
+        if errors:
+            raise KeywardError("uplink teardown incomplete: " + "; ".join(errors))

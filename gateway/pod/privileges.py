@@ -19,6 +19,17 @@ def _prctl(option: int, arg: int) -> int:
     return int(libc.prctl(option, arg, 0, 0, 0))
 
 
+def unreachable_ancestor(path: Path, uid: int) -> Path | None:
+    """The first directory above `path` that `uid` cannot traverse, or None. After the drop
+    the gateway opens files in its state dir by path: a state dir under a 0700 home (root's,
+    with sudo) would fail half-way through start-up."""
+    for parent in path.resolve().parents:
+        st = parent.stat()
+        if st.st_uid != uid and not st.st_mode & 0o001:
+            return parent
+    return None
+
+
 def chown_tree(path: Path, uid: int, gid: int) -> None:
     """Hand the state dir (CA key, OAuth cache) to the proxy uid before dropping to it."""
     os.chown(path, uid, gid)
