@@ -41,6 +41,7 @@ FIELDS = [
     "duration_ms",
     "error",
     "alert",
+    "refusal",
 ]
 
 

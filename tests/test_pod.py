@@ -160,10 +160,16 @@ def test_node_fetch_works_without_proxy_settings(world: PodWorld) -> None:
 
 
 def test_denied_host_gets_403(world: PodWorld) -> None:
-    r = curl(world, "-o", "/dev/null", "-w", "%{http_code}", "--resolve",
+    r = curl(world, "-w", "\n%{http_code}", "--resolve",
              f"evil.example.test:443:{API}", "https://evil.example.test/")  # fmt: skip
-    assert r.stdout == "403"
+    body, _, status = r.stdout.rpartition("\n")
+    assert status == "403"
+    # transparent mode answers with the same readable refusal as the explicit proxy
+    assert body.startswith("keyward refused this request: GET https://"), body
+    assert "port 443, method GET, path /" in body
     assert not [s for s in world.seen() if s.get("host") == "evil.example.test"]
+    rec = next(r for r in reversed(world.audit()) if r["status"] == 403)
+    assert rec["refusal"] == "explain"
 
 
 def test_sni_of_allowed_host_at_another_ip_does_not_get_the_key(world: PodWorld) -> None:

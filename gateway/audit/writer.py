@@ -57,6 +57,7 @@ class AuditRecord:
     duration_ms: float = 0.0
     error: str | None = None
     alert: bool = False
+    refusal: str | None = None  # how a refusal was answered: explain | reset
 
     def as_dict(self) -> dict[str, Any]:
         # Not dataclasses.asdict: its recursive deep copy was most of the cost of a record.

@@ -160,6 +160,12 @@ class HostRuleConfig(Strict):
 
 class EgressConfig(Strict):
     default: Literal["deny", "allow", "warn"] = "deny"
+    refusal: Literal["explain", "reset"] = Field(
+        "explain",
+        description="explain: complete a denied CONNECT and answer each request with a 403 "
+        "naming what was refused and the keyward.yaml lines that would allow it; "
+        "reset: refuse the CONNECT itself (403, no body the client shows)",
+    )
     hosts: dict[HostKey, HostRuleConfig] = Field(default_factory=dict)
 
     @field_validator("hosts", mode="before")

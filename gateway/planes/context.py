@@ -21,6 +21,7 @@ from gateway.credentials.sources import load_secrets
 from gateway.credentials.store import SecretStore
 from gateway.policy.core import Decision, Placeholder, Policy, RequestFacts
 from gateway.policy.hosts import normalise_host, split_hostport
+from gateway.policy.refusal import RefusalMode
 from gateway.tls.ca import CertificateAuthority, system_roots_path
 
 if TYPE_CHECKING:
@@ -49,6 +50,11 @@ class GatewayContext:
     @property
     def redactor(self) -> Redactor:
         return self.secrets.redactor
+
+    @property
+    def refusal_mode(self) -> RefusalMode:
+        """How denied requests are answered (`egress.refusal`), read per refusal."""
+        return RefusalMode(self.config.config.egress.refusal)
 
     @functools.cached_property
     def oauth_names(self) -> frozenset[str]:
@@ -103,6 +109,7 @@ class GatewayContext:
         error: str | None = None,
         reason: str | None = None,
         record_id: str | None = None,
+        refusal: RefusalMode | None = None,
     ) -> AuditRecord:
         """Write one audit record for a request or refused connection."""
         rec = AuditRecord(
@@ -125,6 +132,7 @@ class GatewayContext:
             duration_ms=round((time.monotonic() - started) * 1000, 3),
             error=error,
             alert=bool(decision and decision.alert),
+            refusal=str(refusal) if refusal is not None else None,
         )
         self.audit.write(rec)
         return rec

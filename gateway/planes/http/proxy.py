@@ -34,6 +34,7 @@ from gateway.policy.apply import apply_plan, swap_placeholders
 from gateway.policy.core import Decision, Plane, RequestFacts, Verdict
 from gateway.policy.hosts import is_ip, normalise_host, split_hostport
 from gateway.policy.paths import normalise_path
+from gateway.policy.refusal import RefusalMode, refusal
 
 log = logging.getLogger("keyward.http")
 
@@ -64,6 +65,7 @@ class _Exchange:
     error: str | None = None
     reason: str | None = None
     client_gone: bool = False
+    refusal: RefusalMode | None = None
 
 
 class _ClientGone(Exception):
@@ -79,9 +81,14 @@ def _json_response(status: int, body: dict[str, str | None], reason: str) -> web
     )
 
 
-def deny_response(decision: Decision) -> web.Response:
-    body = {"error": "denied by keyward", "reason": decision.reason, "rule": decision.rule}
-    return _json_response(403, body, decision.reason)
+def deny_response(
+    decision: Decision, facts: RequestFacts, mode: str, accept: str | None = None
+) -> web.Response:
+    """The shared refusal (gateway.policy.refusal), as an aiohttp response."""
+    r = refusal(decision, facts, mode=mode, accept=accept)
+    resp = web.Response(status=r.status, body=r.body, headers=dict(r.headers))
+    resp.headers["Content-Type"] = r.content_type
+    return resp
 
 
 def error_response(reason: str, status: int = 502) -> web.Response:
@@ -295,7 +302,8 @@ class HttpPlane:
                 ex.status = 403
                 if decision.alert:
                     log.warning("placeholder sent to %s: %s", facts.host, decision.reason)
-                return deny_response(decision)
+                ex.refusal = self.ctx.refusal_mode
+                return deny_response(decision, facts, ex.refusal, request.headers.get("Accept"))
             headers = list(facts.headers)
             plan = decision.plan
             if plan is not None and (plan.headers or plan.swaps):
@@ -339,6 +347,7 @@ class HttpPlane:
                 bytes_down=ex.bytes_down,
                 error=ex.error,
                 reason=ex.reason,
+                refusal=ex.refusal,
             )
 
     async def _upload(self, request: web.Request, ex: _Exchange) -> AsyncIterator[bytes]:

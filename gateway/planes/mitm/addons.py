@@ -20,6 +20,7 @@ from gateway.planes.context import GatewayContext
 from gateway.policy.apply import apply_plan, swap_placeholders
 from gateway.policy.core import ConnectionDecision, Decision, Plane, RequestFacts
 from gateway.policy.hosts import normalise_host
+from gateway.policy.refusal import REASON_HEADER, RefusalMode, refusal
 
 log = logging.getLogger("keyward.mitm")
 
@@ -35,11 +36,12 @@ M_ERROR = "keyward.error"
 TransparentVerifier = Callable[[str, int, str | None, str | None], str | None]
 
 
-def deny_response(reason: str, rule: str | None, status: int = 403) -> http.Response:
-    body = json.dumps({"error": "denied by keyward", "reason": reason, "rule": rule}).encode()
-    return http.Response.make(
-        status, body, {"Content-Type": "application/json", "X-Keyward-Reason": reason}
-    )
+def deny_response(
+    decision: Decision, facts: RequestFacts, mode: str, accept: str | None = None
+) -> http.Response:
+    """The shared refusal (gateway.policy.refusal), as a mitmproxy response."""
+    r = refusal(decision, facts, mode=mode, accept=accept)
+    return http.Response.make(r.status, r.body, {"Content-Type": r.content_type, **dict(r.headers)})
 
 
 def error_response(reason: str) -> http.Response:
@@ -63,6 +65,7 @@ class Destinations:
         # Per client connection: redirected address -> the verified name to present as SNI.
         self.names: dict[str, dict[tuple[str, int], str]] = {}
         self.refused: set[str] = set()  # already audited by server_connect
+        self.explained: set[str] = set()  # denied CONNECTs completed to explain the refusal
 
     def approve(self, client: connection.Client, address: tuple[str, int]) -> None:
         self.approved.setdefault(client.id, set()).add((address[0], address[1]))
@@ -90,6 +93,7 @@ class Destinations:
         self.approved.pop(client.id, None)
         self.names.pop(client.id, None)
         self.refused.discard(client.id)
+        self.explained.discard(client.id)
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         cid = flow.client_conn.id
@@ -165,10 +169,29 @@ class ConnectionGate:
             flow.request.port,
             client=_client(flow.client_conn),
         )
-        if not decision.allowed:
-            flow.response = deny_response(decision.reason, decision.rule)
+        if decision.allowed:
+            return
+        mode = self.ctx.refusal_mode
+        if mode is RefusalMode.RESET:
+            denied = _as_decision(decision)
+            flow.response = deny_response(denied, facts, mode)
             flow.metadata[M_AUDITED] = True
-            self.ctx.record(facts, _as_decision(decision), started=started, status=403)
+            self.ctx.record(facts, denied, started=started, status=403, refusal=mode)
+            return
+        # explain: complete the CONNECT; every request inside is answered by PolicyGate with
+        # the explanation, and nothing is ever dialled (server_connect still refuses). The
+        # reason is on the 200 too, for a client that then rejects our certificate.
+        self.dest.explained.add(flow.client_conn.id)
+        flow.response = http.Response(
+            flow.request.data.http_version,
+            200,
+            b"Connection established",
+            http.Headers([(REASON_HEADER.encode(), decision.reason.encode("ascii", "replace"))]),
+            b"",
+            None,
+            time.time(),
+            time.time(),
+        )
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         """Pass TLS through untouched when the rule needs nothing from inside it. A transparent
@@ -199,6 +222,26 @@ class ConnectionGate:
                 addr=addr,
             )
             self.ctx.record(facts, _as_decision(decision), started=time.monotonic())
+
+    def tls_failed_client(self, data: tls.TlsData) -> None:
+        """The agent rejected our certificate (it does not trust the keyward CA): audit it, so
+        the operator sees why the agent failed, and whether it was a refusal being explained."""
+        client = data.context.client
+        target = self.dest.targets.get(client.id) or data.context.server.address
+        host, port = target if target else (client.sni or "unknown", 0)
+        decision = self.ctx.policy.connection(host, port)
+        facts = RequestFacts(
+            Plane.MITM, "TLS", "tls", host, port, sni=client.sni, client=_client(client)
+        )
+        explained = client.id in self.dest.explained
+        self.ctx.record(
+            facts,
+            _as_decision(decision),
+            started=time.monotonic(),
+            reason="client-tls-rejected",
+            error=self.ctx.redactor.redact(str(client.error or "tls handshake failed")),
+            refusal=RefusalMode.EXPLAIN if explained else None,
+        )
 
     def tcp_start(self, flow: tcp.TCPFlow) -> None:
         addr = self.dest.targets.get(flow.client_conn.id) or flow.server_conn.address
@@ -258,9 +301,12 @@ class PolicyGate:
         if decision.allowed:
             self.dest.route(flow, host)
         else:
-            flow.response = deny_response(decision.reason, decision.rule)
+            mode = self.ctx.refusal_mode
+            flow.response = deny_response(decision, facts, mode, req.headers.get("accept"))
             flow.metadata[M_AUDITED] = True
-            self.ctx.record(facts, decision, started=flow.metadata[M_STARTED], status=403)
+            self.ctx.record(
+                facts, decision, started=flow.metadata[M_STARTED], status=403, refusal=mode
+            )
             if decision.alert:
                 log.warning("placeholder sent to %s: %s", host, decision.reason)
 
