@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from gateway.credentials.redact import (
     REPLACEMENT,
+    REPLACEMENT_BYTES,
     RedactingFilter,
     Redactor,
     StreamScrubber,
@@ -96,6 +97,47 @@ def test_json_escaped_values() -> None:
     ):
         out = r.redact(text)
         assert json.loads(out) == {"v": REPLACEMENT}
+
+
+def escape_some(value: str, mask: int, upper: bool = False) -> str:
+    """`value` with the characters picked by `mask` written as JSON `\\uXXXX` escapes."""
+    out = []
+    for i, ch in enumerate(value):
+        if mask >> (i % 30) & 1:
+            esc = "".join(f"\\u{ord(u):04x}" for u in ch.encode("utf-16-be").decode("utf-16-be"))
+            out.append(esc.upper().replace("\\U", "\\u") if upper else esc)
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+@pytest.mark.parametrize("form", ["hex", "HEX", "utf-16-le", "utf-16-be"])
+def test_hex_and_utf16_forms(r: Redactor, form: str) -> None:
+    raw = SECRET.encode()
+    data = {
+        "hex": raw.hex().encode(),
+        "HEX": raw.hex().upper().encode(),
+        "utf-16-le": SECRET.encode("utf-16-le"),
+        "utf-16-be": SECRET.encode("utf-16-be"),
+    }[form]
+    out = r.redact_bytes(b"dump: " + data + b" end")
+    assert data not in out and REPLACEMENT_BYTES in out
+    if form.startswith("utf-16"):
+        assert SECRET not in out.replace(b"\0", b"").decode("latin-1")
+        codec = form
+        assert SECRET not in (b"\0" + out + b"\0").decode(codec, "replace")
+        assert SECRET not in out.decode(codec, "replace")
+
+
+@pytest.mark.parametrize("mask", [0b1, 0b10, 0b101010, (1 << 30) - 1, 0x2AAAAAAA, 0x15555555])
+@pytest.mark.parametrize("upper", [False, True])
+def test_any_mix_of_json_escapes_and_literals(r: Redactor, mask: int, upper: bool) -> None:
+    text = escape_some(SECRET, mask, upper)
+    body = json.dumps({"a": 1})[:-1] + f', "k": "{text}"}}'
+    assert json.loads(body)["k"] == SECRET  # what the agent would decode
+    out = r.redact(body)
+    assert SECRET not in json.loads(out)["k"]
+    assert r.redact_bytes(body.encode()) == out.encode()
 
 
 def test_short_values_are_ignored() -> None:
@@ -191,6 +233,12 @@ def test_stream_never_holds_more_than_longest_form(r: Redactor) -> None:
 FORMS = [
     SECRET,
     OTHER,
+    SECRET.encode().hex(),
+    OTHER.encode().hex().upper(),
+    SECRET.encode("utf-16-le").decode("latin-1"),
+    OTHER.encode("utf-16-be").decode("latin-1"),
+    escape_some(SECRET, 0b1011),
+    escape_some(OTHER, (1 << 30) - 1, upper=True),
     base64.b64encode(SECRET.encode()).decode(),
     base64.b64encode(b"user:" + OTHER.encode()).decode(),
     quote_plus(SECRET),
@@ -205,6 +253,7 @@ FORMS = [
             st.sampled_from(FORMS),
             st.text(max_size=12),
             st.sampled_from(FORMS).map(lambda f: f[: len(f) // 2]),
+            st.sampled_from(["\\", "\\u00", "\\u0073", "\0", "7"]),
         ),
         max_size=12,
     ),
@@ -212,7 +261,7 @@ FORMS = [
 )
 def test_any_chunking_gives_the_whole_body_result(pieces: list[str], cuts: list[int]) -> None:
     r = Redactor([SECRET, OTHER])
-    body = "".join(pieces).encode()
+    body = "".join(pieces).encode("latin-1", "backslashreplace")
     points = sorted({c % (len(body) + 1) for c in cuts})
     chunks = [body[a:b] for a, b in zip([0, *points], [*points, len(body)], strict=True)]
     assert stream(r, chunks) == r.redact_bytes(body)

@@ -1,8 +1,9 @@
 """Scrub known secret values, and the encodings they travel in, out of text and streams.
 
-Upstreams echo credentials back (error bodies, httpbin-style reflectors, Basic auth blobs), and
-exceptions quote them. Every loaded value is registered here once; every outgoing log line, audit
-record, error message and response body goes through one regex pass.
+Upstreams echo credentials back (error bodies, httpbin-style reflectors, Basic auth blobs, hex
+dumps, UTF-16 text, JSON with `\\uXXXX` escapes), and exceptions quote them. Every loaded value is
+registered here once; every outgoing log line, audit record, error message and response body goes
+through one regex pass.
 """
 
 from __future__ import annotations
@@ -38,10 +39,11 @@ def _b64_aligned(raw: bytes, alphabet_urlsafe: bool) -> list[str]:
 
 
 def derived_forms(value: str) -> set[str]:
-    """Every text form a value is commonly found in: raw, base64 (standard/urlsafe, padded or
-    not, at any alignment), percent-encoded and JSON-escaped."""
+    """Every fixed text form a value is commonly found in: raw, base64 (standard/urlsafe,
+    padded or not, at any alignment), hex (either case), percent-encoded and JSON-escaped.
+    JSON `\\uXXXX` escapes mixed with literal characters are matched by `_escaped_pattern`."""
     raw = value.encode("utf-8")
-    forms = {value}
+    forms = {value, raw.hex(), raw.hex().upper()}
     for urlsafe in (False, True):
         encode = base64.urlsafe_b64encode if urlsafe else base64.b64encode
         full = encode(raw).decode("ascii")
@@ -58,44 +60,175 @@ def derived_forms(value: str) -> set[str]:
     return {f for f in forms if len(f) >= MIN_LENGTH}
 
 
+def derived_bytes(value: str) -> set[bytes]:
+    """The byte forms of a value: its text forms in UTF-8, and the value in UTF-16LE/BE.
+
+    The UTF-16 forms lose their leading and trailing zero bytes: for an ASCII value both byte
+    orders then share one form that never starts with a zero byte (a body of zeros, the most
+    common binary content, would otherwise be a candidate match at every position)."""
+    forms = {f.encode("utf-8") for f in derived_forms(value)}
+    forms.add(value.encode("utf-16-le").strip(b"\0"))
+    forms.add(value.encode("utf-16-be").strip(b"\0"))
+    return forms
+
+
+# JSON's short escapes; every other character may also be written as \uXXXX (either case).
+_JSON_SHORT = {
+    '"': '\\"',
+    "\\": "\\\\",
+    "/": "\\/",
+    "\b": "\\b",
+    "\f": "\\f",
+    "\n": "\\n",
+    "\r": "\\r",
+    "\t": "\\t",
+}
+
+
+def _escapes(ch: str) -> list[str]:
+    """The JSON escapes of one character, hex digits lower case (a surrogate pair above BMP)."""
+    units = ch.encode("utf-16-be")
+    out = ["".join(f"\\u{units[i]:02x}{units[i + 1]:02x}" for i in range(0, len(units), 2))]
+    if ch in _JSON_SHORT:
+        out.append(_JSON_SHORT[ch])
+    return out
+
+
+def _escaped_units(value: str) -> tuple[tuple[bytes, tuple[bytes, ...]], ...]:
+    """Per character: (its UTF-8 bytes, its JSON escapes), for the stream scrubber's hold test."""
+    return tuple(
+        (ch.encode("utf-8"), tuple(e.encode("ascii") for e in _escapes(ch))) for ch in value
+    )
+
+
+def _escape_alternatives(ch: str) -> str:
+    """Regex source: one character, literal or escaped (hex digits in either case)."""
+    alts = [re.escape(ch)]
+    for esc in _escapes(ch):
+        alts.append("".join(f"[{c}{c.upper()}]" if c in "abcdef" else re.escape(c) for c in esc))
+    return "(?:" + "|".join(alts) + ")"
+
+
+def _escaped_pattern(value: str) -> str | None:
+    """Regex source for the value with any mix of JSON-escaped and literal characters: one
+    alternation per character, so the pattern grows linearly with the value. It is split into
+    two top-level branches that each start with a literal, so the regex engine keeps its
+    first-character skip (without one, every byte of a body is tried against the pattern)."""
+    if len(value) < MIN_LENGTH:
+        return None
+    first, rest = value[0], "".join(_escape_alternatives(c) for c in value[1:])
+    escaped_first = "|".join(
+        "".join(f"[{c}{c.upper()}]" if c in "abcdef" else re.escape(c) for c in esc)
+        for esc in _escapes(first)
+    )
+    return f"(?:{escaped_first}){rest}|{re.escape(first)}{rest}"
+
+
+# One value written with JSON escapes: per character, (UTF-8 bytes, its escapes).
+_Units = tuple[tuple[bytes, tuple[bytes, ...]], ...]
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """One regex pass over bytes, and what the stream scrubber needs to hold back the tail of a
+    chunk that may be the start of a match: candidate first bytes, and a prefix test."""
+
+    bytes_re: re.Pattern[bytes]
+    max_len: int
+    first_re: re.Pattern[bytes]
+    literals: dict[int, tuple[bytes, ...]] = field(default_factory=dict)
+    escaped: dict[int, tuple[_Units, ...]] = field(default_factory=dict)
+    # A buffer without this byte holds no match of the pass (b"\\" for escaped spellings).
+    needs: bytes | None = None
+
+    def pending(self, buf: bytes, start: int) -> int:
+        """The first position at or after `start` where the rest of `buf` is a proper prefix of
+        a match (it may complete in the next chunk); len(buf) if there is none."""
+        n = len(buf)
+        m = self.first_re.search(buf, start)
+        while m is not None:
+            p = m.start()
+            rest = buf[p:]
+            if any(len(f) > n - p and f.startswith(rest) for f in self.literals.get(buf[p], ())):
+                return p
+            if any(_escaped_prefix(buf, p, u) for u in self.escaped.get(buf[p], ())):
+                return p
+            m = self.first_re.search(buf, p + 1)
+        return n
+
+
 @dataclass(frozen=True)
 class _State:
-    """An immutable snapshot, swapped atomically on `add`, so readers never take the lock."""
+    """An immutable snapshot, swapped atomically on `add`, so readers never take the lock.
+
+    Two passes, applied in order: the fixed forms (one alternation of literals, which keeps
+    the regex engine's first-byte skip), then spellings with JSON `\\uXXXX` escapes, which
+    only run on text holding a backslash. Neither pass's output can contain a match of the
+    other's (`[REDACTED]` has no backslash; a fixed form has no escape), so the two passes over
+    a stream give the same bytes as over the whole body."""
 
     values: frozenset[str] = frozenset()
-    text_re: re.Pattern[str] | None = None
-    bytes_re: re.Pattern[bytes] | None = None
-    max_len: int = 0
-    # For the stream scrubber: forms grouped by first byte, to find a possible partial match.
-    by_first: dict[int, tuple[bytes, ...]] = field(default_factory=dict)
-    first_re: re.Pattern[bytes] | None = None
+    text_res: tuple[re.Pattern[str], ...] = ()
+    passes: tuple[_Pass, ...] = ()
+
+    @property
+    def max_len(self) -> int:
+        return max((p.max_len for p in self.passes), default=0)
+
+
+def _first_class(firsts: Iterable[int]) -> re.Pattern[bytes]:
+    return re.compile(b"[" + b"".join(re.escape(bytes([b])) for b in sorted(firsts)) + b"]")
 
 
 def _build(values: frozenset[str]) -> _State:
     forms: set[str] = set()
+    raw_forms: set[bytes] = set()
+    escaped_sources: list[str] = []
+    escaped: dict[int, list[_Units]] = {}
+    escaped_len = 0
     for v in values:
         forms |= derived_forms(v)
+        raw_forms |= derived_bytes(v)
+        pattern = _escaped_pattern(v)
+        if pattern is None:
+            continue
+        escaped_sources.append(pattern)
+        units = _escaped_units(v)
+        escaped_len = max(escaped_len, sum(max(len(e) for e in u[1]) for u in units))
+        for b in {units[0][0][0], ord("\\")}:
+            escaped.setdefault(b, []).append(units)
     if not forms:
         return _State(values)
     ordered = sorted(forms, key=lambda f: (-len(f.encode()), f))
-    encoded = sorted({f.encode("utf-8") for f in forms}, key=lambda f: (-len(f), f))
-    by_first: dict[int, list[bytes]] = {}
+    encoded = sorted(raw_forms, key=lambda f: (-len(f), f))
+    literals: dict[int, list[bytes]] = {}
     for f in encoded:
-        by_first.setdefault(f[0], []).append(f)
-    first_class = b"".join(re.escape(bytes([b])) for b in sorted(by_first))
-    return _State(
-        values=values,
-        text_re=re.compile("|".join(re.escape(f) for f in ordered)),
+        literals.setdefault(f[0], []).append(f)
+    fixed = _Pass(
         bytes_re=re.compile(b"|".join(re.escape(f) for f in encoded)),
         max_len=len(encoded[0]),
-        by_first={k: tuple(v) for k, v in by_first.items()},
-        first_re=re.compile(b"[" + first_class + b"]"),
+        first_re=_first_class(literals),
+        literals={k: tuple(v) for k, v in literals.items()},
     )
+    text_res = [re.compile("|".join(re.escape(f) for f in ordered))]
+    passes = [fixed]
+    if escaped_sources:
+        text_res.append(re.compile("|".join(escaped_sources)))
+        passes.append(
+            _Pass(
+                bytes_re=re.compile("|".join(escaped_sources).encode("utf-8")),
+                max_len=escaped_len,
+                first_re=_first_class(escaped),
+                escaped={k: tuple(v) for k, v in escaped.items()},
+                needs=b"\\",
+            )
+        )
+    return _State(values, tuple(text_res), tuple(passes))
 
 
 class Redactor:
     """Knows every secret value (and placeholder) of the process; replaces them with
-    `[REDACTED]`. Thread-safe: `add` rebuilds one compiled pattern under a lock."""
+    `[REDACTED]`. Thread-safe: `add` rebuilds the compiled patterns under a lock."""
 
     def __init__(self, values: Iterable[str] = ()) -> None:
         self._lock = threading.Lock()
@@ -124,78 +257,103 @@ class Redactor:
         return self._state.max_len
 
     def redact(self, text: str) -> str:
-        pattern = self._state.text_re
-        if pattern is None or not text:
-            return text
-        return pattern.sub(REPLACEMENT, text)
+        for i, pattern in enumerate(self._state.text_res):
+            if not text or (i and "\\" not in text):
+                break
+            text = pattern.sub(REPLACEMENT, text)
+        return text
 
     def redact_bytes(self, data: bytes) -> bytes:
-        pattern = self._state.bytes_re
-        if pattern is None or not data:
-            return data
-        return pattern.sub(REPLACEMENT_BYTES, data)
+        for p in self._state.passes:
+            if not data or (p.needs is not None and p.needs not in data):
+                break
+            data = p.bytes_re.sub(REPLACEMENT_BYTES, data)
+        return data
 
 
 class StreamScrubber:
     """Redacts a streamed body chunk by chunk without waiting for its end.
 
-    Holds back only the tail that could still be the start of a known form (never more than the
-    longest form minus one byte), so the output is exactly what redacting the whole body would
-    give, and a chunk with nothing to hide is returned as the same object.
+    Each pass holds back only the tail that could still be the start of one of its matches
+    (never more than its longest match minus one byte), so the output is exactly what
+    redacting the whole body would give, and a chunk with nothing to hide is returned as the
+    same object.
     """
 
     def __init__(self, redactor: Redactor) -> None:
         self._redactor = redactor
-        self._held = b""
+        self._held: list[bytes] = []
 
     def feed(self, chunk: bytes) -> bytes:
-        st = self._redactor._state
-        held = self._held
-        if st.bytes_re is None:
-            if not held:
-                return chunk
-            self._held = b""
-            return held + chunk
-        buf = held + chunk if held else chunk
-        n = len(buf)
-        hold = _pending_start(buf, max(0, n - st.max_len + 1), st)
-        pieces: list[bytes] = []
-        pos = 0
-        for m in st.bytes_re.finditer(buf, 0, n):
-            if m.start() >= hold:
-                break
-            pieces.append(buf[pos : m.start()])
-            pieces.append(REPLACEMENT_BYTES)
-            pos = m.end()
-        if not pieces and hold == n:
-            self._held = b""
-            return buf
-        cut = max(pos, hold)
-        pieces.append(buf[pos:cut])
-        self._held = buf[cut:]
-        return b"".join(pieces)
+        passes = self._redactor._state.passes
+        while len(self._held) < len(passes):
+            self._held.append(b"")
+        for i, p in enumerate(passes):
+            chunk, self._held[i] = _scrub_step(p, self._held[i], chunk)
+        return chunk
 
     def flush(self) -> bytes:
-        """The held-back tail, redacted; the body has ended."""
-        held, self._held = self._held, b""
-        return self._redactor.redact_bytes(held)
+        """The held-back tails, redacted; the body has ended."""
+        out = b""
+        passes = self._redactor._state.passes
+        for p, held in zip(passes, self._held, strict=False):
+            data = held + out
+            if data and not (p.needs and p.needs not in data):
+                data = p.bytes_re.sub(REPLACEMENT_BYTES, data)
+            out = data
+        self._held = []
+        return out
+
+    @property
+    def held(self) -> int:
+        """Bytes held back, waiting for the next chunk."""
+        return sum(len(h) for h in self._held)
 
 
-def _pending_start(buf: bytes, start: int, st: _State) -> int:
-    """The first position at or after `start` where the rest of `buf` is a proper prefix of a
-    known form (a match that may complete in the next chunk); len(buf) if there is none."""
+def _scrub_step(p: _Pass, held: bytes, chunk: bytes) -> tuple[bytes, bytes]:
+    """(what can be released, redacted; the new held-back tail)."""
+    buf = held + chunk if held else chunk
     n = len(buf)
-    first_re = st.first_re
-    assert first_re is not None
-    m = first_re.search(buf, start)
-    while m is not None:
-        p = m.start()
-        rest = n - p
-        candidates = st.by_first[buf[p]]
-        if any(len(f) > rest and f.startswith(buf[p:]) for f in candidates):
-            return p
-        m = first_re.search(buf, p + 1)
-    return n
+    hold = p.pending(buf, max(0, n - p.max_len + 1))
+    if p.needs is not None and p.needs not in buf:
+        return buf[:hold], buf[hold:]  # no match possible; only a start may be pending
+    pieces: list[bytes] = []
+    pos = 0
+    for m in p.bytes_re.finditer(buf, 0, n):
+        if m.start() >= hold:
+            break
+        pieces.append(buf[pos : m.start()])
+        pieces.append(REPLACEMENT_BYTES)
+        pos = m.end()
+    if not pieces and hold == n:
+        return buf, b""
+    cut = max(pos, hold)
+    pieces.append(buf[pos:cut])
+    return b"".join(pieces), buf[cut:]
+
+
+def _escaped_prefix(buf: bytes, p: int, units: _Units) -> bool:
+    """Whether buf[p:] is a proper prefix of the value spelled with any mix of literal and
+    JSON-escaped characters (escape hex digits compared without case: holding back a little
+    too much is harmless, too little would leak)."""
+    i, n = p, len(buf)
+    for literal, escapes in units:
+        if i >= n:
+            return True
+        advanced = False
+        for form, fold in ((literal, False), *((e, True) for e in escapes)):
+            piece = buf[i : i + len(form)]
+            if fold:
+                piece, form = piece.lower(), form.lower()
+            if form.startswith(piece):
+                if len(piece) < len(form):
+                    return True  # the buffer ends inside this character
+                i += len(form)
+                advanced = True
+                break
+        if not advanced:
+            return False
+    return False  # the whole value is there: a complete match, not a pending one
 
 
 class RedactingFilter(logging.Filter):
