@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import json
+import os
 import re
 import stat
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -239,3 +242,133 @@ def test_dash_writes_to_stderr() -> None:
     assert proc.stdout == ""
     rec = json.loads(proc.stderr)
     assert rec["error"] == "[REDACTED]" and rec["path"] == "/?a=REDACTED"
+
+
+# -- failing closed, rotation ----------------------------------------------------------------
+@pytest.fixture
+def tiny_fs(tmp_path: Path) -> Iterator[Path]:
+    """A real 64 KiB tmpfs: writes to it fail with ENOSPC once it is full (root only)."""
+    from tests.conftest import require_root
+
+    require_root()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill(path: Path) -> None:
+    """Fill the file system holding `path` until it refuses another byte."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        for size in (4096, 1):
+            with contextlib.suppress(OSError):
+                while os.write(fd, b"x" * size) == size:
+                    pass
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.root
+def test_full_disk_keeps_every_record_whole_and_recovers(tiny_fs: Path) -> None:
+    """Writes that hit ENOSPC leave no torn line; the records are kept and written, in order,
+    once there is room again; meanwhile the writer says it is unavailable."""
+    path = tiny_fs / "audit.jsonl"
+    w = AuditWriter(path, Redactor())
+    w.HEADROOM = 0  # exercise the write-failure path itself, not the pre-flight free-space check
+    w.PROBE_INTERVAL = 0.0
+    w.write(record(path="/before"))
+    fill(tiny_fs / "filler")
+    for i in range(20):
+        w.write(record(path=f"/during/{i}"))
+    assert not w.available() and not w.healthy
+    text = path.read_text()
+    assert all(json.loads(line) for line in text.splitlines())  # no torn line
+    assert text.endswith("\n")
+    (tiny_fs / "filler").unlink()
+    assert w.available() and w.healthy
+    w.write(record(path="/after"))
+    w.close()
+    paths = [r["path"] for r in lines(path)]
+    assert paths == ["/before", *[f"/during/{i}" for i in range(20)], "/after"]
+
+
+@pytest.mark.root
+def test_nearly_full_disk_is_unavailable_before_a_write_fails(tiny_fs: Path) -> None:
+    path = tiny_fs / "audit.jsonl"
+    w = AuditWriter(path, Redactor())
+    w.PROBE_INTERVAL = 0.0
+    assert w.available()
+    fill(tiny_fs / "filler")
+    assert not w.available()
+    (tiny_fs / "filler").unlink()
+    assert w.available()
+
+
+def test_on_error_continue_keeps_serving(tmp_path: Path) -> None:
+    w = AuditWriter(tmp_path / "a.jsonl", Redactor(), on_error="continue")
+    w._failed(OSError(28, "No space left on device"))
+    assert not w.healthy and w.available()
+
+
+def test_backlog_is_bounded_and_the_gap_recorded(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    w = AuditWriter(path, Redactor())
+    w.MAX_BACKLOG, w.PROBE_INTERVAL = 5, 0.0
+    path.unlink()
+    path.mkdir()  # the path now names a directory: every write fails
+    for i in range(8):
+        w.write(record(path=f"/{i}"))
+    assert len(w._backlog) == 5 and w.lost == 3
+    path.rmdir()
+    assert w.available()
+    out = lines(path)
+    assert out[0]["reason"] == "audit-records-lost" and "3 records" in out[0]["error"]
+    assert [r["path"] for r in out[1:]] == [f"/{i}" for i in range(5)]
+
+
+@pytest.mark.parametrize("how", ["rename", "unlink"])
+def test_rotation_is_followed(tmp_path: Path, how: str) -> None:
+    path = tmp_path / "a.jsonl"
+    w = AuditWriter(path, Redactor())
+    w.write(record(path="/old"))
+    if how == "rename":
+        path.rename(tmp_path / "a.jsonl.1")
+        assert [r["path"] for r in lines(tmp_path / "a.jsonl.1")] == ["/old"]
+    else:
+        path.unlink()
+    w.write(record(path="/new"))
+    assert [r["path"] for r in lines(path)] == ["/new"]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_reopen_switches_to_the_file_now_at_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    w = AuditWriter(path, Redactor())
+    w.write(record(path="/1"))
+    w.reopen()
+    w.write(record(path="/2"))
+    assert [r["path"] for r in lines(path)] == ["/1", "/2"]
+
+
+def test_each_record_is_one_write_of_a_whole_line(tmp_path: Path) -> None:
+    """strace-free check: the writer's file descriptor is raw (no buffered text layer whose
+    flush could split a line over several write calls)."""
+    path = tmp_path / "a.jsonl"
+    w = AuditWriter(path, Redactor())
+    calls: list[bytes] = []
+    real = os.write
+
+    def spy(fd: int, data: bytes) -> int:
+        calls.append(bytes(data))
+        return real(fd, data)
+
+    os.write = spy  # type: ignore[assignment]
+    try:
+        w.write(record(path="/" + "a" * 20000))
+    finally:
+        os.write = real  # type: ignore[assignment]
+    assert len(calls) == 1 and calls[0].endswith(b"\n") and calls[0].count(b"\n") == 1

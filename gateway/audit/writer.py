@@ -6,9 +6,13 @@ sent; so every line goes through the redactor and query values are dropped befor
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import datetime as dt
+import errno
 import json
+import logging
 import os
 import secrets
 import sys
@@ -16,11 +20,12 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from gateway.credentials.redact import Redactor, global_redactor
 
 QUERY_REDACTED = "REDACTED"
+log = logging.getLogger("keyward.audit")
 
 
 def now_iso() -> str:
@@ -120,26 +125,186 @@ def _withhold(data: dict[str, Any], redact: Callable[[str], str]) -> dict[str, A
 class AuditWriter:
     """Appends records as JSON lines to a file (created 0600) or stderr (`"-"`).
 
-    Thread-safe and flushed per record, so a crash loses at most the record being written. A
-    synchronous write is cheap enough to call from the event loop.
+    Each record is one `write(2)` of a whole line on an O_APPEND descriptor, so lines from
+    concurrent writers never interleave and a crash loses at most the record being written.
+
+    Failing closed: a record that cannot be written (full disk, I/O error) is kept in a bounded
+    in-memory backlog and the writer turns unhealthy. The data planes ask `available()` before
+    forwarding anything: while unhealthy (and `on_error` is `refuse`) it answers False, so new
+    requests are refused with 503 `audit-unavailable` and never reach an upstream. `available()`
+    is also the probe: at most every PROBE_INTERVAL seconds it retries the backlog, and the
+    writer is healthy again as soon as those records are on disk. Rotation is followed: the path
+    is checked on every record and reopened when it no longer names the open file.
     """
 
-    def __init__(self, target: str | Path, redactor: Redactor | None = None) -> None:
+    PROBE_INTERVAL = 0.25
+    MAX_BACKLOG = 10_000
+    HEADROOM = 64 * 1024  # bytes that must be free on the log's file system to forward
+
+    def __init__(
+        self, target: str | Path, redactor: Redactor | None = None, on_error: str = "refuse"
+    ) -> None:
         self.target = str(target)
         self.redactor = redactor if redactor is not None else global_redactor()
+        self.on_error = on_error
         self._lock = threading.Lock()
-        self._file: IO[str] | None = None
+        self._fd: int | None = None
+        self._ident: tuple[int, int] | None = None
+        self._backlog: collections.deque[bytes] = collections.deque()
+        self.lost = 0  # records dropped because the backlog was full
+        self.healthy = True
+        self._next_probe = 0.0
         self.counts: dict[str, int] = {"allowed": 0, "denied": 0, "warned": 0, "injected": 0}
         if self.target != "-":
             self._open()
 
-    def _open(self) -> IO[str]:
-        if self._file is None:
+    # -- the file ------------------------------------------------------------------------
+    def _open(self) -> int:
+        if self._fd is None:
             path = Path(self.target)
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            self._file = os.fdopen(fd, "a", encoding="utf-8")
-        return self._file
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            st = os.fstat(fd)
+            self._fd, self._ident = fd, (st.st_dev, st.st_ino)
+        return self._fd
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = self._ident = None
+
+    def _rotated(self) -> bool:
+        """True when the path no longer names the open file (renamed or unlinked)."""
+        try:
+            st = os.stat(self.target)
+        except OSError:
+            return True
+        return (st.st_dev, st.st_ino) != self._ident
+
+    def reopen(self) -> None:
+        """Close and reopen the file (SIGHUP, reload, or after log rotation)."""
+        with self._lock:
+            self._close_fd()
+            if self.target != "-":
+                with contextlib.suppress(OSError):
+                    self._open()
+
+    def _write_line(self, data: bytes) -> None:
+        """One write(2) of a whole line; raises OSError if the line is not entirely written."""
+        if self.target == "-":
+            sys.stderr.flush()
+            view = memoryview(data)
+            while view:  # a pipe may take it in pieces; nothing to undo on stderr
+                view = view[os.write(2, view) :]
+            return
+        if self._fd is not None and self._rotated():
+            self._close_fd()
+        fd = self._open()
+        n = os.write(fd, data)
+        if n != len(data):
+            # a short write on a nearly full disk: take the torn fragment back off the end
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, os.fstat(fd).st_size - n)
+            raise OSError(errno.ENOSPC, "short write")
+
+    def _append(self, data: bytes) -> None:
+        """Write the backlog then `data`, in order; on failure keep what is left for later."""
+        if self._backlog:
+            self._backlog.append(data)
+            if time.monotonic() >= self._next_probe:
+                self._drain_backlog()
+            else:
+                self._trim_backlog()
+            return
+        try:
+            self._write_line(data)
+        except OSError as e:
+            self._backlog.append(data)
+            self._failed(e)
+
+    def _drain_backlog(self) -> None:
+        try:
+            if self.lost:
+                self._write_line(self._lost_line(self.lost))
+                self.lost = 0
+            while self._backlog:
+                self._write_line(self._backlog[0])
+                self._backlog.popleft()
+        except OSError as e:
+            self._trim_backlog()
+            self._failed(e)
+            return
+        if not self.healthy:
+            self.healthy = True
+            log.error("audit log %s is writable again", self.target)
+
+    def _trim_backlog(self) -> None:
+        """Bounded memory: past MAX_BACKLOG the newest records are counted, not kept."""
+        while len(self._backlog) > self.MAX_BACKLOG:
+            self._backlog.pop()
+            self.lost += 1
+
+    def _failed(self, e: OSError) -> None:
+        self._close_fd()  # the next attempt reopens: the path may have been fixed or rotated
+        self._next_probe = time.monotonic() + self.PROBE_INTERVAL
+        if self.healthy:
+            self.healthy = False
+            what = "refusing new requests" if self.on_error == "refuse" else "continuing"
+            log.error(
+                "audit log %s cannot be written (%s); %s until it can",
+                self.target,
+                e.strerror or e,
+                what,
+            )
+
+    def _lost_line(self, n: int) -> bytes:
+        rec = AuditRecord(
+            plane="audit",
+            method="-",
+            scheme="-",
+            host="",
+            port=0,
+            path="",
+            decision="deny",
+            reason="audit-records-lost",
+            error=f"{n} records could not be kept while the log was unwritable",
+            alert=True,
+        )
+        return (_dumps(rec.as_dict()) + "\n").encode()
+
+    def _room(self) -> bool:
+        """Is there room for a request's record? One fstatvfs: a nearly full disk refuses
+        before forwarding, rather than after, when the record would no longer fit."""
+        if self.target == "-" or self.HEADROOM <= 0:
+            return True
+        try:
+            st = os.fstatvfs(self._open())
+        except OSError:
+            return False
+        free = st.f_bfree if os.geteuid() == 0 else st.f_bavail
+        return free * st.f_frsize >= self.HEADROOM
+
+    def available(self) -> bool:
+        """May a request be forwarded now? The pre-flight check of every data plane; while
+        unhealthy it probes (retries the backlog) at most every PROBE_INTERVAL seconds."""
+        if self.on_error == "continue":
+            return True
+        if self.healthy:
+            if self._room():
+                return True
+            with self._lock:
+                self._failed(OSError(errno.ENOSPC, "less than 64 KiB free"))
+            return False
+        now = time.monotonic()
+        if now < self._next_probe:
+            return False
+        with self._lock:
+            if not self.healthy:
+                self._next_probe = now + self.PROBE_INTERVAL
+                if self._room():
+                    self._drain_backlog()
+            return self.healthy
 
     def serialise(self, record: AuditRecord) -> str:
         """The redacted JSON line for `record` (without newline)."""
@@ -174,15 +339,9 @@ class AuditWriter:
         return line
 
     def write(self, record: AuditRecord) -> None:
-        line = self.serialise(record) + "\n"
+        data = (self.serialise(record) + "\n").encode()
         with self._lock:
-            if self.target == "-":
-                sys.stderr.write(line)
-                sys.stderr.flush()
-            else:
-                f = self._open()
-                f.write(line)
-                f.flush()
+            self._append(data)
             self._count(record)
 
     def _count(self, record: AuditRecord) -> None:
@@ -196,11 +355,11 @@ class AuditWriter:
             self.counts["injected"] += 1
 
     def close(self) -> None:
-        """Close the file; a later write reopens it, so no late record is lost."""
+        """Close the file (one last try at the backlog); a later write reopens it."""
         with self._lock:
-            if self._file is not None:
-                self._file.close()
-                self._file = None
+            if self._backlog or self.lost:
+                self._drain_backlog()
+            self._close_fd()
 
     def __enter__(self) -> AuditWriter:
         return self

@@ -227,6 +227,10 @@ class UpstreamConfig(Strict):
 
 class AuditConfig(Strict):
     path: str = Field("keyward-audit.jsonl", description='JSONL file; "-" = stderr')
+    on_error: Literal["refuse", "continue"] = Field(
+        "refuse",
+        description="when a record cannot be written: refuse new requests (503) or continue",
+    )
 
 
 class Config(Strict):

@@ -27,6 +27,9 @@ from gateway.tls.ca import CertificateAuthority, system_roots_path
 if TYPE_CHECKING:
     from gateway.credentials.oauth import TokenMinter
 
+# The reason (header and audit) when a request is refused because its record cannot be written.
+AUDIT_UNAVAILABLE = "audit-unavailable"
+
 # Mints (or reuses) the OAuth access tokens a plan needs before it is applied.
 TokenPreparer = Callable[[frozenset[str]], Awaitable[None]]
 
@@ -190,7 +193,7 @@ def build_context(
         config=loaded,
         policy=policy,
         secrets=store,
-        audit=AuditWriter(target, store.redactor),
+        audit=AuditWriter(target, store.redactor, on_error=loaded.config.audit.on_error),
         ca=CertificateAuthority.load_or_create(state_dir),
         state_dir=state_dir,
         placeholders=placeholders,

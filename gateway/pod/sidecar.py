@@ -144,6 +144,11 @@ class Sidecar:
         await web.UnixSite(self.control, str(path)).start()
         path.chmod(0o600)
 
+    def reload(self) -> None:
+        """SIGHUP: reopen the audit log (after rotation)."""
+        self.ctx.audit.reopen()
+        log.info("audit log reopened")
+
     async def close(self) -> None:
         self.ready = False
         if self.opts.ready_file is not None:
@@ -168,6 +173,7 @@ async def serve(loaded: LoadedConfig, opts: ServeOptions) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, sidecar.reload)
     try:
         await sidecar.start()
         await stop.wait()

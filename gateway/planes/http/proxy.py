@@ -27,7 +27,7 @@ from yarl import URL
 
 from gateway.config.model import ServiceConfig
 from gateway.credentials.redact import StreamScrubber
-from gateway.planes.context import GatewayContext
+from gateway.planes.context import AUDIT_UNAVAILABLE, GatewayContext
 from gateway.planes.http.hop import strip_hop_by_hop
 from gateway.planes.http.resolver import OverrideResolver
 from gateway.policy.apply import apply_plan, swap_placeholders
@@ -304,6 +304,10 @@ class HttpPlane:
                     log.warning("placeholder sent to %s: %s", facts.host, decision.reason)
                 ex.refusal = self.ctx.refusal_mode
                 return deny_response(decision, facts, ex.refusal, request.headers.get("Accept"))
+            if not self.ctx.audit.available():
+                # Pre-flight: nothing reaches an upstream while its record could not be written.
+                ex.status, ex.reason = 503, AUDIT_UNAVAILABLE
+                return error_response(AUDIT_UNAVAILABLE, 503)
             headers = list(facts.headers)
             plan = decision.plan
             if plan is not None and (plan.headers or plan.swaps):

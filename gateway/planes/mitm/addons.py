@@ -16,7 +16,7 @@ from mitmproxy import connection, http, tcp, tls, udp
 from mitmproxy.proxy import server_hooks
 
 from gateway.credentials.redact import StreamScrubber
-from gateway.planes.context import GatewayContext
+from gateway.planes.context import AUDIT_UNAVAILABLE, GatewayContext
 from gateway.policy.apply import apply_plan, swap_placeholders
 from gateway.policy.core import ConnectionDecision, Decision, Plane, RequestFacts
 from gateway.policy.hosts import normalise_host
@@ -44,10 +44,10 @@ def deny_response(
     return http.Response.make(r.status, r.body, {"Content-Type": r.content_type, **dict(r.headers)})
 
 
-def error_response(reason: str) -> http.Response:
+def error_response(reason: str, status: int = 502) -> http.Response:
     body = json.dumps({"error": "keyward could not complete the request", "reason": reason})
     return http.Response.make(
-        502, body.encode(), {"Content-Type": "application/json", "X-Keyward-Reason": reason}
+        status, body.encode(), {"Content-Type": "application/json", "X-Keyward-Reason": reason}
     )
 
 
@@ -170,6 +170,16 @@ class ConnectionGate:
             client=_client(flow.client_conn),
         )
         if decision.allowed:
+            if not self.ctx.audit.available():
+                flow.response = error_response(AUDIT_UNAVAILABLE, 503)
+                flow.metadata[M_AUDITED] = True
+                self.ctx.record(
+                    facts,
+                    _as_decision(decision),
+                    started=started,
+                    status=503,
+                    reason=AUDIT_UNAVAILABLE,
+                )
             return
         mode = self.ctx.refusal_mode
         if mode is RefusalMode.RESET:
@@ -208,7 +218,8 @@ class ConnectionGate:
                 return  # intercept; the request gate will refuse the unverified name
             host, addr = name, target[0]
         decision = self.ctx.policy.connection(host, target[1], sni=sni, addr=addr)
-        if decision.allowed and not decision.intercept:
+        # With the audit log down, intercept instead: the request gate then refuses with a 503.
+        if decision.allowed and not decision.intercept and self.ctx.audit.available():
             self.dest.approve(client, target)
             data.ignore_connection = True
             facts = RequestFacts(
@@ -249,14 +260,14 @@ class ConnectionGate:
         host, port = addr if addr else ("unknown", 0)
         decision = self.ctx.policy.connection(host, port)
         facts = RequestFacts(Plane.MITM, "TCP", "tcp", host, port, client=_client(flow.client_conn))
-        if decision.allowed and decision.tcp:
+        audited = self.ctx.audit.available()
+        if decision.allowed and decision.tcp and audited:
             self.ctx.record(facts, _as_decision(decision), started=started)
             return
         flow.kill()
         if flow.client_conn.id not in self.dest.refused:
-            self.ctx.record(
-                facts, _as_decision(decision), started=started, reason="non-http-killed"
-            )
+            reason = "non-http-killed" if audited else AUDIT_UNAVAILABLE
+            self.ctx.record(facts, _as_decision(decision), started=started, reason=reason)
 
     def udp_start(self, flow: udp.UDPFlow) -> None:
         addr = flow.server_conn.address or ("unknown", 0)
@@ -298,7 +309,18 @@ class PolicyGate:
         decision = self.ctx.policy.decide(facts)
         flow.metadata[M_FACTS] = facts
         flow.metadata[M_DECISION] = decision
-        if decision.allowed:
+        if decision.allowed and not self.ctx.audit.available():
+            # Pre-flight: nothing reaches an upstream while its record could not be written.
+            flow.response = error_response(AUDIT_UNAVAILABLE, 503)
+            flow.metadata[M_AUDITED] = True
+            self.ctx.record(
+                facts,
+                decision,
+                started=flow.metadata[M_STARTED],
+                status=503,
+                reason=AUDIT_UNAVAILABLE,
+            )
+        elif decision.allowed:
             self.dest.route(flow, host)
         else:
             mode = self.ctx.refusal_mode

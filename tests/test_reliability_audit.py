@@ -1,0 +1,92 @@
+"""Audit that fails closed, end to end on both planes: a real full file system (a tmpfs
+mounted by the test), rotation and SIGHUP-free reopen, with the embedded gateway in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.embedded import running, with_service
+from tests.support.world import World, make_world
+from tests.test_audit_writer import fill
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path) -> Iterator[Path]:
+    from tests.conftest import require_root
+
+    require_root()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    w = await make_world(tmp_path)
+    yield w
+    await w.upstream.close()
+
+
+def records(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+@pytest.mark.root
+async def test_full_disk_refuses_on_both_planes_and_recovers(world: World, tiny_fs: Path) -> None:
+    audit = tiny_fs / "audit.jsonl"
+    with_service(world, audit=audit)
+    async with running(world) as gw:
+        assert (await gw.via_proxy("/ok-1"))[0] == 200
+        assert (await gw.via_service("/ok-2"))[0] == 200
+        seen_before = len(world.upstream.seen.requests)
+        fill(tiny_fs / "filler")
+        outcomes = []
+        for i in range(10):
+            outcomes.append(await gw.via_proxy(f"/full-mitm-{i}"))
+            outcomes.append(await gw.via_service(f"/full-svc-{i}"))
+        for status, reason, body in outcomes:
+            assert status == 503 and reason == "audit-unavailable", (status, reason, body)
+            assert not body or json.loads(body)["reason"] == "audit-unavailable"
+        # nothing reached the upstream while no record could be written
+        assert len(world.upstream.seen.requests) == seen_before
+        (tiny_fs / "filler").unlink()
+        for _ in range(200):  # the writer probes again at most every 0.25 s
+            if (await gw.via_proxy("/back"))[0] == 200:
+                break
+            await asyncio.sleep(0.05)
+        assert (await gw.via_service("/back-svc"))[0] == 200
+    lines = audit.read_text().splitlines()
+    recs = [json.loads(line) for line in lines]  # every line whole
+    paths = [r["path"] for r in recs]
+    refused = [r for r in recs if r["reason"] == "audit-unavailable"]
+    # every refused request is audited too, once: CONNECTs on the mitm plane, requests on the other
+    # (and the refused attempts of the recovery loop, also CONNECTs)
+    assert all(r["status"] == 503 for r in refused)
+    assert sum(r["method"] == "CONNECT" for r in refused) >= 10
+    for i in range(10):
+        assert paths.count(f"/full-svc-{i}") == 1
+    assert {r["plane"] for r in refused} == {"mitm", "service"}
+    assert "/back-svc" in paths
+
+
+async def test_rotation_by_rename_is_followed_on_both_planes(world: World) -> None:
+    with_service(world)
+    async with running(world) as gw:
+        assert (await gw.via_proxy("/one"))[0] == 200
+        world.audit_path.rename(world.dir / "audit.jsonl.1")
+        assert (await gw.via_proxy("/two"))[0] == 200
+        assert (await gw.via_service("/three"))[0] == 200
+        world.audit_path.unlink()
+        assert (await gw.via_service("/four"))[0] == 200
+    assert [r["path"] for r in records(world.dir / "audit.jsonl.1")] == ["/one"]
+    assert [r["path"] for r in records(world.audit_path)] == ["/four"]
