@@ -38,11 +38,13 @@ def proxy_ids(spec: str | None) -> tuple[int, int]:
 
 
 def ports_from_args(args: argparse.Namespace) -> PodPorts:
+    extra = {"control": args.metrics_port} if getattr(args, "metrics_port", None) else {}
     return PodPorts(
         transparent=args.transparent_port,
         explicit=args.explicit_port,
         dns=args.dns_port,
         services=tuple(args.service_port or ()),
+        **extra,
     )
 
 
@@ -80,6 +82,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         audit_path=args.audit,
         trust_dir=Path(args.trust_dir) if args.trust_dir else None,
         trust_mount=args.trust_mount or args.trust_dir or "/etc/keyward",
+        metrics_port=args.metrics_port,
     )
     return asyncio.run(serve(loaded, opts))
 
@@ -108,7 +111,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--no-netfilter", action="store_true", help="do not apply rules (an init step already did)"
     )
     p.add_argument("--ready-file", metavar="FILE", help="written when ready, removed on stop")
-    p.add_argument("--control-socket", metavar="PATH", help="health/readiness unix socket")
+    p.add_argument("--control-socket", metavar="PATH", help="health/readiness/metrics unix socket")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="N",
+        help="also serve /metrics, /healthz, /readyz on TCP port N (the pod's control port:"
+        " the netfilter rules keep it closed to agent uids)",
+    )
     p.add_argument("--audit", metavar="FILE", help="audit log (overrides audit.path)")
     p.add_argument("--trust-dir", metavar="DIR", help="write the agent's trust files here at start")
     p.add_argument("--trust-mount", metavar="PATH", help="where the agent sees --trust-dir")

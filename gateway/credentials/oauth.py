@@ -57,6 +57,7 @@ class TokenMinter:
         timeout: float = 30.0,
         failure_backoff: float = 5.0,
         clock: Callable[[], float] = time.time,
+        on_mint: Callable[[str, str], None] | None = None,
     ) -> None:
         self.store = store
         self.dir = Path(state_dir) / "oauth"
@@ -67,6 +68,7 @@ class TokenMinter:
         self.timeout = timeout
         self.failure_backoff = failure_backoff
         self.clock = clock
+        self.on_mint = on_mint  # (secret name, "ok" | "failed"): metrics
         self._inflight: dict[str, asyncio.Future[None]] = {}
         self._skew: dict[str, float] = {}
         self._refresh_tokens: dict[str, str] = {}
@@ -131,6 +133,8 @@ class TokenMinter:
         try:
             await self._mint(cred)
         except TokenUnavailable as e:
+            if self.on_mint is not None:
+                self.on_mint(cred.name, "failed")
             self._failed[cred.name] = (self.clock(), e)
             if self._usable(cred.name):
                 # Still valid, only inside the skew window: keep using it, retry later.
@@ -140,6 +144,8 @@ class TokenMinter:
                 return
             log.warning("oauth %s: %s", cred.name, e.reason)
             raise
+        if self.on_mint is not None:
+            self.on_mint(cred.name, "ok")
         self._failed.pop(cred.name, None)
 
     # -- the token request ---------------------------------------------------------------

@@ -26,6 +26,7 @@ from gateway.tls.ca import CertificateAuthority, system_roots_path
 
 if TYPE_CHECKING:
     from gateway.credentials.oauth import TokenMinter
+    from gateway.metrics import Metrics
 
 # The reason (header and audit) when a request is refused because its record cannot be written.
 AUDIT_UNAVAILABLE = "audit-unavailable"
@@ -47,6 +48,7 @@ class GatewayContext:
     upstream_ca_file: str | None
     agent: str = "agent"
     prepare_tokens: TokenPreparer | None = None
+    metrics: Metrics | None = None  # `keyward serve` counts every audit record here too
     extra: dict[str, Any] = field(default_factory=dict)
     _upstream_ssl: ssl.SSLContext | None = field(default=None, init=False, repr=False)
 
@@ -73,6 +75,7 @@ class GatewayContext:
             self.state_dir,
             self.upstream_ssl_context,
             connect_target=self.connect_target,
+            on_mint=self.metrics.token_mint if self.metrics is not None else None,
         )
         self.prepare_tokens = minter.ensure
         return minter
@@ -138,6 +141,16 @@ class GatewayContext:
             refusal=str(refusal) if refusal is not None else None,
         )
         self.audit.write(rec)
+        if self.metrics is not None:
+            self.metrics.observe(
+                plane=rec.plane,
+                decision=rec.decision,
+                reason=rec.reason,
+                host=rec.host,
+                status=rec.status,
+                duration_ms=rec.duration_ms,
+                injected=rec.injected,
+            )
         return rec
 
 

@@ -65,6 +65,7 @@ class IsolatedPod:
             "--control-socket", str(self.state_dir / "control" / "keyward.sock"),
             "--trust-dir", str(self.trust_dir),
             "--trust-mount", str(self.trust_dir),
+            "--metrics-port", str(self.ports.control),
         ]  # fmt: skip
         if self.audit_path:
             argv += ["--audit", self.audit_path]

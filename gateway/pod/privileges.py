@@ -48,6 +48,7 @@ PRELOAD_MODULES = (
     "encodings.utf_16",
     "stringprep",
     "unicodedata",
+    "concurrent.futures.thread",  # the loop's default executor (getaddrinfo of a TCP listener)
 )
 PRELOAD_PACKAGES = ("mitmproxy.proxy", "mitmproxy.net", "mitmproxy.utils", "h2", "h11", "wsproto")
 

@@ -22,6 +22,8 @@ from gateway.config.loader import LoadedConfig
 from gateway.credentials.oauth import TokenMinter
 from gateway.dns.resolver import Resolver
 from gateway.dns.server import DnsListener
+from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from gateway.metrics import Metrics
 from gateway.netfilter.rules import PodPorts, render_all
 from gateway.planes.context import GatewayContext, build_context, freeze_startup_heap
 from gateway.planes.http.proxy import HttpPlane
@@ -48,6 +50,9 @@ class ServeOptions:
     audit_path: str | None = None
     trust_dir: Path | None = None
     trust_mount: str = "/etc/keyward"
+    # Also serve the control endpoints (health, readiness, /metrics) on this TCP port of every
+    # address (Prometheus, kubelet probes). The netfilter rules keep it closed to agent uids.
+    metrics_port: int | None = None
 
 
 def write_agent_trust(ctx: GatewayContext, out: Path, mount: str) -> None:
@@ -74,6 +79,7 @@ class Sidecar:
     def prepare(cls, loaded: LoadedConfig, opts: ServeOptions) -> Sidecar:
         """The privileged part: secrets, CA, rules, then the irreversible drop."""
         ctx = build_context(loaded, opts.state_dir, audit_path=opts.audit_path, agent=opts.agent)
+        ctx.metrics = Metrics()
         if opts.trust_dir is not None:
             write_agent_trust(ctx, opts.trust_dir, opts.trust_mount)
         services = {s.listen for s in loaded.config.services.values() if s.listen}
@@ -97,7 +103,17 @@ class Sidecar:
     def _audit_dns(self, rec: dict[str, object]) -> None:
         fields = {k: v for k, v in rec.items() if k in AuditRecord.__dataclass_fields__}
         fields.setdefault("agent", self.ctx.agent)
-        self.ctx.audit.write(AuditRecord(**fields))  # type: ignore[arg-type]
+        rec = AuditRecord(**fields)  # type: ignore[arg-type]
+        self.ctx.audit.write(rec)
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.observe(
+                plane=rec.plane,
+                decision=rec.decision,
+                reason=rec.reason,
+                host=rec.host,
+                status=rec.status,
+                duration_ms=rec.duration_ms,
+            )
 
     async def start(self) -> None:
         p = self.opts.ports
@@ -117,7 +133,7 @@ class Sidecar:
         )
         self.http = HttpPlane(self.ctx)
         await self.http.start("127.0.0.1")
-        if self.opts.control_socket is not None:
+        if self.opts.control_socket is not None or self.opts.metrics_port:
             await self._start_control(self.opts.control_socket)
         freeze_startup_heap()
         self.ready = True
@@ -125,8 +141,9 @@ class Sidecar:
             self.opts.ready_file.write_text("ready\n")
         log.info("ready: transparent %d, explicit %d, dns %d", p.transparent, p.explicit, p.dns)
 
-    async def _start_control(self, path: Path) -> None:
-        """Health and readiness on a unix socket in a 0700 dir: the agent cannot reach it."""
+    async def _start_control(self, path: Path | None) -> None:
+        """Health, readiness, metrics and credential health on a unix socket in a 0700 dir,
+        and on `metrics_port` when set: neither is reachable from the agent."""
 
         async def healthz(_: web.Request) -> web.Response:
             return web.json_response({"ok": True})
@@ -134,15 +151,29 @@ class Sidecar:
         async def readyz(_: web.Request) -> web.Response:
             return web.json_response({"ready": self.ready}, status=200 if self.ready else 503)
 
+        metrics = self.ctx.metrics
+
+        async def metrics_page(_: web.Request) -> web.Response:
+            body = metrics.exposition() if metrics is not None else b""
+            return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+        async def credentials(_: web.Request) -> web.Response:
+            return web.json_response(metrics.credentials() if metrics is not None else {})
+
         app = web.Application()
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/readyz", readyz)
+        app.router.add_get("/metrics", metrics_page)
+        app.router.add_get("/credentials", credentials)
         self.control = web.AppRunner(app, access_log=None)
         await self.control.setup()
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        await web.UnixSite(self.control, str(path)).start()
-        path.chmod(0o600)
+        if path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            await web.UnixSite(self.control, str(path)).start()
+            path.chmod(0o600)
+        if self.opts.metrics_port:
+            await web.TCPSite(self.control, None, self.opts.metrics_port).start()
 
     def reload(self) -> None:
         """SIGHUP: reopen the audit log (after rotation)."""

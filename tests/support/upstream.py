@@ -147,7 +147,13 @@ def make_app(seen: Seen) -> web.Application:
     ):  # also under /v1/, where services with an API-style base path send them
         app.router.add_route("*", f"/{name}", handler)
         app.router.add_route("*", f"/v1/{name}", handler)
+
+    async def status(request: web.Request) -> web.Response:
+        await record(request)
+        return web.json_response({"status": "as asked"}, status=int(request.match_info["code"]))
+
     app.router.add_route("GET", "/ws", ws)
+    app.router.add_route("*", r"/status/{code:[1-5][0-9][0-9]}", status)
     app.router.add_route("*", "/{tail:.*}", echo)
     return app
 

@@ -1,0 +1,137 @@
+"""Prometheus metrics for a gateway: counted where the audit record is written, so the two agree.
+
+Every metric is fed from the same call that writes an audit record (`observe`), so a scrape and
+the audit log tell one story. Label values are bounded and never sensitive: planes, verdicts,
+reason *kinds* (the part before `:`, so no rule path or placeholder name), secret names, hosts
+and status classes. Never a secret value, a path or a query.
+
+Per-credential health: a secret whose upstream answers 401/403 `FAILING_AFTER` times in a row is
+reported failing (`keyward_credential_failing`, `/credentials`) until one answer is not an auth
+failure: a revoked key is noticed, not silently injected forever.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import exposition as _exposition
+
+CONTENT_TYPE = _exposition.CONTENT_TYPE_LATEST
+FAILING_AFTER = 3
+AUTH_FAILURES = frozenset({401, 403})
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+def reason_kind(reason: str | None) -> str:
+    """`path-denied: DELETE /repos/**` -> `path-denied`: bounded, and no path in a label."""
+    if not reason:
+        return ""
+    return reason.split(":", 1)[0].strip()[:64]
+
+
+def code_class(status: int | None) -> str:
+    return f"{status // 100}xx" if status is not None and 100 <= status < 600 else "none"
+
+
+class Metrics:
+    """One registry per gateway (not the process-global one: tests run several gateways)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "keyward_requests",
+            "Requests and refused connections, one per audit record",
+            ("plane", "decision", "reason"),
+            registry=r,
+        )
+        self.injections = Counter(
+            "keyward_injections",
+            "Credentials written into allowed requests",
+            ("secret", "host"),
+            registry=r,
+        )
+        self.upstream_responses = Counter(
+            "keyward_upstream_responses",
+            "Upstream answers to requests that carried a credential, by status class",
+            ("secret", "code_class"),
+            registry=r,
+        )
+        self.duration = Histogram(
+            "keyward_request_duration_seconds",
+            "Time from a request's arrival to its audit record",
+            ("plane",),
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.token_mints = Counter(
+            "keyward_token_mints",
+            "OAuth access token requests, by outcome",
+            ("secret", "outcome"),
+            registry=r,
+        )
+        self.dns_queries = Counter(
+            "keyward_dns_queries", "DNS queries answered or refused", ("decision",), registry=r
+        )
+        self.audit_errors = Counter(
+            "keyward_audit_errors", "Audit records that could not be written", registry=r
+        )
+        self.credential_failing = Gauge(
+            "keyward_credential_failing",
+            f"1 while a credential's upstream has answered 401/403 {FAILING_AFTER}+ times in a row",
+            ("secret",),
+            registry=r,
+        )
+        self._lock = threading.Lock()
+        self._auth_streak: dict[str, int] = {}
+
+    def observe(
+        self,
+        *,
+        plane: str,
+        decision: str,
+        reason: str | None,
+        host: str,
+        status: int | None,
+        duration_ms: float,
+        injected: Iterable[Mapping[str, str]] = (),
+    ) -> None:
+        """Count one audit record (called right after it is written)."""
+        self.requests.labels(plane, decision, reason_kind(reason)).inc()
+        if plane == "dns":
+            self.dns_queries.labels(decision).inc()
+            return
+        self.duration.labels(plane).observe(max(duration_ms, 0.0) / 1000.0)
+        secrets = list(dict.fromkeys(i.get("secret", "") for i in injected))
+        for secret in secrets:
+            self.injections.labels(secret, host).inc()
+            self.upstream_responses.labels(secret, code_class(status)).inc()
+            if status is not None:
+                self._credential_answer(secret, status)
+
+    def _credential_answer(self, secret: str, status: int) -> None:
+        with self._lock:
+            streak = self._auth_streak.get(secret, 0) + 1 if status in AUTH_FAILURES else 0
+            self._auth_streak[secret] = streak
+        self.credential_failing.labels(secret).set(1 if streak >= FAILING_AFTER else 0)
+
+    def token_mint(self, secret: str, outcome: str) -> None:
+        self.token_mints.labels(secret, outcome).inc()
+
+    def audit_error(self) -> None:
+        self.audit_errors.inc()
+
+    def credentials(self) -> dict[str, Any]:
+        """Per-credential health for `/credentials` and `keyward status`."""
+        with self._lock:
+            streaks = dict(self._auth_streak)
+        return {
+            name: {"failing": n >= FAILING_AFTER, "consecutive_auth_failures": n}
+            for name, n in sorted(streaks.items())
+        }
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
