@@ -13,11 +13,13 @@ failure: a revoked key is noticed, not silently injected forever.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import exposition as _exposition
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 CONTENT_TYPE = _exposition.CONTENT_TYPE_LATEST
 FAILING_AFTER = 3
@@ -36,10 +38,21 @@ def code_class(status: int | None) -> str:
     return f"{status // 100}xx" if status is not None and 100 <= status < 600 else "none"
 
 
-class Metrics:
-    """One registry per gateway (not the process-global one: tests run several gateways)."""
+class _CountedElsewhere(Collector):
+    """A counter whose value lives in the object that counts it (the audit writer)."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str, doc: str, value: Callable[[], int]) -> None:
+        self.name, self.doc, self.value = name, doc, value
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(self.name, self.doc, value=self.value())
+
+
+class Metrics:
+    """One registry per gateway (not the process-global one: tests run several gateways).
+    `audit_errors` reads the audit writer's count of failed writes."""
+
+    def __init__(self, audit_errors: Callable[[], int] = lambda: 0) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -76,8 +89,10 @@ class Metrics:
         self.dns_queries = Counter(
             "keyward_dns_queries", "DNS queries answered or refused", ("decision",), registry=r
         )
-        self.audit_errors = Counter(
-            "keyward_audit_errors", "Audit records that could not be written", registry=r
+        r.register(
+            _CountedElsewhere(
+                "keyward_audit_errors", "Failed attempts to write audit records", audit_errors
+            )
         )
         self.credential_failing = Gauge(
             "keyward_credential_failing",
@@ -120,9 +135,6 @@ class Metrics:
 
     def token_mint(self, secret: str, outcome: str) -> None:
         self.token_mints.labels(secret, outcome).inc()
-
-    def audit_error(self) -> None:
-        self.audit_errors.inc()
 
     def credentials(self) -> dict[str, Any]:
         """Per-credential health for `/credentials` and `keyward status`."""

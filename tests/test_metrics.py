@@ -132,3 +132,11 @@ def test_metric_labels_are_bounded_and_free_of_paths(tmp_path: Path) -> None:
     text = m.exposition().decode()
     assert "secret-project" not in text and 'reason="path-denied"' in text
     assert reason_kind("placeholder-wrong-host: OPENAI_API_KEY") == "placeholder-wrong-host"
+
+
+def test_audit_write_errors_are_counted() -> None:
+    errors = [0]
+    m = Metrics(audit_errors=lambda: errors[0])
+    assert "keyward_audit_errors_total 0.0" in m.exposition().decode()
+    errors[0] = 3
+    assert "keyward_audit_errors_total 3.0" in m.exposition().decode()

@@ -152,6 +152,7 @@ class AuditWriter:
         self._ident: tuple[int, int] | None = None
         self._backlog: collections.deque[bytes] = collections.deque()
         self.lost = 0  # records dropped because the backlog was full
+        self.write_errors = 0  # failed attempts to write (keyward_audit_errors_total)
         self.healthy = True
         self._next_probe = 0.0
         self.counts: dict[str, int] = {"allowed": 0, "denied": 0, "warned": 0, "injected": 0}
@@ -246,6 +247,7 @@ class AuditWriter:
             self.lost += 1
 
     def _failed(self, e: OSError) -> None:
+        self.write_errors += 1
         self._close_fd()  # the next attempt reopens: the path may have been fixed or rotated
         self._next_probe = time.monotonic() + self.PROBE_INTERVAL
         if self.healthy:

@@ -79,7 +79,7 @@ class Sidecar:
     def prepare(cls, loaded: LoadedConfig, opts: ServeOptions) -> Sidecar:
         """The privileged part: secrets, CA, rules, then the irreversible drop."""
         ctx = build_context(loaded, opts.state_dir, audit_path=opts.audit_path, agent=opts.agent)
-        ctx.metrics = Metrics()
+        ctx.metrics = Metrics(audit_errors=lambda: ctx.audit.write_errors)
         if opts.trust_dir is not None:
             write_agent_trust(ctx, opts.trust_dir, opts.trust_mount)
         services = {s.listen for s in loaded.config.services.values() if s.listen}
