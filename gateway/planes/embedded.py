@@ -10,9 +10,7 @@ from gateway.planes.context import GatewayContext, freeze_startup_heap
 from gateway.planes.http.proxy import HttpPlane
 from gateway.planes.mitm.master import MitmPlane, start_mitm
 from gateway.tls.ca import write_bundle
-from gateway.tls.trust import CA_ENV_VARS
-
-PROXY_ENV_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
+from gateway.tls.trust import agent_env, is_proxy_var
 
 
 @dataclass
@@ -50,16 +48,10 @@ class EmbeddedGateway:
         for name in self.ctx.secrets.env_vars():
             env.pop(name, None)
         for name in list(env):
-            if name.upper() in (*PROXY_ENV_VARS, "NO_PROXY"):
+            if is_proxy_var(name):
                 del env[name]
         bundle = write_bundle(self.ctx.ca, self.ctx.state_dir / "agent-ca-bundle.pem")
-        for name in CA_ENV_VARS:
-            env[name] = str(bundle)
-        for name in PROXY_ENV_VARS:
-            env[name] = env[name.lower()] = self.proxy_url
-        env["NODE_USE_ENV_PROXY"] = "1"  # Node >= 22.21 / 24.5 honour the proxy variables for fetch
-        if self.service_ports:
-            env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1"
+        env.update(agent_env(str(bundle), self.proxy_url, bypass_loopback=bool(self.service_ports)))
         for ph in self.ctx.placeholders:
             env[ph.env] = ph.value
         for name, port in self.service_ports.items():
