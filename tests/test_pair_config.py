@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config.loader import load_config
+from gateway.config.rewrite import secret_key as secret_env_name
 from gateway.credentials.sources import load_secrets, read_dotenv
 from gateway.engine.pair import (
     AGENT_TRUST,
@@ -26,7 +27,6 @@ from gateway.engine.pair import (
     dotenv_text,
     gateway_config,
     parse_trust_env,
-    secret_env_name,
 )
 from gateway.engine.verify import build_spec, resolve_targets
 

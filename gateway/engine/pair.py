@@ -26,6 +26,7 @@ import yaml
 
 from gateway.cli.errors import KeywardError
 from gateway.config.loader import LoadedConfig, load_config
+from gateway.config.rewrite import shipped_config
 from gateway.credentials.sources import load_secrets
 from gateway.credentials.store import SecretStore
 from gateway.engine.client import EngineClient
@@ -63,9 +64,6 @@ GATEWAY_MEMORY = 512 * 1024 * 1024
 GATEWAY_PIDS = 256
 AGENT_PIDS = 4096
 READY_TIMEOUT = 60.0
-
-_ENV_UNSAFE = re.compile(r"[^A-Z0-9_]")
-_OAUTH_FIELDS = ("client_id", "client_secret", "refresh_token")
 
 
 class PairError(KeywardError):
@@ -136,14 +134,6 @@ def pair_labels(opts: PairOptions, role: str | None = None) -> dict[str, str]:
 # -- the config the gateway gets ---------------------------------------------------------------
 
 
-def secret_env_name(secret: str, sub: str | None = None) -> str:
-    """The `.env` key a secret (or an OAuth field of one) is shipped under."""
-    base = _ENV_UNSAFE.sub("_", secret.upper())
-    if sub:
-        base += "_" + _ENV_UNSAFE.sub("_", sub.upper())
-    return f"KEYWARD_SECRET_{base}"
-
-
 def _dotenv_quote(value: str) -> str:
     out = value.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$")
     return f'"{out}"'
@@ -175,29 +165,7 @@ class GatewayBundle:
 def build_gateway_bundle(loaded: LoadedConfig, store: SecretStore) -> GatewayBundle:
     """The rewritten keyward.yaml (every source = env from `.env`), the `.env` (0600) with the
     host-resolved values, and a copy of `upstream.ca_bundle`. Validated with the real loader."""
-    raw = yaml.safe_load(loaded.path.read_text(encoding="utf-8"))
-    values: dict[str, str] = {}
-    secrets_out: dict[str, Any] = {}
-    oauth = store.oauth()
-    for name, src in (raw.get("secrets") or {}).items():
-        if isinstance(src, dict) and "oauth" in src:
-            creds = oauth[name]
-            new = dict(src["oauth"])
-            for sub in _OAUTH_FIELDS:
-                value = getattr(creds, sub)
-                if value is None:
-                    new.pop(sub, None)
-                    continue
-                key = secret_env_name(name, sub)
-                values[key] = value.reveal()
-                new[sub] = {"env": key}
-            secrets_out[name] = {"oauth": new}
-        else:
-            key = secret_env_name(name)
-            values[key] = store.get(name).reveal()
-            secrets_out[name] = {"env": key}
-    if secrets_out:
-        raw["secrets"] = secrets_out
+    raw, values = shipped_config(loaded, store, lambda key: {"env": key})
     files: dict[str, tuple[bytes, int]] = {}
     upstream = raw.get("upstream") or {}
     ca_bundle = upstream.get("ca_bundle")
