@@ -6,6 +6,7 @@ file where a socket should be), so "connectable" is tested for real, not assumed
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,6 +25,18 @@ from gateway.engine.discovery import find_engine, probe_socket, socket_path_from
 from gateway.engine.errors import EngineNotFound
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _answer_pings(listener: socket.socket) -> None:
+    """Answer every connection like an engine's /_ping, until the listener is closed."""
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        with conn, contextlib.suppress(OSError):
+            conn.recv(4096)
+            conn.sendall(b"HTTP/1.0 200 OK\r\nApi-Version: 1.41\r\n\r\nOK")
 
 
 class Layout:
@@ -41,7 +55,13 @@ class Layout:
         return p
 
     def live(self, where: str) -> Path:
-        """A socket something is listening on."""
+        """A socket an engine-like server answers `/_ping` on."""
+        p = self.hung(where)
+        threading.Thread(target=_answer_pings, args=(self._open[-1],), daemon=True).start()
+        return p
+
+    def hung(self, where: str) -> Path:
+        """A socket that accepts connections and never answers (a wedged daemon)."""
         p = self._path(where)
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.bind(str(p))
@@ -152,6 +172,8 @@ def test_probe_reasons(layout: Layout) -> None:
     assert "does not exist" in (probe_socket(layout.root / "nope.sock") or "")
     assert "not a unix socket" in (probe_socket(layout.plain_file("/run/f.sock")) or "")
     assert "refused" in (probe_socket(layout.stale("/run/old.sock")) or "")
+    hung = probe_socket(layout.hung("/run/hung.sock"), ping_timeout=0.2)
+    assert "did not answer /_ping within 0.2s" in (hung or "")
     deep = layout.root / ("d" * 60) / ("e" * 60)
     deep.mkdir(parents=True)
     long_sock = deep / "docker.sock"
@@ -459,3 +481,44 @@ def test_cli_json_not_found(layout: Layout) -> None:
         }
     ]
     assert "unix sockets only" in data["tried"][0]["reason"]
+
+
+def test_cli_socket_that_never_answers_fails_after_the_ping_timeout(layout: Layout) -> None:
+    """A socket that accepts and never answers is reported, not waited on for 120 s."""
+    hung = layout.hung("/run/hung.sock")
+    r = keyward("engine", "--engine-socket", str(hung), env={"HOME": str(layout.home)})
+    assert r.returncode == 1
+    assert "did not answer /_ping within 5s" in r.stderr
+
+
+def test_hung_candidate_is_skipped_for_the_next_one(layout: Layout) -> None:
+    layout.hung("/var/run/docker.sock")
+    ok = layout.live("/run/podman/podman.sock")
+    found = find_engine(environ={}, home=layout.home, platform="linux", uid=0, fs_root=layout.root)
+    assert found.socket_path == ok
+    assert "did not answer /_ping" in (found.tried[0].reason or "")
+
+
+def test_cli_closed_pipe_exits_quietly(layout: Layout) -> None:
+    """`keyward engine --json | head`: the reader is gone before we write; no error text."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "gateway", "engine", "--json"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={
+                "PATH": "/usr/bin:/bin",
+                "PYTHONPATH": str(ROOT),
+                "HOME": str(layout.home),
+                "DOCKER_HOST": "tcp://h:1",
+            },
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert r.stderr == ""
+    assert r.returncode == 141

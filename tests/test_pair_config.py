@@ -282,3 +282,18 @@ async def test_missing_local_image_names_the_build_script() -> None:
     failing = _FakeImages(EngineError(0, "registry unreachable"))
     with pytest.raises(PairError, match="could not be pulled"):
         await ensure_image(failing, "example.test/agent:1")  # type: ignore[arg-type]
+
+
+def test_engine_errors_become_one_sentence_that_says_what_to_do() -> None:
+    from gateway.cli.pair_cmds import engine_advice
+    from gateway.engine.errors import Conflict, EngineUnavailable, NotFound, ServerError
+
+    stopped = engine_advice(Conflict(409, "container 4f2a is not running"), "foo")
+    assert "keyward restart --name foo" in stopped and "not running" in stopped
+    gone = engine_advice(NotFound(404, "no such container: 4f2a"), "default")
+    assert "keyward up" in gone and "--name" not in gone
+    dead = engine_advice(EngineUnavailable(0, "/run/x.sock: refused"), "foo")
+    assert "keyward engine" in dead
+    other = engine_advice(ServerError(500, "runc failed\nlots of detail"), "foo")
+    for msg in (stopped, gone, dead, other):
+        assert "\n" not in msg

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -28,6 +29,7 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 log = logging.getLogger("keyward")
+EXIT_BROKEN_PIPE = 141
 
 
 class _Parser(argparse.ArgumentParser):
@@ -61,7 +63,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
+        return rc
+    except BrokenPipeError:
+        return _reader_went_away()
     except KeywardError as e:
         _report(e, args.debug)
         return e.exit_code
@@ -70,6 +76,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # an unexpected failure still gets one redacted line
         _report(e, args.debug, prefix="internal error: ")
         return EXIT_FAILURE
+
+
+def _reader_went_away() -> int:
+    """`keyward ... | head`: the reader closed the pipe. Exit quietly, as a C tool killed by
+    SIGPIPE would (128 + 13), and point stdout at /dev/null so the interpreter's final flush
+    does not print "Exception ignored ... BrokenPipeError"."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_BROKEN_PIPE
 
 
 def _report(exc: BaseException, debug: bool, prefix: str = "") -> None:

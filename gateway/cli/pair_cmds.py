@@ -17,9 +17,10 @@ from rich.table import Table
 from gateway.cli.config_cmds import add_config_option, load_from_args
 from gateway.cli.console import console as make_console
 from gateway.cli.engine_cmds import add_engine_socket_option
-from gateway.cli.errors import EXIT_OK, UsageError
+from gateway.cli.errors import EXIT_OK, KeywardError, UsageError
 from gateway.engine.client import EngineClient
 from gateway.engine.discovery import find_engine
+from gateway.engine.errors import Conflict, EngineError, EngineUnavailable, NotFound
 from gateway.engine.stream import Stream
 
 T = TypeVar("T")
@@ -33,14 +34,38 @@ def add_name_option(p: argparse.ArgumentParser) -> None:
 
 
 def run_with_engine(args: argparse.Namespace, fn: Callable[[EngineClient], Awaitable[T]]) -> T:
-    """Find the engine (an explicit --engine-socket that is dead is an error) and run `fn`."""
+    """Find the engine (an explicit --engine-socket that is dead is an error) and run `fn`;
+    a raw engine error becomes one sentence that says what to do."""
     found = find_engine(explicit=getattr(args, "engine_socket", None))
 
     async def go() -> T:
         async with EngineClient(found.socket_path) as client:
             return await fn(client)
 
-    return asyncio.run(go())
+    try:
+        return asyncio.run(go())
+    except EngineError as e:
+        raise KeywardError(engine_advice(e, getattr(args, "name", None) or "default")) from None
+
+
+def engine_advice(e: EngineError, pair: str) -> str:
+    """One sentence for an engine failure in a pair command: what happened, what to run."""
+    said = f"(engine said: {e.message.splitlines()[0] if e.message else e.status})"
+    opt = "" if pair == "default" else f" --name {pair}"
+    if isinstance(e, EngineUnavailable):
+        return f"the container engine stopped answering {said}; check that it runs (keyward engine)"
+    text = f"{e.message} {e.cause or ''}".lower()
+    if isinstance(e, Conflict) and "not running" in text:
+        return (
+            f"a container of pair {pair!r} is not running {said}; keyward status{opt} shows "
+            f"which and why, keyward restart{opt} starts it again"
+        )
+    if isinstance(e, NotFound):
+        return (
+            f"pair {pair!r} lacks something the engine was asked for, so it was probably "
+            f"removed {said}; keyward status{opt} shows what is left, keyward up{opt} recreates it"
+        )
+    return f"the engine refused {said}; keyward status{opt} and keyward logs{opt} may say why"
 
 
 def _command(args: argparse.Namespace) -> list[str]:
@@ -81,6 +106,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     info = run_with_engine(args, go)
     took = time.monotonic() - t0
+    for warning in info.warnings:
+        err.print(f"[yellow]warning:[/] {warning}", highlight=False, markup=True)
     err.print(
         f"pair [bold]{info.name}[/]: gateway ready in {info.ready_seconds:.1f} s, "
         f"up in {took:.1f} s; agent {info.agent_id[:12]} "

@@ -24,6 +24,9 @@ from pathlib import Path
 from gateway.engine.errors import Attempt, EngineNotFound
 
 CONNECT_TIMEOUT = 1.0
+# A socket that accepts but never answers /_ping (a wedged daemon, a stuck VM forwarder) must not
+# hang a command for the client's 120 s: after this long it is "not answering" and skipped.
+PING_TIMEOUT = 5.0
 # sockaddr_un.sun_path is 108 bytes on Linux, 104 on macOS, including the terminating NUL.
 MAX_SOCKET_PATH = {"darwin": 103}.get(sys.platform, 107)
 ENV_EXPLICIT = "KEYWARD_ENGINE_SOCKET"
@@ -66,8 +69,10 @@ def socket_path_from_host(value: str) -> Path:
     )
 
 
-def probe_socket(path: Path, timeout: float = CONNECT_TIMEOUT) -> str | None:
-    """Why `path` is not a usable engine socket, or None if something accepts connections."""
+def probe_socket(
+    path: Path, timeout: float = CONNECT_TIMEOUT, ping_timeout: float = PING_TIMEOUT
+) -> str | None:
+    """Why `path` is not a usable engine socket, or None if it answers `GET /_ping`."""
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -91,9 +96,31 @@ def probe_socket(path: Path, timeout: float = CONNECT_TIMEOUT) -> str | None:
     except TimeoutError:
         return f"no answer within {timeout:g}s"
     except OSError as e:
+        sock.close()
         return f"cannot connect: {e.strerror or e}"
+    try:
+        return _ping(sock, ping_timeout)
     finally:
         sock.close()
+
+
+def _ping(sock: socket.socket, timeout: float) -> str | None:
+    """Why the connected `sock` is not an engine API, or None once an HTTP answer starts."""
+    sock.settimeout(timeout)
+    try:
+        sock.sendall(b"GET /_ping HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        head = b""
+        while b"\r\n" not in head and len(head) < 1024:
+            chunk = sock.recv(1024)
+            if not chunk:
+                break
+            head += chunk
+    except TimeoutError:
+        return f"accepts connections but did not answer /_ping within {timeout:g}s"
+    except OSError as e:
+        return f"/_ping failed: {e.strerror or e}"
+    if not head.startswith(b"HTTP/"):
+        return "answered /_ping with something that is not HTTP"
     return None
 
 

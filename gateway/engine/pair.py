@@ -14,6 +14,7 @@ import contextlib
 import io
 import json
 import re
+import secrets
 import tarfile
 import tempfile
 import time
@@ -31,10 +32,13 @@ from gateway.credentials.sources import load_secrets
 from gateway.credentials.store import SecretStore
 from gateway.engine.client import EngineClient
 from gateway.engine.errors import Conflict, EngineError, NotFound
+from gateway.engine.hostnet import forward_drop_problems
 from gateway.engine.stream import Stream
 
 LABEL_PAIR = "keyward.pair"
 LABEL_ROLE = "keyward.role"
+# A random token per `up`: what carries it was created by that `up`, so only that `up` undoes it.
+LABEL_UP = "keyward.up"
 DEFAULT_NAME = "default"
 DEFAULT_GATEWAY_IMAGE = "localhost/keyward-gateway:dev"
 DEFAULT_AGENT_IMAGE = "localhost/keyward-agent:dev"
@@ -70,6 +74,10 @@ class PairError(KeywardError):
     """The pair could not be brought up, found or inspected."""
 
 
+class NameHeld(PairError):
+    """A name the pair needs belongs to something else (another pair, or not a pair at all)."""
+
+
 @dataclass(frozen=True)
 class PairNames:
     """Every engine object of one pair is named from the pair name."""
@@ -95,6 +103,14 @@ class PairNames:
     @property
     def config_volume(self) -> str:
         return f"keyward-{self.pair}-config"
+
+    @property
+    def containers(self) -> tuple[str, ...]:
+        return (self.gateway, self.agent)
+
+    @property
+    def volumes(self) -> tuple[str, ...]:
+        return (self.state_volume, self.trust_volume, self.config_volume)
 
 
 @dataclass
@@ -320,6 +336,22 @@ class PairInfo:
     gateway_id: str
     agent_id: str
     ready_seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+
+async def internal_podman_networks(
+    client: EngineClient, networks: Sequence[str]
+) -> list[tuple[str, str]]:
+    """(name, subnet) of each internal network among `networks` (for the FORWARD DROP check)."""
+    out = []
+    for net in networks:
+        with contextlib.suppress(EngineError):
+            data = await client.network_inspect(net)
+            if data.get("Internal"):
+                for cfg in (data.get("IPAM") or {}).get("Config") or []:
+                    if cfg.get("Subnet"):
+                        out.append((net, str(cfg["Subnet"])))
+    return out
 
 
 async def exec_text(client: EngineClient, container: str, argv: Sequence[str]) -> str:
@@ -387,6 +419,92 @@ async def ensure_image(client: EngineClient, image: str, say: Say = _quiet) -> N
         ) from None
 
 
+class _Made:
+    """What one `up` created, by id, in creation order: the only things its failure undoes."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+        self.containers: list[str] = []
+        self.volumes: list[str] = []
+
+
+def _labels_of(obj: Mapping[str, Any]) -> Mapping[str, str]:
+    """Labels of an inspected container (`Config.Labels`) or volume (`Labels`)."""
+    labels = obj.get("Labels")
+    if labels is None:
+        labels = (obj.get("Config") or {}).get("Labels")
+    return labels or {}
+
+
+def _held_by(kind: str, what: str, obj: Mapping[str, Any], pair_name: str) -> PairError:
+    """The error for a name that exists already: ours (pair exists) or foreign (removes nothing)."""
+    owner = _labels_of(obj).get(LABEL_PAIR)
+    if owner == pair_name:
+        return NameHeld(
+            f"pair {pair_name!r} exists already or another `keyward up` is creating it "
+            f"({kind} {what}); `keyward status --name {pair_name}` shows it, "
+            f"`keyward down --name {pair_name}` removes it"
+        )
+    return NameHeld(
+        f"{kind} {what} exists and is not labelled {LABEL_PAIR}={pair_name}: keyward removes "
+        f"nothing it did not create, so rename or remove it yourself, or pick another --name"
+    )
+
+
+async def check_names_free(client: EngineClient, name: str) -> None:
+    """Refuse early, touching nothing, when a container name is taken or a volume name belongs
+    to something that is not this pair (a kept state volume of this pair is reused)."""
+    names = PairNames(name)
+    for container in names.containers:
+        try:
+            found = await client.container_inspect(container)
+        except NotFound:
+            continue
+        raise _held_by("container", container, found, name)
+    for vol in names.volumes:
+        try:
+            found = await client.volume_inspect(vol)
+        except NotFound:
+            continue
+        if _labels_of(found).get(LABEL_PAIR) != name:
+            raise _held_by("volume", vol, found, name)
+
+
+async def _ensure_volume(client: EngineClient, vol: str, opts: PairOptions, made: _Made) -> None:
+    """Create `vol` unless it exists; recorded only if this `up`'s token is on it afterwards
+    (Docker answers a create of an existing name with the existing volume, not an error)."""
+    try:
+        found = await client.volume_inspect(vol)
+    except NotFound:
+        # Podman answers Conflict when someone created it between our inspect and create
+        with contextlib.suppress(Conflict):
+            await client.volume_create(vol, labels={**pair_labels(opts), LABEL_UP: made.token})
+        found = await client.volume_inspect(vol)
+    labels = _labels_of(found)
+    if labels.get(LABEL_UP) == made.token:
+        made.volumes.append(vol)
+    elif labels.get(LABEL_PAIR) != opts.name:
+        raise _held_by("volume", vol, found, opts.name)
+
+
+async def _create_container(
+    client: EngineClient, name: str, config: dict[str, Any], opts: PairOptions, made: _Made
+) -> str:
+    """Create by name (the engine's atomic check: a concurrent `up` loses here, having created
+    nothing that holds this name) and record the id."""
+    config = {**config, "Labels": {**config.get("Labels", {}), LABEL_UP: made.token}}
+    try:
+        cid = await client.container_create(name, config)
+    except Conflict:
+        try:
+            found = await client.container_inspect(name)
+        except NotFound:
+            found = {}
+        raise _held_by("container", name, found, opts.name) from None
+    made.containers.append(cid)
+    return cid
+
+
 async def up(
     client: EngineClient,
     loaded: LoadedConfig,
@@ -394,28 +512,24 @@ async def up(
     opts: PairOptions,
     say: Say = _quiet,
 ) -> PairInfo:
-    """Create and start the pair; on any failure remove whatever was created."""
+    """Create and start the pair; on any failure remove exactly what this call created."""
     check_pair_name(opts.name)
     names = PairNames(opts.name)
     bundle = build_gateway_bundle(loaded, store)
-    existing = await find_pair(client, opts.name)
-    if "gateway" in existing or "agent" in existing:
-        raise PairError(f"pair {opts.name!r} exists already (keyward down --name {opts.name})")
+    await check_names_free(client, opts.name)
+    warnings: list[str] = []
+    if (await client.ping()).kind == "podman":
+        warnings += forward_drop_problems(await internal_podman_networks(client, opts.networks))
     for image in (opts.gateway_image, opts.agent_image):
         await ensure_image(client, image, say)
-    made: list[str] = []
+    made = _Made(secrets.token_hex(8))
     try:
-        for vol in (names.state_volume, names.trust_volume, names.config_volume):
-            try:
-                await client.volume_inspect(vol)
-                continue  # kept by `down --keep-state`: the same CA and placeholders again
-            except NotFound:
-                pass
-            await client.volume_create(vol, labels=pair_labels(opts))
-            made.append(vol)
+        for vol in names.volumes:
+            # a state volume kept by `down --keep-state` is reused: the same CA and placeholders
+            await _ensure_volume(client, vol, opts, made)
         say("creating the gateway")
-        gw = await client.container_create(
-            names.gateway, gateway_config(opts, bundle.service_ports)
+        gw = await _create_container(
+            client, names.gateway, gateway_config(opts, bundle.service_ports), opts, made
         )
         await client.put_archive(gw, GW_CONFIG_DIR, bundle.tar())
         for net in opts.networks[1:]:
@@ -425,23 +539,40 @@ async def up(
         ready = await wait_ready(client, gw, opts.ready_timeout, say)
         trust = parse_trust_env(await exec_text(client, gw, ["cat", f"{GW_TRUST}/trust.env"]))
         say("starting the agent")
-        agent = await client.container_create(names.agent, agent_config(opts, gw, trust))
+        agent = await _create_container(
+            client, names.agent, agent_config(opts, gw, trust), opts, made
+        )
         await client.container_start(agent)
     except BaseException:
         with contextlib.suppress(Exception):
-            await asyncio.shield(_undo(client, names, made))
+            await asyncio.shield(undo(client, made))
         raise
-    return PairInfo(opts.name, gw, agent, ready)
+    return PairInfo(opts.name, gw, agent, ready, warnings)
 
 
-async def _undo(client: EngineClient, names: PairNames, volumes: Sequence[str]) -> None:
-    """Remove what a failed `up` created (by name: other labelled objects are not ours)."""
-    for container in (names.agent, names.gateway):
+async def _remove_volume(client: EngineClient, vol: str) -> bool:
+    """Remove a volume without `force` (Podman's force removes the containers using it, which may
+    not be ours); retried while the engine still releases it. False if it was already gone."""
+    for attempt in range(10):
+        try:
+            await client.volume_remove(vol)
+            return True
+        except NotFound:
+            return False
+        except Conflict:
+            if attempt == 9:
+                raise
+            await asyncio.sleep(0.3)
+    return False
+
+
+async def undo(client: EngineClient, made: _Made) -> None:
+    """Remove what one `up` created, by id, newest first; nothing else."""
+    for cid in reversed(made.containers):
         with contextlib.suppress(NotFound):
-            await client.container_remove(container, force=True)
-    for vol in volumes:
-        with contextlib.suppress(NotFound):
-            await client.volume_remove(vol, force=True)
+            await client.container_remove(cid, force=True)
+    for vol in reversed(made.volumes):
+        await _remove_volume(client, vol)
 
 
 async def find_pair(client: EngineClient, name: str) -> dict[str, dict[str, Any]]:
@@ -461,11 +592,12 @@ async def container_of(client: EngineClient, name: str, role: str) -> str:
 
 
 async def down(client: EngineClient, name: str, *, keep_state: bool = False) -> list[str]:
-    """Agent first (Podman refuses the other order), gateway, volumes, labelled networks."""
+    """Everything labelled as this pair, by id: agent first (Podman refuses the other order),
+    then the rest, volumes, labelled networks. Nothing is looked up by name."""
     label = {"label": [f"{LABEL_PAIR}={name}"]}
     removed: list[str] = []
     pair = await find_pair(client, name)
-    order = sorted(pair.items(), key=lambda kv: 0 if kv[0] != "gateway" else 1)
+    order = sorted(pair.items(), key=lambda kv: _ROLE_ORDER.get(kv[0], 0))
     for _role, c in order:
         with contextlib.suppress(NotFound):
             await client.container_remove(str(c["Id"]), force=True)
@@ -474,22 +606,17 @@ async def down(client: EngineClient, name: str, *, keep_state: bool = False) -> 
     for v in await client.volume_list(label):
         if keep_state and v["Name"] == state:
             continue
-        for attempt in range(5):
-            try:
-                await client.volume_remove(v["Name"], force=True)
-                removed.append(f"volume {v['Name']}")
-                break
-            except NotFound:
-                break
-            except Conflict:
-                if attempt == 4:
-                    raise
-                await asyncio.sleep(0.5)
+        if await _remove_volume(client, v["Name"]):
+            removed.append(f"volume {v['Name']}")
     for n in await client.network_list(label):
         with contextlib.suppress(NotFound):
             await client.network_remove(str(n.get("Id") or n["Name"]))
             removed.append(f"network {n['Name']}")
     return removed
+
+
+# Removal order in `down`: joiners before the namespace they joined.
+_ROLE_ORDER = {"agent": 0, "gateway": 1, "holder": 2}
 
 
 async def read_audit(client: EngineClient, gateway: str) -> list[dict[str, Any]]:
