@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import jsonschema
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -163,3 +165,90 @@ def test_log_table_and_summary(tmp_path: Path) -> None:
     assert summary["api.openai.com"]["allow"] == 1 and summary["api.openai.com"]["injected"] == 1
     assert summary["evil.example"]["deny"] == 1 and summary["evil.example"]["alerts"] == 1
     assert keyward("log", str(tmp_path / "none.jsonl")).returncode == 2
+    r = keyward("log", "--json", str(audit))
+    assert [x["host"] for x in json.loads(r.stdout)] == ["api.openai.com", "evil.example"]
+
+
+def test_command_table_matches_what_the_modules_register() -> None:
+    """`keyward --help` lists commands from a static table (so it imports no command module);
+    the table must say exactly what the modules register."""
+    import argparse
+
+    from gateway.cli.main import COMMANDS, build_parser
+
+    parser = build_parser("*")
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {c.dest: c.help for c in sub._choices_actions}
+    assert helps == {name: text for name, (_, text) in COMMANDS.items()}
+    for name, (module, _) in COMMANDS.items():
+        assert name in build_parser(name)._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+        assert module
+
+
+def test_version_and_help_import_no_command() -> None:
+    """Fast start: --version and --help load no command module and no heavy dependency."""
+    heavy = ("gateway.cli.config_cmds", "mitmproxy", "aiohttp", "pydantic", "rich", "yaml")
+    for args in (["--version"], ["--help"]):
+        r = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "gateway", *args],
+            capture_output=True,
+            text=True,
+            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+            timeout=60,
+        )
+        assert r.returncode == 0, r.stderr
+        imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines()}
+        assert not [m for m in imported if m.split(".")[0] in heavy or m in heavy], args
+    assert keyward("--version").stdout.startswith("keyward ")
+    assert "run CMD with its traffic" in keyward("--help").stdout
+
+
+def test_debug_is_accepted_anywhere_but_inside_cmd(tmp_path: Path) -> None:
+    from gateway.cli.main import split_debug
+
+    missing = str(tmp_path / "none.yaml")
+    for argv in (["--debug", "check", "-c", missing], ["check", "-c", missing, "--debug"]):
+        r = keyward(*argv)
+        assert r.returncode == 2 and "Traceback" in r.stderr, argv
+    assert "Traceback" not in keyward("check", "-c", missing).stderr
+    assert split_debug(["run", "--debug", "--", "sh", "--debug"]) == (
+        ["run", "--", "sh", "--debug"],
+        True,
+    )
+    assert split_debug(["run", "sh", "--debug"]) == (["run", "sh", "--debug"], False)
+
+
+def test_policy_test_exit_code_for_ci() -> None:
+    env = {
+        "OPENAI_API_KEY": "sk-REAL-openai-000000",
+        "ANTHROPIC_API_KEY": "sk-ant-REAL-1111111",
+        "GITHUB_TOKEN": "ghp_REAL22222222222222",
+    }
+    allowed = ["policy", "test", "GET", "https://api.openai.com/v1/models", "-c", str(EXAMPLE)]
+    denied = ["policy", "test", "GET", "https://nowhere.example.test/", "-c", str(EXAMPLE)]
+    assert keyward(*allowed, "--exit-code", env=env).returncode == 0
+    assert keyward(*denied, env=env).returncode == 0
+    assert keyward(*denied, "--exit-code", env=env).returncode == 1
+
+
+def test_url_written_as_a_host_says_write_the_bare_host(tmp_path: Path) -> None:
+    cfg = tmp_path / "keyward.yaml"
+    cfg.write_text('version: 1\negress:\n  hosts:\n    "https://api.example.test/v1": {}\n')
+    r = keyward("check", "-c", str(cfg))
+    assert r.returncode == 2
+    assert "write the bare host name ('api.example.test')" in r.stderr
+    assert "keyward.yaml:4" in r.stderr
+
+
+@pytest.mark.root
+def test_netfilter_verify_json_reports_drift() -> None:
+    name = f"kw-nfjson-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        r = keyward("netfilter", "verify", "--netns", name, "--proxy-uid", "0", "--json",
+                    env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})  # fmt: skip
+        assert r.returncode == 1, r.stderr
+        report = json.loads(r.stdout)
+        assert report["in_force"] is False and report["drift"] and report["netns"] == name
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False)

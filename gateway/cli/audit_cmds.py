@@ -34,6 +34,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
             return await verify_pair(client, gw, agent, store)
 
     results = run_with_engine(args, go)
+    failed = [r for r in results if not r["ok"]]
+    if args.json:
+        import json
+
+        report = {"pair": args.name, "results": results, "failed": len(failed)}
+        print(json.dumps(report, default=str))
+        return EXIT_FAILURE if failed or not results else EXIT_OK
     table = Table(title=f"sandbox contract: pair {args.name}", title_justify="left")
     for col in ("check", "result", "detail"):
         table.add_column(col)
@@ -43,7 +50,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
         )
     con = make_console()
     con.print(table)
-    failed = [r for r in results if not r["ok"]]
     con.print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
     return EXIT_FAILURE if failed or not results else EXIT_OK
 
@@ -114,6 +120,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="also hash the host-resolved secrets of this config",
     )
     add_engine_socket_option(v)
+    v.add_argument("--json", action="store_true", help="machine-readable report")
     v.set_defaults(func=cmd_verify)
     r = asub.add_parser(
         "replay",

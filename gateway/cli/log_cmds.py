@@ -61,7 +61,13 @@ def cmd_log(args: argparse.Namespace) -> int:
     if args.follow:
         with path.open(encoding="utf-8") as f:
             for rec in follow(f):
+                if args.json:  # one record per line, as written
+                    print(json.dumps(rec), flush=True)
+                    continue
                 console.print("  ".join(_cell(rec, c) for c in COLUMNS), highlight=False)
+        return 0
+    if args.json:
+        print(json.dumps(list(read_records(path))))
         return 0
     table = Table(title=str(path), title_justify="left")
     for col in COLUMNS:
@@ -78,5 +84,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("-c", "--config", metavar="FILE", help="config whose audit.path to read")
     p.add_argument("--summary", action="store_true", help="one row per host")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing new records")
-    p.add_argument("--json", action="store_true", help="with --summary: print JSON")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="machine-readable: the records (JSON lines with --follow) or the summary",
+    )
     p.set_defaults(func=cmd_log)

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import sys
-import traceback
 from collections.abc import Sequence
 
 from gateway import __version__
@@ -27,9 +25,32 @@ COMMAND_MODULES: tuple[str, ...] = (
     "pair_cmds",
     "audit_cmds",
 )
-
-log = logging.getLogger("keyward")
 EXIT_BROKEN_PIPE = 141
+# Which module registers each command, and its one-line help: `keyward --help`, `--version`
+# and every command import only what they use (importing all of them took over a second).
+# tests/test_cli.py checks this table against what the modules register.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "init": ("config_cmds", "write a commented starter keyward.yaml"),
+    "check": ("config_cmds", "validate the config; show hosts and what each injects"),
+    "schema": ("config_cmds", "print the JSON Schema of keyward.yaml"),
+    "policy": ("policy_cmds", "dry-run requests through the policy"),
+    "run": ("run_cmds", "run CMD with its traffic through an in-process gateway"),
+    "log": ("log_cmds", "read the audit log as a table or a per-host summary"),
+    "serve": ("serve_cmds", "run the gateway sidecar of a pod"),
+    "netfilter": ("netfilter_cmds", "render, apply, verify or remove the pod's rules"),
+    "entrypoint": ("entrypoint_cmds", "agent-side trust: CA bundle, env file, wrapper"),
+    "ca": ("ca_cmds", "the gateway CA (created once; the private key never leaves)"),
+    "engine": ("engine_cmds", "which engine socket was found, how, engine kind and API version"),
+    "up": ("pair_cmds", "launch a gateway + agent pair through the engine socket"),
+    "down": ("pair_cmds", "remove a pair (agent, gateway, volumes, networks)"),
+    "status": ("pair_cmds", "a pair's containers, readiness and audit counts"),
+    "logs": ("pair_cmds", "a pair's gateway or agent logs"),
+    "exec": ("pair_cmds", "run a command in a pair's agent (exit code passed on)"),
+    "audit": ("audit_cmds", "check a running pair (verify) or a candidate policy (replay)"),
+}
+# Commands whose trailing arguments belong to another program: `--debug` after their name
+# (without a `--`) is that program's.
+PASSTHROUGH_COMMANDS = frozenset({"run", "exec"})
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,19 +59,57 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"keyward: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_of(argv: Sequence[str]) -> str | None:
+    for arg in argv:
+        if arg == "--":
+            return None
+        if not arg.startswith("-"):
+            return arg
+    return None
+
+
+def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
+    """The parser, with `command`'s module registered; "*" registers every module, None
+    none (only the command names and their help, for `keyward --help`)."""
     parser = _Parser(prog="keyward", description="Egress gateway for sandboxed coding agents.")
     parser.add_argument("--version", action="version", version=f"keyward {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show (redacted) tracebacks")
+    parser.add_argument(
+        "--debug", action="store_true", help="show (redacted) tracebacks; accepted anywhere"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for name in COMMAND_MODULES:
+    if command is None:
+        for name, (_, text) in COMMANDS.items():
+            sub.add_parser(name, help=text)
+        return parser
+    known = COMMANDS.get(command)
+    modules = (known[0],) if known and command != "*" else COMMAND_MODULES
+    for name in modules:
         importlib.import_module(f"gateway.cli.{name}").register(sub)
     return parser
 
 
+def split_debug(argv: Sequence[str]) -> tuple[list[str], bool]:
+    """Take `--debug` from anywhere on the command line, except where it is CMD's own: after
+    `--`, or after the command name of `run`/`exec` when no `--` is given."""
+    argv = list(argv)
+    command = _command_of(argv)
+    stop = argv.index("--") if "--" in argv else len(argv)
+    if command in PASSTHROUGH_COMMANDS and "--" not in argv:
+        stop = argv.index(command)
+    keep = [a for i, a in enumerate(argv) if not (i < stop and a == "--debug")]
+    return keep, len(keep) != len(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv, debug = split_debug(sys.argv[1:] if argv is None else argv)
+    command = _command_of(argv)
+    if command is None and any(a in ("-h", "--help", "--version") for a in argv):
+        build_parser(None).parse_args(argv)  # prints and exits without importing any command
+    parser = build_parser(command or "*")
     args = parser.parse_args(argv)
+    args.debug = debug
+    import logging
+
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
         format="keyward: %(message)s",
@@ -93,6 +152,8 @@ def _report(exc: BaseException, debug: bool, prefix: str = "") -> None:
 
     redact = global_redactor().redact
     if debug:
+        import traceback
+
         text = "".join(traceback.format_exception(exc))
         sys.stderr.write(redact(text))
     sys.stderr.write(redact(f"keyward: {prefix}{exc}") + "\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import replace
 
@@ -52,6 +53,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from gateway.netfilter.apply import verify
 
     drift = verify(rendered_from_args(args), netns=args.netns)
+    if getattr(args, "json", False):
+        where = {"netns": args.netns}
+        print(json.dumps({"in_force": not drift, "drift": drift, **where}))
+        return EXIT_FAILURE if drift else EXIT_OK
     if drift:
         sys.stdout.write("\n".join(drift) + "\n")
         sys.stderr.write(f"keyward: netfilter rules drifted ({_where(args)})\n")
@@ -110,6 +115,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         _rule_options(q)
         _netns_option(q)
         q.set_defaults(func=func)
+        if name == "verify":
+            q.add_argument("--json", action="store_true", help="machine-readable result")
     remove_p = cmds.add_parser("remove", help="delete keyward's chains and jumps")
     _netns_option(remove_p)
     remove_p.set_defaults(func=cmd_remove)

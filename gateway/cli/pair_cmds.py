@@ -149,6 +149,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         return rows, counts
 
     rows, counts = run_with_engine(args, go)
+    if args.json:
+        import json
+
+        members = [dict(zip(("role", "id", "state", "health"), r, strict=True)) for r in rows]
+        print(json.dumps({"pair": args.name, "members": members, "audit": dict(counts)}))
+        return EXIT_OK
     table = Table(title=f"keyward pair {args.name}", title_justify="left")
     for col in ("role", "id", "state", "health"):
         table.add_column(col)
@@ -220,6 +226,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = sub.add_parser("status", help="a pair's containers, readiness and audit counts")
     add_name_option(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("logs", help="a pair's gateway or agent logs")

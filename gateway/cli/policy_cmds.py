@@ -66,7 +66,7 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
         print(f"reason:   {result['reason']}")
         injected = ", ".join(f"{i['secret']} -> {i['location']}" for i in result["injected"])
         print(f"injects:  {injected or '-'}")
-    return 0
+    return 1 if args.exit_code and not decision.allowed else 0
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -85,4 +85,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="a request header",
     )
     t.add_argument("--json", action="store_true", help="print the decision as JSON")
+    t.add_argument(
+        "--exit-code", action="store_true", help="exit 1 when the request would be denied (CI)"
+    )
     t.set_defaults(func=cmd_policy_test)

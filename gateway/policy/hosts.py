@@ -107,18 +107,37 @@ def _port(s: str, text: str) -> int:
     return int(s)
 
 
+def _url_as_host(raw: str) -> str:
+    """The error for a URL written where a host belongs, naming the key to write instead."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(raw if "://" in raw else f"//{raw}")
+    try:
+        host = parts.hostname or ""
+        hint = f"{host}:{parts.port}" if parts.port else host
+    except ValueError:
+        hint = ""
+    instead = f" ({hint!r})" if hint else ""
+    return (
+        f"bad host pattern {raw!r}: write the bare host name{instead}, not a URL; "
+        "paths are limited with deny: on the rule"
+    )
+
+
 def parse_pattern(text: str) -> HostPattern:
     """Parse a rule key from `egress.hosts`. Raises ValueError with a user-facing message."""
     raw = text.strip()
     if not raw:
         raise ValueError("empty host pattern")
+    if "://" in raw or ("/" in raw and not is_ip(raw.split("/", 1)[0].strip("[]"))):
+        raise ValueError(_url_as_host(raw))
     if "/" in raw:
         try:
             net = ipaddress.ip_network(raw, strict=False)
         except ValueError as e:
             raise ValueError(f"bad network {raw!r}: {e}") from e
         return HostPattern(PatternKind.NETWORK, raw, network=net)
-    if "://" in raw or any(c in raw for c in " ?#@"):
+    if any(c in raw for c in " ?#@"):
         raise ValueError(f"bad host pattern {raw!r}: give a host, host:port, *.suffix or CIDR")
     host, port = split_hostport(raw)
     if host.startswith("*."):
