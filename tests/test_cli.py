@@ -252,3 +252,30 @@ def test_netfilter_verify_json_reports_drift() -> None:
         assert report["in_force"] is False and report["drift"] and report["netns"] == name
     finally:
         subprocess.run(["ip", "netns", "delete", name], check=False)
+
+
+def test_check_right_after_init_says_where_and_what_to_do(tmp_path: Path) -> None:
+    """The first thing a newcomer runs: every unset secret at its file:line, and the ways out
+    (export, a .env next to the config, --skip-secrets)."""
+    assert keyward("init", cwd=tmp_path).returncode == 0
+    r = keyward("check", cwd=tmp_path)
+    assert r.returncode == 2
+    lines = r.stderr.splitlines()
+    starter = (tmp_path / "keyward.yaml").read_text().splitlines()
+    at = {k: starter.index(next(x for x in starter if x.startswith(f"  {k}:"))) + 1 for k in ("openai", "anthropic")}  # fmt: skip
+    assert (
+        lines[0]
+        == f"keyward: keyward.yaml:{at['openai']}: secret 'openai': env OPENAI_API_KEY is not set"
+    )
+    assert (
+        lines[1]
+        == f"keyward.yaml:{at['anthropic']}: secret 'anthropic': env ANTHROPIC_API_KEY is not set"
+    )
+    assert f"{tmp_path / '.env'}" in lines[2] and "--skip-secrets" in lines[2]
+    assert keyward("check", "--skip-secrets", cwd=tmp_path).returncode == 0
+    (tmp_path / ".env").write_text(
+        "OPENAI_API_KEY=sk-x-0123456789\nANTHROPIC_API_KEY=sk-ant-x-01234\n"
+    )
+    r = keyward("check", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "sk-x-0123456789" not in r.stdout + r.stderr

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from gateway.cli.errors import UsageError
+from gateway.cli.errors import EXIT_USAGE, KeywardError, UsageError
 from gateway.config.compile import build_policy
 from gateway.config.loader import LoadedConfig, load_config
 from gateway.config.model import Config
@@ -27,6 +29,46 @@ def add_config_option(p: argparse.ArgumentParser) -> None:
 
 def load_from_args(args: argparse.Namespace) -> LoadedConfig:
     return load_config(config_path(getattr(args, "config", None)))
+
+
+class SecretsUnresolved(KeywardError):
+    """Secrets that could not be read, each at its `file:line`, with what to do about it."""
+
+    exit_code = EXIT_USAGE
+
+
+@contextlib.contextmanager
+def explained_secret_errors(loaded: LoadedConfig) -> Iterator[None]:
+    """Turn a failure to resolve secrets into lines a newcomer can act on: where each secret
+    is declared, and where its value may come from (never the value)."""
+    from gateway.credentials.sources import SecretsError
+
+    try:
+        yield
+    except SecretsError as e:
+        name = loaded.path.name
+        lines = []
+        for err in e.errors:
+            line = loaded.line_of(("secrets", err.secret)) if err.secret else 0
+            lines.append(f"{name}:{line}: {err}" if line else f"{name}: {err}")
+        dotenv = loaded.base_dir / ".env"
+        unset = sorted(
+            err.source.removeprefix("env ")
+            for err in e.errors
+            if err.source.startswith("env ") and err.problem == "is not set"
+        )
+        hint = "hint: "
+        if unset:
+            hint += (
+                f"export {', '.join(unset)} in the shell that runs keyward, or put "
+                f"{'them' if len(unset) > 1 else 'it'} in {dotenv} (KEY=value lines, "
+                "chmod 600; keyward reads it, the agent never sees it); "
+            )
+        hint += (
+            "or remove a secret you do not use with the lines naming it; "
+            f"`keyward check --skip-secrets -c {loaded.path}` checks everything else"
+        )
+        raise SecretsUnresolved("\n".join([*lines, hint])) from None
 
 
 def starter_text() -> str:
@@ -94,7 +136,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     if not args.skip_secrets:
         from gateway.credentials.sources import load_secrets
 
-        load_secrets(loaded.config.secrets, config_dir=loaded.base_dir)
+        with explained_secret_errors(loaded):
+            load_secrets(loaded.config.secrets, config_dir=loaded.base_dir)
     info = describe(loaded)
     if args.json:
         json.dump(info, sys.stdout, indent=2)

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from gateway.cli.config_cmds import add_config_option, load_from_args
+from gateway.cli.config_cmds import add_config_option, explained_secret_errors, load_from_args
 from gateway.cli.errors import UsageError
 from gateway.config.paths import state_dir
 from gateway.credentials.sources import secret_env_names
@@ -25,7 +25,8 @@ FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUI
 
 async def run_command(args: argparse.Namespace) -> int:
     loaded = load_from_args(args)
-    ctx = build_context(loaded, state_dir(args.state), audit_path=args.audit, agent=args.agent)
+    with explained_secret_errors(loaded):
+        ctx = build_context(loaded, state_dir(args.state), audit_path=args.audit, agent=args.agent)
     gw = EmbeddedGateway(ctx)
     await gw.start()
     try:
