@@ -24,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "engine_cmds",
     "pair_cmds",
     "audit_cmds",
+    "doctor_cmds",
 )
 EXIT_BROKEN_PIPE = 141
 # Which module registers each command, and its one-line help: `keyward --help`, `--version`
@@ -47,6 +48,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "logs": ("pair_cmds", "a pair's gateway or agent logs"),
     "exec": ("pair_cmds", "run a command in a pair's agent (exit code passed on)"),
     "audit": ("audit_cmds", "check a running pair (verify) or a candidate policy (replay)"),
+    "doctor": ("doctor_cmds", "check this set-up end to end and print each fix"),
 }
 # Commands whose trailing arguments belong to another program: `--debug` after their name
 # (without a `--`) is that program's.
