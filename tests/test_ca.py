@@ -15,7 +15,6 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from mitmproxy.certs import CertStore
 
 from gateway.tls.ca import (
     CAError,
@@ -137,22 +136,37 @@ def test_repr_and_public_api_never_hold_the_key(ca_dir: Path) -> None:
 # -- mitmproxy ---------------------------------------------------------------------------
 
 
-def test_mitmproxy_confdir_layout(tmp_path: Path) -> None:
+def test_mitmproxy_gets_the_key_in_memory_and_stale_copies_go(tmp_path: Path) -> None:
+    """No second copy of the key for mitmproxy: an old one (earlier versions kept it in a
+    confdir) is removed on load."""
     ca = CertificateAuthority.load_or_create(tmp_path)
-    confdir = ca.mitmproxy_confdir
-    assert mode(confdir) == 0o700
-    assert mode(confdir / "mitmproxy-ca.pem") == 0o600
-    combined = (confdir / "mitmproxy-ca.pem").read_bytes()
-    assert combined.endswith(ca.cert_pem) and b"PRIVATE KEY" in combined
-    assert (confdir / "mitmproxy-ca-cert.pem").read_bytes() == ca.cert_pem
-    # a restart reuses the same files
-    assert CertificateAuthority.load_or_create(tmp_path).mitmproxy_confdir == confdir
-    assert (confdir / "mitmproxy-ca.pem").read_bytes() == combined
+    stale = tmp_path / "ca" / "mitmproxy" / "mitmproxy-ca.pem"
+    stale.parent.mkdir()
+    stale.write_bytes(b"-----BEGIN RSA PRIVATE KEY-----\nold\n")
+    again = CertificateAuthority.load_or_create(tmp_path)
+    assert not stale.exists()
+    assert again.fingerprint_sha256 == ca.fingerprint_sha256
+    store = again.mitmproxy_certstore()
+    assert store.default_chain_file is None
+    keys = [p for p in tmp_path.rglob("*") if p.is_file() and b"PRIVATE KEY" in p.read_bytes()]
+    assert keys == [tmp_path / "ca" / "ca-key.pem"]
+
+
+def test_ephemeral_ca_has_no_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    ca = CertificateAuthority.ephemeral()
+    store = ca.mitmproxy_certstore()
+    entry = store.get_cert("api.example.test", [x509.DNSName("api.example.test")])
+    entry.cert._cert.verify_directly_issued_by(x509.load_pem_x509_certificate(ca.cert_pem))
+    assert not ca.persisted and list(tmp_path.iterdir()) == []
+    with pytest.raises(CAError):
+        _ = ca.cert_path
+    assert CertificateAuthority.ephemeral().fingerprint_sha256 != ca.fingerprint_sha256
 
 
 def test_mitmproxy_signs_leaves_with_our_ca(tmp_path: Path) -> None:
     ca = CertificateAuthority.load_or_create(tmp_path)
-    store = CertStore.from_store(ca.mitmproxy_confdir, "mitmproxy", 2048)
+    store = ca.mitmproxy_certstore()
     ours = x509.load_pem_x509_certificate(ca.cert_pem)
     assert store.default_ca._cert == ours
     entry = store.get_cert("api.example.test", [x509.DNSName("api.example.test")])

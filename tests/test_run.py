@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.world import REAL_KEY, World, make_world
+from tests.support.world import KEYWARD, REAL_KEY, World, make_world
 
 
 @pytest.fixture
@@ -448,3 +448,19 @@ async def test_keep_alive_client_reuses_one_upstream_connection(world: World) ->
     assert code == 0, err
     assert out.strip() == "30"
     assert 1 <= len(world.upstream.seen.peers) <= 2, world.upstream.seen.peers
+
+
+async def test_ca_key_on_disk_only_with_state(world: World) -> None:
+    """Without --state the run's CA exists only in memory; --state keeps it there."""
+    code, _, err = await run(world, "true")
+    assert code == 0, err
+    state = world.dir / "state"
+    assert not (state / "ca").exists()
+    keep = world.dir / "kept"
+    proc = await asyncio.create_subprocess_exec(
+        *KEYWARD, "run", "-c", str(world.config), "--state", str(keep), "--", "true",
+        env=world.env(), cwd=world.dir, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0
+    assert (keep / "ca" / "ca-key.pem").stat().st_mode & 0o077 == 0

@@ -14,19 +14,40 @@ from pathlib import Path
 from gateway.cli.config_cmds import add_config_option, explained_secret_errors, load_from_args
 from gateway.cli.errors import UsageError
 from gateway.config.paths import state_dir
-from gateway.credentials.sources import secret_env_names
+from gateway.credentials.sources import secret_env_names, withdraw_env
 from gateway.planes.context import build_context
 from gateway.planes.embedded import EmbeddedGateway
+from gateway.pod.privileges import make_undumpable
+from gateway.tls.ca import CertificateAuthority
 
 # `sudo keyward run --isolate`: root's home is 0700, and the gateway drops to its own uid.
 ISOLATE_STATE = "/var/lib/keyward"
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
+COOPERATIVE_NOTE = (
+    "keyward: cooperative mode: CMD runs as your user. It cannot read the gateway's memory or"
+    " environment, but it can read your files (config, .env, secret files). For a separate"
+    " user with those files hidden: sudo keyward run --isolate -- CMD"
+)
+
 
 async def run_command(args: argparse.Namespace) -> int:
+    make_undumpable()  # before any secret is read: the child is of our uid
     loaded = load_from_args(args)
+    environ = withdraw_env(secret_env_names(loaded.config.secrets))
+    # Without --state the CA lives and dies with this process: no key on disk for CMD to read.
+    ca = None if args.state else CertificateAuthority.ephemeral()
     with explained_secret_errors(loaded):
-        ctx = build_context(loaded, state_dir(args.state), audit_path=args.audit, agent=args.agent)
+        ctx = build_context(
+            loaded,
+            state_dir(args.state),
+            audit_path=args.audit,
+            agent=args.agent,
+            environ=environ,
+            ca=ca,
+        )
+    del environ
+    print(COOPERATIVE_NOTE, file=sys.stderr)
     gw = EmbeddedGateway(ctx)
     await gw.start()
     try:
@@ -121,7 +142,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--state",
         metavar="DIR",
-        help=f"state dir (CA, placeholders; default $KEYWARD_STATE; --isolate: {ISOLATE_STATE})",
+        help="state dir (placeholder seed, OAuth cache; default $KEYWARD_STATE; --isolate:"
+        f" {ISOLATE_STATE}); given, the CA is kept there too, else CMD gets a CA that exists"
+        " only for this run",
     )
     p.add_argument("--agent", default="agent", help="agent name written to audit records")
     p.add_argument(

@@ -261,6 +261,15 @@ def secret_env_names(secrets: Mapping[str, AnySource]) -> frozenset[str]:
     return frozenset(names)
 
 
+def withdraw_env(names: frozenset[str]) -> dict[str, str]:
+    """Remove the variables secrets are read from out of this process's environment, so no
+    process it starts inherits them, and return the environment as it was, to load from."""
+    before = dict(os.environ)
+    for name in names:
+        os.environ.pop(name, None)
+    return before
+
+
 def load_secrets(
     secrets: Mapping[str, AnySource],
     *,

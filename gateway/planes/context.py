@@ -191,8 +191,10 @@ def build_context(
     audit_path: str | None = None,
     agent: str = "agent",
     environ: dict[str, str] | None = None,
+    ca: CertificateAuthority | None = None,
 ) -> GatewayContext:
-    """Resolve every secret (start-up fails on any missing one), then compile the policy."""
+    """Resolve every secret (start-up fails on any missing one), then compile the policy.
+    The CA is `ca` if given (an ephemeral one), else the one persisted in `state_dir`."""
     store = load_secrets(loaded.config.secrets, config_dir=loaded.base_dir, environ=environ)
     placeholders = build_placeholders(loaded, store, load_seed(state_dir))
     policy = build_policy(loaded.config, placeholders)
@@ -207,7 +209,7 @@ def build_context(
         policy=policy,
         secrets=store,
         audit=AuditWriter(target, store.redactor, on_error=loaded.config.audit.on_error),
-        ca=CertificateAuthority.load_or_create(state_dir),
+        ca=ca or CertificateAuthority.load_or_create(state_dir),
         state_dir=state_dir,
         placeholders=placeholders,
         resolve_overrides=parse_resolve(loaded.config.upstream.resolve),

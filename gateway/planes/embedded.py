@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from gateway.credentials.oauth import TokenMinter
 from gateway.planes.context import GatewayContext, freeze_startup_heap
@@ -20,6 +23,8 @@ class EmbeddedGateway:
     http: HttpPlane | None = None
     minter: TokenMinter | None = None
     service_ports: dict[str, int] = field(default_factory=dict)
+    # Per run: the agent's CA bundle (certificate only) lives here, removed on close.
+    trust_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="keyward-run-")))
 
     async def start(self, host: str = "127.0.0.1") -> None:
         self.minter = self.ctx.start_token_minter()
@@ -35,6 +40,7 @@ class EmbeddedGateway:
             await self.http.close()
         if self.minter is not None:
             await self.minter.close()
+        shutil.rmtree(self.trust_dir, ignore_errors=True)
 
     @property
     def proxy_url(self) -> str:
@@ -50,7 +56,7 @@ class EmbeddedGateway:
         for name in list(env):
             if is_proxy_var(name):
                 del env[name]
-        bundle = write_bundle(self.ctx.ca, self.ctx.state_dir / "agent-ca-bundle.pem")
+        bundle = write_bundle(self.ctx.ca, self.trust_dir / "ca-bundle.pem")
         env.update(agent_env(str(bundle), self.proxy_url, bypass_loopback=bool(self.service_ports)))
         for ph in self.ctx.placeholders:
             env[ph.env] = ph.value

@@ -1,4 +1,5 @@
-"""Dropping root for good once the netfilter rules are in: proxy uid, no capabilities."""
+"""What the gateway process does to itself: closed to same-uid processes before it reads a
+secret, and (in a pod) dropping root for good once the netfilter rules are in."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import os
 import pkgutil
 from pathlib import Path
 
+PR_SET_DUMPABLE = 4
+PR_GET_DUMPABLE = 3
 PR_SET_NO_NEW_PRIVS = 38
 PR_CAPBSET_DROP = 24
 CAP_LAST = 63
@@ -28,6 +31,14 @@ def unreachable_ancestor(path: Path, uid: int) -> Path | None:
         if st.st_uid != uid and not st.st_mode & 0o001:
             return parent
     return None
+
+
+def make_undumpable() -> None:
+    """Non-dumpable: a process of the same uid (the agent under `keyward run`) can no longer
+    read this process's /proc/PID/environ, mem, fd/ or root/, nor ptrace it, and no core dump
+    is written. Kept across fork, reset by execve: the agent child starts normal."""
+    if _prctl(PR_SET_DUMPABLE, 0) != 0 or _prctl(PR_GET_DUMPABLE, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
 
 
 def chown_tree(path: Path, uid: int, gid: int) -> None:

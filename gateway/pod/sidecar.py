@@ -20,6 +20,7 @@ from aiohttp import web
 from gateway.audit.writer import AuditRecord
 from gateway.config.loader import LoadedConfig
 from gateway.credentials.oauth import TokenMinter
+from gateway.credentials.sources import secret_env_names, withdraw_env
 from gateway.dns.resolver import Resolver
 from gateway.dns.server import DnsListener
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -29,7 +30,7 @@ from gateway.planes.context import GatewayContext, build_context, freeze_startup
 from gateway.planes.http.proxy import HttpPlane
 from gateway.planes.mitm.master import MitmPlane, start_mitm
 from gateway.planes.transparent import make_verifier
-from gateway.pod.privileges import chown_tree, drop_to
+from gateway.pod.privileges import chown_tree, drop_to, make_undumpable
 from gateway.tls.trust import render_agent_trust
 
 log = logging.getLogger("keyward.serve")
@@ -78,7 +79,12 @@ class Sidecar:
     @classmethod
     def prepare(cls, loaded: LoadedConfig, opts: ServeOptions) -> Sidecar:
         """The privileged part: secrets, CA, rules, then the irreversible drop."""
-        ctx = build_context(loaded, opts.state_dir, audit_path=opts.audit_path, agent=opts.agent)
+        make_undumpable()
+        environ = withdraw_env(secret_env_names(loaded.config.secrets))
+        ctx = build_context(
+            loaded, opts.state_dir, audit_path=opts.audit_path, agent=opts.agent, environ=environ
+        )
+        del environ
         ctx.metrics = Metrics(audit_errors=lambda: ctx.audit.write_errors)
         if opts.trust_dir is not None:
             write_agent_trust(ctx, opts.trust_dir, opts.trust_mount)

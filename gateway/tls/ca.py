@@ -3,7 +3,8 @@
 Regenerating the CA on restart breaks every running agent that trusts the old one, and a CA key
 that leaves the gateway lets anyone impersonate any site to the agent. So the key is written once,
 0600 in a 0700 directory, is refused when its permissions are loose, and no function here returns
-or prints it; agents get the certificate only.
+or prints it; agents get the certificate only. mitmproxy signs with the key held in memory (no
+second copy on disk), and an ephemeral CA (`keyward run` without `--state`) never touches disk.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import os
 import secrets
 import ssl
 import stat
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -27,15 +30,15 @@ from cryptography.x509.oid import NameOID
 from gateway.cli.errors import KeywardError
 from gateway.config.paths import write_atomic
 
+if TYPE_CHECKING:
+    from mitmproxy.certs import CertStore
+
 CA_DIR = "ca"
 KEY_FILE = "ca-key.pem"
 CERT_FILE = "ca-cert.pem"
 LOCK_FILE = ".lock"
-MITMPROXY_DIR = "mitmproxy"
-# mitmproxy's CertStore.from_store(confdir, basename="mitmproxy") reads these two names.
-MITMPROXY_CA = "mitmproxy-ca.pem"
-MITMPROXY_CA_CERT = "mitmproxy-ca-cert.pem"
-MITMPROXY_DHPARAM = "mitmproxy-dhparam.pem"
+# Older versions kept a second copy of the key here for mitmproxy's confdir; removed on load.
+STALE_MITMPROXY_KEY = ("mitmproxy", "mitmproxy-ca.pem")
 VALIDITY = dt.timedelta(days=3650)
 
 SYSTEM_BUNDLES = (
@@ -120,22 +123,29 @@ def _new_ca() -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
 
 
 class CertificateAuthority:
-    """The persisted CA. Holds the key in memory for signing; never exposes it."""
+    """The gateway's CA. Holds the key in memory for signing; never exposes it. `directory` is
+    None for an ephemeral CA, which has no files at all."""
 
-    def __init__(self, directory: Path, key: rsa.RSAPrivateKey, cert: x509.Certificate) -> None:
+    def __init__(
+        self, directory: Path | None, key: rsa.RSAPrivateKey, cert: x509.Certificate
+    ) -> None:
         self._dir = directory
         self.__key = key
         self.cert = cert
-        self._confdir: Path | None = None
 
     def key_probe(self) -> str:
         """SHA-256 of the key PEM's first base64 line: lets a check inside the agent look for
         the key without being given it."""
-        lines = (self._dir / KEY_FILE).read_bytes().splitlines()
+        lines = _key_pem(self.__key).splitlines()
         return hashlib.sha256(lines[1].strip()).hexdigest()
 
     def __repr__(self) -> str:
         return f"CertificateAuthority({self.subject!r}, {self.fingerprint_sha256})"
+
+    @classmethod
+    def ephemeral(cls) -> CertificateAuthority:
+        """A CA for one process: made in memory, never written anywhere, gone at exit."""
+        return cls(None, *_new_ca())
 
     @classmethod
     def load_or_create(cls, state_dir: Path) -> CertificateAuthority:
@@ -143,6 +153,8 @@ class CertificateAuthority:
         directory = _secure_dir(Path(state_dir) / CA_DIR)
         key_path, cert_path = directory / KEY_FILE, directory / CERT_FILE
         with _locked(directory):
+            with contextlib.suppress(FileNotFoundError):
+                directory.joinpath(*STALE_MITMPROXY_KEY).unlink()
             if key_path.exists() and cert_path.exists():
                 return cls(directory, *cls._load(key_path, cert_path))
             # Nothing (or half of a creation that never finished): nobody trusts it yet.
@@ -180,11 +192,17 @@ class CertificateAuthority:
 
     # -- public facts -----------------------------------------------------------------------
     @property
+    def persisted(self) -> bool:
+        return self._dir is not None
+
+    @property
     def cert_pem(self) -> bytes:
         return self.cert.public_bytes(serialization.Encoding.PEM)
 
     @property
     def cert_path(self) -> Path:
+        if self._dir is None:
+            raise CAError("an ephemeral CA has no certificate file (use cert_pem)")
         return self._dir / CERT_FILE
 
     @property
@@ -205,31 +223,17 @@ class CertificateAuthority:
         return self.cert.subject.rfc4514_string()
 
     # -- signing, in-process only -----------------------------------------------------------
-    @property
-    def mitmproxy_confdir(self) -> Path:
-        """A 0700 directory laid out the way mitmproxy's CertStore.from_store reads a confdir:
-        `mitmproxy-ca.pem` (key + certificate, 0600) and `mitmproxy-ca-cert.pem`."""
-        if self._confdir is not None:
-            return self._confdir
-        confdir = _secure_dir(self._dir / MITMPROXY_DIR)
-        with _locked(self._dir):
-            cert_pem = self.cert_pem
-            combined = _key_pem(self.__key) + cert_pem
-            ca_file = confdir / MITMPROXY_CA
-            if not ca_file.exists() or ca_file.read_bytes() != combined:
-                write_atomic(ca_file, combined, 0o600)
-            elif stat.S_IMODE(ca_file.stat().st_mode) != 0o600:
-                ca_file.chmod(0o600)
-            cert_file = confdir / MITMPROXY_CA_CERT
-            if not cert_file.exists() or cert_file.read_bytes() != cert_pem:
-                write_atomic(cert_file, cert_pem, 0o644)
-            dh_file = confdir / MITMPROXY_DHPARAM
-            if not dh_file.exists():
-                from mitmproxy.certs import DEFAULT_DHPARAM
+    def mitmproxy_certstore(self) -> CertStore:
+        """mitmproxy's certificate store signing with this CA, built in memory: the key is
+        handed over as an object, never written to a confdir."""
+        from mitmproxy.certs import DEFAULT_DHPARAM, Cert, CertStore
 
-                write_atomic(dh_file, DEFAULT_DHPARAM, 0o644)
-        self._confdir = confdir
-        return confdir
+        # DH parameters are public constants; mitmproxy only loads them from a file.
+        with tempfile.TemporaryDirectory(prefix="keyward-dh-") as tmp:
+            dh_file = Path(tmp) / "dhparam.pem"
+            dh_file.write_bytes(DEFAULT_DHPARAM)
+            dhparams = CertStore.load_dhparam(dh_file)
+        return CertStore(self.__key, Cert(self.cert), None, dhparams)
 
 
 def system_roots_path() -> Path | None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gateway.planes.context import GatewayContext
 from gateway.planes.mitm.addons import TransparentVerifier, addon_chain
@@ -21,7 +23,30 @@ from gateway.planes.mitm.loader import (
 )
 from gateway.tls.ca import write_with_system_roots
 
+if TYPE_CHECKING:
+    from mitmproxy.certs import CertStore
+
 log = logging.getLogger("keyward.mitm")
+
+
+# The options for which mitmproxy's TlsConfig (re)loads its CA from files in `confdir`.
+_CERTSTORE_OPTIONS = frozenset({"certs", "confdir", "key_size", "cert_passphrase"})
+
+
+class InMemoryTlsConfig(tlsconfig.TlsConfig):
+    """mitmproxy's TLS addon, signing with keyward's CA held in memory: it never reads or
+    writes a confdir, so no copy of the CA key is ever on disk for mitmproxy."""
+
+    def __init__(self, store: CertStore) -> None:
+        super().__init__()
+        self.certstore = store
+        self._store = store
+
+    def configure(self, updated: Collection[str] | str) -> None:
+        # mitmproxy's own `running` hook passes the bare string "confdir".
+        names = {updated} if isinstance(updated, str) else set(updated)
+        super().configure(names - _CERTSTORE_OPTIONS)
+        self.certstore = self._store
 
 
 @dataclass
@@ -56,13 +81,12 @@ async def start_mitm(
         core.Core(),
         proxyserver.Proxyserver(),
         next_layer.NextLayer(),
-        tlsconfig.TlsConfig(),
+        InMemoryTlsConfig(ctx.ca.mitmproxy_certstore()),
         disable_h2c.DisableH2C(),
         *addon_chain(ctx, verify_transparent),
     )
     opts.update(
         mode=modes,
-        confdir=str(ctx.ca.mitmproxy_confdir),
         connection_strategy="lazy",
         ssl_verify_upstream_trusted_ca=str(upstream_trust_file(ctx)),
         http2=True,
