@@ -77,22 +77,39 @@ async def run_command(args: argparse.Namespace) -> int:
 
 def run_isolated(args: argparse.Namespace) -> int:
     """The pod without containers: CMD in a fresh namespace, the gateway in front of it."""
-    from gateway.pod.isolate import PROXY_UID, IsolatedPod, host_uplink
+    from gateway.pod.isolate import PROXY_UID, IsolatedPod, choose_agent, host_uplink
+    from gateway.pod.masking import protected_paths
     from gateway.pod.netns import NetNamespace
-    from gateway.pod.privileges import unreachable_ancestor
+    from gateway.pod.privileges import unreachable_ancestor, user_groups
 
     if os.geteuid() != 0:
         raise UsageError("--isolate needs root (network namespaces and iptables)")
+    make_undumpable()
     loaded = load_from_args(args)
-    sdir = state_dir(args.state or os.environ.get("KEYWARD_STATE") or ISOLATE_STATE)
+    environ = withdraw_env(secret_env_names(loaded.config.secrets))
+    sdir = state_dir(args.state or environ.get("KEYWARD_STATE") or ISOLATE_STATE)
     blocked = unreachable_ancestor(sdir, PROXY_UID)
     if blocked is not None:
         raise UsageError(
             f"state dir {sdir}: the gateway's uid {PROXY_UID} cannot enter {blocked};"
             f" use --state DIR outside it (default for --isolate: {ISOLATE_STATE})"
         )
-    agent_uid = (
-        args.agent_uid if args.agent_uid is not None else int(os.environ.get("SUDO_UID", 65534))
+    if args.agent_uid is not None:
+        agent_uid, agent_gid = args.agent_uid, user_groups(args.agent_uid)[0]
+        workspace, who = None, f"uid {args.agent_uid} (--agent-uid)"
+    else:
+        sudo_uid, sudo_gid = environ.get("SUDO_UID", ""), environ.get("SUDO_GID", "")
+        agent = choose_agent(
+            protected_paths(loaded, sdir),
+            int(sudo_uid) if sudo_uid.isdigit() else None,
+            int(sudo_gid) if sudo_gid.isdigit() else None,
+            Path.cwd(),
+        )
+        agent_uid, agent_gid, workspace, who = agent.uid, agent.gid, agent.workspace, agent.why
+    print(
+        f"keyward: isolated: CMD runs as {who}; the config, .env, secret files and state dir"
+        " are hidden from it",
+        file=sys.stderr,
     )
     audit = str(Path(args.audit).resolve()) if args.audit and args.audit != "-" else args.audit
     with NetNamespace() as ns, host_uplink(ns):
@@ -101,11 +118,12 @@ def run_isolated(args: argparse.Namespace) -> int:
             loaded.path.resolve(),
             sdir,
             agent_uid=agent_uid,
-            agent_gid=agent_uid,
+            agent_gid=agent_gid,
             audit_path=audit,
+            workspace=workspace,
         )
         try:
-            pod.start()
+            pod.start(env=environ)
             env = pod.agent_env(drop=secret_env_names(loaded.config.secrets))
             proc = subprocess.Popen(pod.agent_argv(args.cmd), env=env)
             previous = {
@@ -153,7 +171,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="Linux, root: CMD in its own network namespace; no way out but the gateway",
     )
     p.add_argument(
-        "--agent-uid", type=int, help="with --isolate: uid CMD runs as (default $SUDO_UID)"
+        "--agent-uid",
+        type=int,
+        metavar="UID",
+        help="with --isolate: the uid CMD runs as. Default: $SUDO_UID, unless that user owns"
+        " the config, .env, a secret file or the state dir; then a dedicated uid (user"
+        " keyward-agent, else 10102) with the current directory mapped to it, so CMD can edit"
+        " it and what it writes stays yours. Either way the config, .env, file: secrets, the"
+        " state dir and the control socket are hidden from CMD",
     )
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD")
     p.set_defaults(func=cmd_run)

@@ -17,6 +17,7 @@ from gateway.netfilter.rules import PodPorts
 
 DEFAULT_PROXY_USER = "keyward"
 DEFAULT_PROXY_UID = 10101
+DEFAULT_AGENT_UID = 1000  # the agent container's uid in a pod
 
 
 def proxy_ids(spec: str | None) -> tuple[int, int]:
@@ -83,6 +84,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         trust_dir=Path(args.trust_dir) if args.trust_dir else None,
         trust_mount=args.trust_mount or args.trust_dir or "/etc/keyward",
         metrics_port=args.metrics_port,
+        agent_uid=args.agent_uid,
+        agent_gid=args.agent_gid,
+        agent_masked=args.agent_masked,
     )
     return asyncio.run(serve(loaded, opts))
 
@@ -123,6 +127,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--trust-dir", metavar="DIR", help="write the agent's trust files here at start")
     p.add_argument("--trust-mount", metavar="PATH", help="where the agent sees --trust-dir")
     p.add_argument("--agent", default="agent", help="agent name written to audit records")
+    p.add_argument(
+        "--agent-uid",
+        type=int,
+        default=int(os.environ.get("KEYWARD_AGENT_UID", DEFAULT_AGENT_UID)),
+        metavar="UID",
+        help="uid agents run as (default $KEYWARD_AGENT_UID, else %(default)s): serve refuses to"
+        " start while a file: secret or the .env is readable by it",
+    )
+    p.add_argument("--agent-gid", type=int, metavar="GID", help="agent gid (default: its own)")
+    p.add_argument(
+        "--agent-masked",
+        action="store_true",
+        help="the agent's mount namespace masks the config, .env, file: secrets and state dir"
+        " (keyward run --isolate does this): readable secret files are then not refused",
+    )
     p.add_argument(
         "--drain", type=float, default=10.0, metavar="S", help="stream drain bound on stop"
     )

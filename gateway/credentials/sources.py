@@ -135,10 +135,29 @@ def _from_env(
     raise SecretError(name, where, "is not set")
 
 
-def _from_file(name: str, src: FileSource, base_dir: Path) -> SecretValue:
+def secret_file_path(src: FileSource, base_dir: Path) -> Path:
+    """Where a `file:` source is read from: `~` expanded, relative to the config's dir."""
     path = Path(src.file).expanduser()
-    if not path.is_absolute():
-        path = base_dir / path
+    return path if path.is_absolute() else base_dir / path
+
+
+def secret_files(secrets: Mapping[str, AnySource], base_dir: Path) -> dict[str, Path]:
+    """Every file a secret (or an OAuth field of one) is read from, by secret name (an OAuth
+    field as `name.field`)."""
+    out: dict[str, Path] = {}
+    for name, src in secrets.items():
+        if isinstance(src, FileSource):
+            out[name] = secret_file_path(src, base_dir)
+        elif isinstance(src, OAuthSource):
+            for field in ("client_id", "client_secret", "refresh_token"):
+                fsrc = getattr(src.oauth, field)
+                if isinstance(fsrc, FileSource):
+                    out[f"{name}.{field}"] = secret_file_path(fsrc, base_dir)
+    return out
+
+
+def _from_file(name: str, src: FileSource, base_dir: Path) -> SecretValue:
+    path = secret_file_path(src, base_dir)
     where = f"file {src.file}"
     try:
         data = path.read_bytes()

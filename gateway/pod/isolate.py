@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import subprocess
 import sys
 import tempfile
@@ -19,14 +20,63 @@ from pathlib import Path
 from typing import Any
 
 from gateway.cli.errors import KeywardError
+from gateway.config.loader import load_config
 from gateway.netfilter.rules import PodPorts
-from gateway.pod.netns import NetNamespace, NetnsError, VethLink, ip, unique_name
+from gateway.pod.masking import MountPlan, Workspace, make_mask_sources, protected_paths
+from gateway.pod.netns import NetNamespace, NetnsError, VethLink, ip, setpriv_argv, unique_name
+from gateway.pod.privileges import blocked_ancestors
 
 # Shared address space (RFC 6598) for the uplink /30: never a destination of anything.
 UPLINK_HOST = "100.64.{n}.1"
 UPLINK_POD = "100.64.{n}.2"
 READY_TIMEOUT = 30.0
 PROXY_UID = 10101
+AGENT_USER = "keyward-agent"
+AGENT_UID = 10102  # the dedicated agent uid when no `keyward-agent` user exists
+
+
+@dataclass(frozen=True)
+class AgentIdentity:
+    uid: int
+    gid: int
+    workspace: Workspace | None
+    why: str
+
+
+def dedicated_agent_ids() -> tuple[int, int]:
+    """The `keyward-agent` user's uid/gid if it exists, else 10102/10102."""
+    try:
+        pw = pwd.getpwnam(AGENT_USER)
+    except KeyError:
+        return AGENT_UID, AGENT_UID
+    return pw.pw_uid, pw.pw_gid
+
+
+def choose_agent(
+    protected: list[Path], invoker: int | None, invoker_gid: int | None, cwd: Path
+) -> AgentIdentity:
+    """Who CMD runs as under `run --isolate` when `--agent-uid` is not given.
+
+    The invoking user (`$SUDO_UID`), unless they own something that holds a secret (config,
+    .env, a secret file, the state dir): then a dedicated uid that owns nothing, with the
+    current directory idmapped so the agent can edit it and what it writes stays the user's.
+    Without `$SUDO_UID` (root itself), the dedicated uid, unmapped."""
+    owned = [p for p in protected if invoker is None or p.stat().st_uid == invoker]
+    if invoker is not None and not owned:
+        gid = invoker if invoker_gid is None else invoker_gid
+        return AgentIdentity(invoker, gid, None, f"your uid {invoker}")
+    uid, gid = dedicated_agent_ids()
+    why = f"the dedicated uid {uid}"
+    st = cwd.stat()
+    home = None
+    if invoker is not None:
+        with contextlib.suppress(KeyError):
+            home = Path(pwd.getpwuid(invoker).pw_dir).resolve()
+    if invoker is None or st.st_uid != invoker or cwd.resolve() == home:
+        return AgentIdentity(uid, gid, None, why)
+    blocked = blocked_ancestors(cwd, uid, {gid})
+    ws = Workspace(str(cwd.resolve()), st.st_uid, st.st_gid, str(blocked[-1]) if blocked else None)
+    return AgentIdentity(uid, gid, ws, f"{why}, with {ws.path} mapped to it")
 
 
 @dataclass
@@ -42,7 +92,17 @@ class IsolatedPod:
     ports: PodPorts = field(default_factory=PodPorts)
     audit_path: str | None = None
     work: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="keyward-pod-")))
+    workspace: Workspace | None = None
     gateway: subprocess.Popen[bytes] | None = None
+    mounts: MountPlan | None = None
+
+    @property
+    def control_dir(self) -> Path:
+        return self.state_dir / "control"
+
+    @property
+    def agent_home(self) -> Path:
+        return self.work / "home"
 
     @property
     def trust_dir(self) -> Path:
@@ -62,7 +122,10 @@ class IsolatedPod:
             "--explicit-port", str(self.ports.explicit),
             "--dns-port", str(self.ports.dns),
             "--ready-file", str(self.ready_file),
-            "--control-socket", str(self.state_dir / "control" / "keyward.sock"),
+            "--control-socket", str(self.control_dir / "keyward.sock"),
+            "--agent-uid", str(self.agent_uid),
+            "--agent-gid", str(self.agent_gid),
+            "--agent-masked",
             "--trust-dir", str(self.trust_dir),
             "--trust-mount", str(self.trust_dir),
             "--metrics-port", str(self.ports.control),
@@ -75,6 +138,7 @@ class IsolatedPod:
         self.work.mkdir(parents=True, exist_ok=True)
         os.chmod(self.work, 0o755)
         os.chown(self.work, self.proxy_uid, self.proxy_uid)
+        self.prepare_agent_view()
         self.gateway = self.ns.exec(
             self.serve_argv(), env=dict(env or os.environ), stderr=subprocess.PIPE
         )
@@ -91,6 +155,24 @@ class IsolatedPod:
                 raise KeywardError(f"gateway not ready after {timeout:.0f} s")
             time.sleep(0.05)
 
+    def prepare_agent_view(self) -> None:
+        """What the agent's mount namespace will mask (the gateway is told, so it does not
+        refuse a readable secret file the agent cannot see), and a home of its own."""
+        loaded = load_config(self.config)
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.control_dir.mkdir(mode=0o700, exist_ok=True)
+        empty_file, empty_dir = make_mask_sources(self.work / "mask")
+        self.mounts = MountPlan(
+            masks=tuple(str(p) for p in protected_paths(loaded, self.state_dir, self.control_dir)),
+            empty_file=str(empty_file),
+            empty_dir=str(empty_dir),
+            agent_uid=self.agent_uid,
+            agent_gid=self.agent_gid,
+            workspace=self.workspace,
+        )
+        self.agent_home.mkdir(mode=0o700, exist_ok=True)
+        os.chown(self.agent_home, self.agent_uid, self.agent_gid)
+
     def agent_env(
         self, base: Mapping[str, str] | None = None, drop: frozenset[str] = frozenset()
     ) -> dict[str, str]:
@@ -105,11 +187,27 @@ class IsolatedPod:
             key, sep, value = line.partition("=")
             if sep:
                 env[key] = value
-        env.setdefault("HOME", str(self.work))
+        env["HOME"] = self._home(env.get("HOME"))
         return env
 
+    def _home(self, given: str | None) -> str:
+        """The agent's own home if it has one (`sudo` passes root's), else one for this run."""
+        candidates = [given]
+        with contextlib.suppress(KeyError):
+            candidates.append(pwd.getpwuid(self.agent_uid).pw_dir)
+        for c in candidates:
+            with contextlib.suppress(OSError, TypeError):
+                if c and os.stat(c).st_uid == self.agent_uid:
+                    return c
+        return str(self.agent_home)
+
     def agent_argv(self, argv: list[str]) -> list[str]:
-        return self.ns.argv(argv, uid=self.agent_uid, gid=self.agent_gid)
+        """`argv` as the agent: in the pod's network namespace, in a mount namespace of its
+        own where secrets are masked, as the agent uid."""
+        inner = [*setpriv_argv(self.agent_uid, self.agent_gid), *argv]
+        if self.mounts is None:
+            raise KeywardError("the agent's view is prepared by start(); start the pod first")
+        return self.ns.argv([*self.mounts.argv(), "--", *inner])
 
     def run_agent(
         self, argv: list[str], env: Mapping[str, str] | None = None, **kw: Any

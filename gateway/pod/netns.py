@@ -60,6 +60,12 @@ def stop_process(proc: subprocess.Popen[Any], grace: float = STOP_GRACE) -> None
                 stream.close()
 
 
+def setpriv_argv(uid: int, gid: int | None = None) -> list[str]:
+    """The prefix that runs a command as `uid`/`gid` (default gid = uid) with no other group."""
+    g = uid if gid is None else gid
+    return ["setpriv", f"--reuid={uid}", f"--regid={g}", "--clear-groups"]
+
+
 class NetNamespace:
     """A named network namespace that exists for the life of the `with` block."""
 
@@ -104,8 +110,7 @@ class NetNamespace:
         """The command line that runs `argv` in this namespace, as `uid` if given."""
         prefix = ["ip", "netns", "exec", self.name]
         if uid is not None:
-            g = uid if gid is None else gid
-            prefix += ["setpriv", f"--reuid={uid}", f"--regid={g}", "--clear-groups"]
+            prefix += setpriv_argv(uid, gid)
         return [*prefix, *argv]
 
     def exec(

@@ -8,6 +8,8 @@ import ctypes
 import importlib
 import os
 import pkgutil
+import pwd
+from collections.abc import Collection
 from pathlib import Path
 
 PR_SET_DUMPABLE = 4
@@ -22,15 +24,48 @@ def _prctl(option: int, arg: int) -> int:
     return int(libc.prctl(option, arg, 0, 0, 0))
 
 
-def unreachable_ancestor(path: Path, uid: int) -> Path | None:
+def permits(st: os.stat_result, uid: int, gids: Collection[int], bit: int) -> bool:
+    """Whether mode bits let `uid` (with groups `gids`) read (4), write (2) or search (1):
+    the owner's bits, else the group's, else others'. ACLs are not consulted."""
+    if uid == 0:
+        return True
+    if st.st_uid == uid:
+        return bool(st.st_mode & (bit << 6))
+    if st.st_gid in gids:
+        return bool(st.st_mode & (bit << 3))
+    return bool(st.st_mode & bit)
+
+
+def blocked_ancestors(path: Path, uid: int, gids: Collection[int] = ()) -> list[Path]:
+    """The directories above `path` that `uid` cannot search, deepest first."""
+    return [d for d in path.resolve().parents if not permits(d.stat(), uid, gids, 0o1)]
+
+
+def unreachable_ancestor(path: Path, uid: int, gids: Collection[int] = ()) -> Path | None:
     """The first directory above `path` that `uid` cannot traverse, or None. After the drop
     the gateway opens files in its state dir by path: a state dir under a 0700 home (root's,
     with sudo) would fail half-way through start-up."""
-    for parent in path.resolve().parents:
-        st = parent.stat()
-        if st.st_uid != uid and not st.st_mode & 0o001:
-            return parent
-    return None
+    blocked = blocked_ancestors(path, uid, gids)
+    return blocked[0] if blocked else None
+
+
+def readable_by(path: Path, uid: int, gids: Collection[int] = ()) -> bool:
+    """Whether a process of `uid` (and `gids`) could open `path` for reading, by mode bits:
+    every directory on the way searchable, the file itself readable."""
+    real = path.resolve()
+    return not blocked_ancestors(real, uid, gids) and permits(real.stat(), uid, gids, 0o4)
+
+
+def user_groups(uid: int, gid: int | None = None) -> tuple[int, set[int]]:
+    """(primary gid, every gid) of `uid`: from the passwd/group files when it has an entry,
+    else just `gid` (default: the same number as the uid, as pods use)."""
+    try:
+        pw = pwd.getpwuid(uid)
+    except KeyError:
+        g = uid if gid is None else gid
+        return g, {g}
+    g = pw.pw_gid if gid is None else gid
+    return g, {g, *os.getgrouplist(pw.pw_name, pw.pw_gid)}
 
 
 def make_undumpable() -> None:

@@ -18,9 +18,10 @@ from pathlib import Path
 from aiohttp import web
 
 from gateway.audit.writer import AuditRecord
+from gateway.cli.errors import UsageError
 from gateway.config.loader import LoadedConfig
 from gateway.credentials.oauth import TokenMinter
-from gateway.credentials.sources import secret_env_names, withdraw_env
+from gateway.credentials.sources import secret_env_names, secret_files, withdraw_env
 from gateway.dns.resolver import Resolver
 from gateway.dns.server import DnsListener
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -30,7 +31,13 @@ from gateway.planes.context import GatewayContext, build_context, freeze_startup
 from gateway.planes.http.proxy import HttpPlane
 from gateway.planes.mitm.master import MitmPlane, start_mitm
 from gateway.planes.transparent import make_verifier
-from gateway.pod.privileges import chown_tree, drop_to, make_undumpable
+from gateway.pod.privileges import (
+    chown_tree,
+    drop_to,
+    make_undumpable,
+    readable_by,
+    user_groups,
+)
 from gateway.tls.trust import render_agent_trust
 
 log = logging.getLogger("keyward.serve")
@@ -54,6 +61,40 @@ class ServeOptions:
     # Also serve the control endpoints (health, readiness, /metrics) on this TCP port of every
     # address (Prometheus, kubelet probes). The netfilter rules keep it closed to agent uids.
     metrics_port: int | None = None
+    # The uid (and gid) agents run as, and whether their mount namespace masks the secret
+    # files (`keyward run --isolate`); unmasked, a secret file they could read stops start-up.
+    agent_uid: int = 1000
+    agent_gid: int | None = None
+    agent_masked: bool = False
+
+
+def refuse_exposed_secret_files(loaded: LoadedConfig, uid: int, gid: int | None) -> None:
+    """Every `file:` secret source and the `.env` must be unreadable by the agent's uid (mode
+    bits and the directories on the way); named in the error, never read for it."""
+    primary, gids = user_groups(uid, gid)
+    files = {
+        f"secret {name!r}: file {path}": path
+        for name, path in secret_files(loaded.config.secrets, loaded.base_dir).items()
+    }
+    dotenv = loaded.base_dir / ".env"
+    if dotenv.is_file():
+        files[f"{dotenv}"] = dotenv
+    exposed = []
+    for what, path in files.items():
+        try:
+            if readable_by(path, uid, gids):
+                mode = path.stat().st_mode & 0o777
+                exposed.append(
+                    f"{what} is readable by the agent's uid {uid} (mode {mode:04o});"
+                    f" run: chmod 600 {path}"
+                )
+        except OSError:
+            continue  # missing: the loader says so, naming the secret
+    if exposed:
+        raise UsageError(
+            "\n".join(exposed) + f"\nkeyward serve does not start while the agent (uid {uid},"
+            f" gid {primary}; --agent-uid) could read a secret"
+        )
 
 
 def write_agent_trust(ctx: GatewayContext, out: Path, mount: str) -> None:
@@ -80,6 +121,8 @@ class Sidecar:
     def prepare(cls, loaded: LoadedConfig, opts: ServeOptions) -> Sidecar:
         """The privileged part: secrets, CA, rules, then the irreversible drop."""
         make_undumpable()
+        if not opts.agent_masked:
+            refuse_exposed_secret_files(loaded, opts.agent_uid, opts.agent_gid)
         environ = withdraw_env(secret_env_names(loaded.config.secrets))
         ctx = build_context(
             loaded, opts.state_dir, audit_path=opts.audit_path, agent=opts.agent, environ=environ

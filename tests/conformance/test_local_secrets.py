@@ -235,3 +235,167 @@ def test_run_says_once_that_it_is_cooperative(run_attacks: dict[str, object]) ->
     stderr = str(run_attacks["stderr"])
     assert stderr.count("cooperative") == 1 and "--isolate" in stderr
     assert REAL_KEY not in stderr
+
+
+# -- sudo keyward run --isolate: the agent goes for the files --------------------------------
+
+ISOLATE_CONFIG = """version: 1
+secrets:
+  key: { env: TEST_API_KEY }
+  gh: { file: ./secrets/gh.key }
+egress:
+  default: deny
+  hosts:
+    api.example.test:
+      headers: { Authorization: "Bearer {key}" }
+    github.example.test:
+      headers: { Authorization: "token {gh}" }
+"""
+
+# Reads what a user's project holds, from inside the isolated agent; reports what it got.
+HOSTILE_FILES = r"""
+import json, os, socket, sys
+
+KEY, FILE_KEY = (a[::-1] for a in sys.argv[1:3])
+STATE = sys.argv[3]
+out = {"uid": os.getuid(), "cwd": os.getcwd()}
+
+
+def attempt(path):
+    try:
+        with open(path, "rb") as f:
+            data = f.read(1 << 20)
+    except OSError as e:
+        return {"leaked": False, "detail": f"{type(e).__name__}: {e.strerror}"}
+    hit = KEY.encode() in data or FILE_KEY.encode() in data or b"secrets:" in data
+    return {"leaked": hit or bool(data), "detail": f"read {len(data)} bytes"}
+
+
+out["config"] = attempt("keyward.yaml")
+out["dotenv"] = attempt(".env")
+out["secret_file"] = attempt(os.path.join("secrets", "gh.key"))
+try:
+    entries = sorted(os.listdir(STATE))
+    found = []
+    for dirpath, _dirs, files in os.walk(STATE):
+        for name in files:
+            found.append(os.path.join(dirpath, name))
+    out["state_dir"] = {"leaked": bool(entries), "detail": f"listed {entries}, files {found}"}
+except OSError as e:
+    out["state_dir"] = {"leaked": False, "detail": f"{type(e).__name__}: {e.strerror}"}
+sock = socket.socket(socket.AF_UNIX)
+try:
+    sock.connect(os.path.join(STATE, "control", "keyward.sock"))
+    out["control_socket"] = {"leaked": True, "detail": "connected"}
+except OSError as e:
+    out["control_socket"] = {"leaked": False, "detail": f"{type(e).__name__}: {e.strerror}"}
+finally:
+    sock.close()
+with open("made-by-agent.txt", "w") as f:
+    f.write("the workspace is usable\n")
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def isolate_attacks(root_ok: None) -> Iterator[dict[str, object]]:
+    """`sudo keyward run --isolate` as a user types it in their project (a 0700 home, the
+    config, a 0600 .env, a 0644 secret file), with a hostile CMD; its report, by attack."""
+    base = Path(tempfile.mkdtemp(prefix="keyward-isolate-secrets-"))
+    base.chmod(0o755)
+    try:
+        home = base / "home" / "user"
+        project = home / "project"
+        (project / "secrets").mkdir(parents=True)
+        (project / "keyward.yaml").write_text(ISOLATE_CONFIG)
+        (project / ".env").write_text(f"TEST_API_KEY={REAL_KEY}\n")
+        (project / ".env").chmod(0o600)
+        (project / "secrets" / "gh.key").write_text(FILE_KEY + "\n")
+        (project / "secrets" / "gh.key").chmod(0o644)  # the default umask's mode
+        for p in (home, *home.rglob("*")):
+            os.chown(p, USER_UID, USER_UID)
+        home.chmod(0o700)
+        script = base / "hostile.py"
+        script.write_text(HOSTILE_FILES)
+        script.chmod(0o644)
+        state = base / "state"
+        env = {k: v for k, v in os.environ.items() if "PROXY" not in k.upper()}
+        env.update(SUDO_UID=str(USER_UID), SUDO_GID=str(USER_UID), PYTHONPATH=str(ROOT))
+        env.pop("KEYWARD_STATE", None)
+        argv = [*KEYWARD, "run", "--isolate", "--state", str(state), "--"]
+        argv += [CHILD_PYTHON, str(script), REAL_KEY[::-1], FILE_KEY[::-1], str(state)]
+        r = subprocess.run(
+            argv, env=env, cwd=project, capture_output=True, text=True, timeout=180, check=False
+        )
+        assert r.returncode == 0, r.stdout + r.stderr
+        report = json.loads(r.stdout.strip().splitlines()[-1])
+        made = project / "made-by-agent.txt"
+        report["made"] = [made.stat().st_uid, made.stat().st_gid] if made.exists() else None
+        report["stderr"] = r.stderr
+        yield report
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_isolate_agent_cannot_read_the_config(isolate_attacks: dict[str, object]) -> None:
+    assert not got_through(isolate_attacks, "config")
+
+
+def test_isolate_agent_cannot_read_dotenv(isolate_attacks: dict[str, object]) -> None:
+    assert not got_through(isolate_attacks, "dotenv")
+
+
+def test_isolate_agent_cannot_read_a_0644_secret_file(isolate_attacks: dict[str, object]) -> None:
+    assert not got_through(isolate_attacks, "secret_file")
+
+
+def test_isolate_agent_cannot_read_the_state_dir(isolate_attacks: dict[str, object]) -> None:
+    assert not got_through(isolate_attacks, "state_dir")
+
+
+def test_isolate_agent_cannot_reach_the_control_socket(isolate_attacks: dict[str, object]) -> None:
+    assert not got_through(isolate_attacks, "control_socket")
+
+
+def test_isolate_agent_is_a_dedicated_uid_that_can_edit_the_workspace(
+    isolate_attacks: dict[str, object],
+) -> None:
+    """The user owns the config and secrets: CMD is not them, yet edits their project, and
+    what it writes is theirs on disk."""
+    assert isolate_attacks["uid"] not in (0, USER_UID)
+    assert isolate_attacks["made"] == [USER_UID, USER_UID]
+    assert str(isolate_attacks["cwd"]).endswith("/home/user/project")
+    assert "dedicated uid" in str(isolate_attacks["stderr"])
+
+
+# -- keyward serve: a secret file the agent's uid could read ---------------------------------
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A directory any uid can enter (pytest's own are under a 0700 one)."""
+    path = Path(tempfile.mkdtemp(prefix="keyward-serve-secrets-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_serve_refuses_a_secret_file_the_agent_can_read(open_dir: Path) -> None:
+    """A 0644 `file:` secret (the default umask's mode) and an agent sharing the filesystem:
+    serve does not start, and says which file without printing what is in it."""
+    tmp_path = open_dir
+    secret = tmp_path / "gh.key"
+    secret.write_text(FILE_KEY + "\n")
+    secret.chmod(0o644)
+    config = tmp_path / "keyward.yaml"
+    config.write_text(ISOLATE_CONFIG.replace("./secrets/gh.key", str(secret)))
+    (tmp_path / ".env").write_text(f"TEST_API_KEY={REAL_KEY}\n")
+    (tmp_path / ".env").chmod(0o600)
+    argv = [*KEYWARD, "serve", "-c", str(config), "--no-netfilter", "--state",
+            str(tmp_path / "state"), "--agent-uid", str(USER_UID + 1)]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"file {secret} is readable by the agent's uid {USER_UID + 1}" in r.stderr
+    assert "chmod 600" in r.stderr and str(tmp_path / ".env") not in r.stderr
+    assert FILE_KEY not in r.stderr + r.stdout and REAL_KEY not in r.stderr + r.stdout
