@@ -145,9 +145,8 @@ def _https_server(ca: CertificateAuthority, tmp: Path) -> Iterator[str]:
     """127.0.0.1 HTTPS with a `localhost` certificate the keyward CA signed."""
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
-    from mitmproxy.certs import CertStore
 
-    store = CertStore.from_store(ca.mitmproxy_confdir, "mitmproxy", 2048)
+    store = ca.mitmproxy_certstore()
     sans = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
     entry = store.get_cert("localhost", sans)
     pem = tmp / "leaf.pem"
