@@ -213,6 +213,9 @@ def test_contract_attacks_all_fail(world: PodWorld) -> None:
         "unix_sockets": [str(world.pod.state_dir / "control" / "keyward.sock")],
         "control_tcp": [["127.0.0.1", 8090]],
         "scan_roots": [str(world.pod.work), str(world.base / "state")],
+        "config_files": [str(world.base / "keyward.yaml")],
+        "state_dirs": [str(world.pod.state_dir)],
+        "ca_key_files": [str(world.pod.state_dir / "ca" / "ca-key.pem")],
         "secret_hashes": [
             {"len": len(REAL_KEY), "sha256": hashlib.sha256(REAL_KEY.encode()).hexdigest()}
         ],
@@ -222,7 +225,11 @@ def test_contract_attacks_all_fail(world: PodWorld) -> None:
     results = json.loads(r.stdout.strip().splitlines()[-1])
     failed = [x for x in results if not x["ok"]]
     assert failed == [], failed
-    assert len(results) >= 12
+    assert len(results) >= 18
+    checks = {x["check"]: x["detail"] for x in results}
+    assert "read 0 bytes" in checks["config and .env not readable"]
+    assert "0 entries" in checks["state dir not readable"]
+    assert checks["gateway memory not readable"] != "no gateway process visible"
     canaries = [s for s in world.seen() if "tcp" in s or "udp" in s]
     assert canaries == []
 

@@ -17,7 +17,14 @@ import yaml
 
 from gateway.credentials.store import SecretStore
 from gateway.engine.client import EngineClient
-from gateway.engine.pair import GW_CA_KEY, GW_CONFIG, GW_CONFIG_DIR, PairError, exec_text
+from gateway.engine.pair import (
+    GW_CA_KEY,
+    GW_CONFIG,
+    GW_CONFIG_DIR,
+    GW_STATE,
+    PairError,
+    exec_text,
+)
 from gateway.pod.contract import DEFAULT_PROBES, check_script, contract_spec, parse_results
 from gateway.tls.ca import CertificateAuthority
 
@@ -83,6 +90,10 @@ def build_spec(
         "unix_sockets": [*DEFAULT_PROBES["unix_sockets"], CONTROL_SOCKET],
         "control_tcp": [["127.0.0.1", 8090]],
         "scan_roots": SCAN_ROOTS,
+        # The gateway's own files, by the paths it uses: the agent must not have them.
+        "config_files": [GW_CONFIG, f"{GW_CONFIG_DIR}/.env"],
+        "ca_key_files": [GW_CA_KEY],
+        "state_dirs": [GW_STATE],
     }
     key_line = str(gateway_facts["ca_key_line_sha256"])
     hashes = list(gateway_facts.get("secret_hashes") or [])

@@ -7,6 +7,7 @@ result per attack as JSON on stdout. Every check is an attempt with an observabl
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ TOKEN = re.compile(rb"[A-Za-z0-9_\-.+/=:~]{6,}")
 SKIP_DIRS = ("/proc", "/sys", "/dev", "/run/keyward-none")
 MAX_FILE = 4 * 1024 * 1024
 FAST = 3.0  # a refusal slower than this counts as a hang
+PTRACE_SEIZE = 0x4206
 
 
 def _result(check: str, ok: bool, detail: str) -> dict[str, object]:
@@ -119,6 +121,107 @@ def check_secrets(spec: dict) -> list[dict[str, object]]:
             ", ".join(key_hits[:5]) or f"{files} files searched",
         )
     )
+    return out
+
+
+def _gateway_pids(spec: dict) -> list[int]:
+    """Gateway processes this agent can see: those named in the spec, and any whose command
+    line runs keyward (`keyward ...`, `python -m gateway ...`); never this process."""
+    pids = {int(p) for p in spec.get("gateway_pids", [])}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                argv = fh.read(4096).split(b"\0")
+        except OSError:
+            continue
+        names = [os.path.basename(a) for a in argv[:2]]
+        if b"keyward" in names or argv[1:3] == [b"-m", b"gateway"]:
+            pids.add(int(entry))
+    return sorted(pids)
+
+
+def _read_memory(pid: int) -> tuple[bool, str]:
+    """True if any of `pid`'s memory could be read through /proc/PID/mem."""
+    try:
+        with open(f"/proc/{pid}/maps") as fh:
+            regions = [line.split()[:2] for line in fh]
+        mem = open(f"/proc/{pid}/mem", "rb", buffering=0)  # noqa: SIM115
+    except OSError as e:
+        return False, f"{pid}: {e.strerror or e}"
+    with mem:
+        for span, perms in regions:
+            if perms.startswith("r"):
+                try:
+                    mem.seek(int(span.split("-")[0], 16))
+                    if mem.read(64):
+                        return True, f"{pid}: memory read"
+                except (OSError, OverflowError, ValueError):
+                    continue
+    return False, f"{pid}: no region readable"
+
+
+def _ptrace(pid: int) -> tuple[bool, str]:
+    """True if `pid` could be traced. Tried from a forked process: PTRACE_SEIZE does not stop
+    the target, and the tracer's exit detaches it again."""
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - child
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+        rc = libc.ptrace(PTRACE_SEIZE, pid, None, None)
+        os.write(w, json.dumps([rc, ctypes.get_errno()]).encode())
+        os._exit(0)
+    os.close(w)
+    rc, err = json.loads(os.read(r, 100) or b"[-1, 0]")
+    os.close(r)
+    os.waitpid(child, 0)
+    return rc == 0, f"{pid}: " + ("attached" if rc == 0 else os.strerror(err))
+
+
+def _read_attempt(path: str) -> tuple[bool, str]:
+    """True if `path` gave any byte (a masked file reads empty)."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_FILE)
+    except OSError as e:
+        return False, f"{path}: {e.strerror or e}"
+    return bool(data), f"{path}: read {len(data)} bytes"
+
+
+def _list_attempt(path: str) -> tuple[bool, str]:
+    """True if directory `path` showed any entry (a masked one is empty)."""
+    try:
+        entries = os.listdir(path)
+    except OSError as e:
+        return False, f"{path}: {e.strerror or e}"
+    return bool(entries), f"{path}: {len(entries)} entries"
+
+
+def _each(check: str, outcomes: list[tuple[bool, str]], none: str) -> dict[str, object]:
+    leaks = [d for leaked, d in outcomes if leaked]
+    return _result(check, not leaks, "; ".join(leaks or [d for _, d in outcomes]) or none)
+
+
+def check_local(spec: dict) -> list[dict[str, object]]:
+    """The gateway's own process (memory, ptrace) and the files that hold secrets, by name:
+    the config, `.env`, `file:` secret sources, the state dir, the CA key."""
+    pids = _gateway_pids(spec)
+    none = "no gateway process visible"
+    out = [
+        _each("gateway memory not readable", [_read_memory(p) for p in pids], none),
+        _each("gateway not traceable", [_ptrace(p) for p in pids], none),
+    ]
+    for check, key in (
+        ("config and .env not readable", "config_files"),
+        ("secret files not readable", "secret_files"),
+        ("CA key file not readable", "ca_key_files"),
+    ):
+        paths = spec.get(key, [])
+        out.append(_each(check, [_read_attempt(p) for p in paths], f"{len(paths)} paths"))
+    dirs = spec.get("state_dirs", [])
+    out.append(_each("state dir not readable", [_list_attempt(d) for d in dirs], "none given"))
     return out
 
 
@@ -235,7 +338,7 @@ def _dns_query(name: str, qtype: int, resolver: str | None) -> tuple[int, str]:
 
 def main() -> int:
     spec = json.loads(sys.stdin.read() or "{}")
-    results = check_network(spec) + check_secrets(spec)
+    results = check_network(spec) + check_local(spec) + check_secrets(spec)
     json.dump(results, sys.stdout)
     sys.stdout.write("\n")
     return 0 if all(r["ok"] for r in results) else 1
