@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config.loader import load_config
+from gateway.config.loader import ConfigError, load_config
 from gateway.config.rewrite import secret_key as secret_env_name
 from gateway.credentials.sources import load_secrets, read_dotenv
 from gateway.engine.pair import (
@@ -29,6 +29,7 @@ from gateway.engine.pair import (
     parse_trust_env,
 )
 from gateway.engine.verify import build_spec, resolve_targets
+from tests.support.pki import make_ca
 
 REAL = "sk-test-REALVALUE-0123456789abcdef"
 FILE_SECRET = 'file-secret-with "quotes" $dollar \\slash'
@@ -71,7 +72,7 @@ def cfg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (tmp_path / "other.key").write_text(FILE_SECRET + "\n")
     (tmp_path / "other.key").chmod(0o600)
     (tmp_path / "refresh.txt").write_text(REFRESH)
-    (tmp_path / "corp-ca.pem").write_text("-----BEGIN CERTIFICATE-----\nfake\n")
+    (tmp_path / "corp-ca.pem").write_bytes(make_ca(tmp_path / "pki").path.read_bytes())
     monkeypatch.setenv("PAIRTEST_KEY", REAL)
     monkeypatch.setenv("PAIRTEST_CLIENT_ID", "client-id-public")
     monkeypatch.setenv("PAIRTEST_CLIENT_SECRET", CLIENT_SECRET)
@@ -209,7 +210,7 @@ def test_dotenv_round_trip(tmp_path: Path) -> None:
 
 def test_missing_ca_bundle_is_an_error(cfg: Path) -> None:
     (cfg.parent / "corp-ca.pem").unlink()
-    with pytest.raises(PairError, match="ca_bundle"):
+    with pytest.raises((PairError, ConfigError), match="ca_bundle"):
         _bundle(cfg)
 
 

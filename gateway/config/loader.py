@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import re
+import ssl
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +60,11 @@ class LoadedConfig:
     @property
     def base_dir(self) -> Path:
         return self.path.resolve().parent
+
+    def resolve_path(self, text: str) -> Path:
+        """A path from the config: relative ones are relative to the config's directory."""
+        p = Path(text).expanduser()
+        return p if p.is_absolute() else self.base_dir / p
 
     def line_of(self, loc: Loc) -> int:
         return _line_for(self.lines, loc)
@@ -112,16 +121,60 @@ class _Walker:
                 self.walk(item, (*loc, i))
 
 
-def parse_config_text(text: str, file: str) -> LoadedConfig:
-    """Parse and validate; raises ConfigError listing every problem found."""
+# Deeper than any real config; a bound keeps the (recursive) composer from running out of stack.
+MAX_DEPTH = 64
+# A config is a few KiB; 200,000 host rules are ~10 MiB. Anything far past that is a mistake.
+MAX_CONFIG_BYTES = 64 * 1024 * 1024
+
+
+class _Refused(yaml.YAMLError):
+    def __init__(self, mark: yaml.Mark, problem: str) -> None:
+        super().__init__(problem)
+        self.problem_mark, self.problem = mark, problem
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader without anchors and aliases (an alias bomb expands a few lines into billions
+    of nodes) and with a nesting bound; the file is composed once and constructed once."""
+
+    _depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node:  # type: ignore[override]
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise _Refused(event.start_mark, "anchors and aliases (&, *, <<) are not allowed")
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _Refused(event.start_mark, f"nested deeper than {MAX_DEPTH} levels")
+            return super().compose_node(parent, index)  # type: ignore[no-any-return]
+        finally:
+            self._depth -= 1
+
+
+def _parse_yaml(text: str, file: str) -> tuple[yaml.Node | None, Any]:
+    loader: _StrictLoader | None = None
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        loader = _StrictLoader(text)  # checks every character first (ReaderError)
+        node = loader.get_single_node()
+        return node, (loader.construct_document(node) if node is not None else None)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         line = mark.line + 1 if mark is not None else 1
+        if isinstance(e, yaml.reader.ReaderError):  # a character YAML does not allow
+            line = text.count("\n", 0, e.position) + 1
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        if isinstance(e, yaml.reader.ReaderError):
+            problem = f"character {e.character!r} is not allowed"
         raise ConfigError([ConfigIssue(file, line, "", f"YAML syntax: {problem}")]) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def parse_config_text(text: str, file: str) -> LoadedConfig:
+    """Parse and validate; raises ConfigError listing every problem found."""
+    node, data = _parse_yaml(text, file)
     if node is None or data is None:
         raise ConfigError([ConfigIssue(file, 1, "", "empty config (expected 'version: 1')")])
     walker = _Walker(file)
@@ -144,15 +197,107 @@ def parse_config_text(text: str, file: str) -> LoadedConfig:
     return LoadedConfig(config, Path(file), walker.lines)
 
 
+def decode_config(data: bytes, file: str) -> str:
+    """UTF-8 or a `file:line` error naming where the first bad byte is."""
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError([ConfigIssue(file, 1, "", "larger than 64 MiB: not a config file")])
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(
+            [ConfigIssue(file, line, "", f"not UTF-8 text (byte 0x{data[e.start]:02x})")]
+        ) from None
+
+
 def load_config(path: str | Path) -> LoadedConfig:
+    """Read, parse, validate, and check what the config names on this machine (the same
+    checks for `check`, `run` and `serve`)."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        data = read_bounded(p, MAX_CONFIG_BYTES)
     except FileNotFoundError:
         raise UsageError(f"{p}: config file not found (run 'keyward init' to write one)") from None
     except OSError as e:
-        raise UsageError(f"{p}: cannot read config: {e.strerror}") from None
-    return parse_config_text(text, str(p))
+        raise UsageError(f"{p}: cannot read config: {e.strerror or e}") from None
+    loaded = parse_config_text(decode_config(data, str(p)), str(p))
+    issues = check_environment(loaded)
+    if issues:
+        raise ConfigError(issues)
+    return loaded
+
+
+def read_bounded(path: Path, limit: int) -> bytes:
+    """A regular file's bytes, refusing FIFOs, devices and anything over `limit` bytes (a
+    FIFO would block the reader forever, /dev/zero never ends)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "is a directory")
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "is not a regular file")
+        if st.st_size > limit:
+            raise OSError(errno.EFBIG, f"is larger than {_size(limit)}")
+        chunks, total = [], 0
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > limit:
+                raise OSError(errno.EFBIG, f"is larger than {_size(limit)}")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _size(n: int) -> str:
+    return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n >> 10} KiB"
+
+
+def check_environment(loaded: LoadedConfig) -> list[ConfigIssue]:
+    """What only this machine can tell: `upstream.ca_bundle` is a readable PEM bundle, the audit
+    log can be written where the config says. Same checks for `check`, `run` and `serve`."""
+    issues: list[ConfigIssue] = []
+    file = str(loaded.path)
+    cfg = loaded.config
+
+    def issue(loc: Loc, message: str) -> None:
+        issues.append(ConfigIssue(file, loaded.line_of(loc), format_loc(loc), message))
+
+    if cfg.upstream.ca_bundle:
+        bundle = loaded.resolve_path(cfg.upstream.ca_bundle)
+        try:
+            data = read_bounded(bundle, 16 * 1024 * 1024)
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.load_verify_locations(cadata=data.decode("ascii", "replace"))
+        except (ssl.SSLError, ValueError):  # SSLError is an OSError: first
+            issue(("upstream", "ca_bundle"), f"{bundle} holds no PEM certificate")
+        except FileNotFoundError:
+            issue(("upstream", "ca_bundle"), f"{bundle} does not exist")
+        except OSError as e:
+            issue(("upstream", "ca_bundle"), f"{bundle} {e.strerror or e}")
+    if cfg.audit.path != "-":
+        path = loaded.resolve_path(cfg.audit.path)
+        problem = writable_file_problem(path)
+        if problem:
+            issue(("audit", "path"), f"{path} {problem}")
+    return issues
+
+
+def writable_file_problem(path: Path) -> str | None:
+    """Why a file could not be appended to at `path` (created with its directories), or None."""
+    if path.is_dir():
+        return "is a directory"
+    if path.exists():
+        return None if os.access(path, os.W_OK) else "is not writable"
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"cannot be created: {parent} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot be created: {parent} is not writable"
+    return None
 
 
 def _strip_tags(loc: Loc) -> Loc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -15,9 +16,27 @@ from pydantic import (
     model_validator,
 )
 
-from gateway.policy.hosts import parse_pattern, split_hostport
+from gateway.policy.hosts import normalise_host, parse_pattern, split_hostport
 from gateway.policy.paths import parse_path_rule
 from gateway.policy.templates import parse_template
+
+
+def _url_host(url: str) -> str:
+    """The host of an http(s) URL; a ValueError if it has none or carries odd characters."""
+    if any(c.isspace() or ord(c) < 32 for c in url):
+        raise ValueError("URL contains whitespace or a control character")
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError as e:
+        raise ValueError(f"bad URL: {e}") from None
+    if not host:
+        raise ValueError(f"{url!r} has no host name")
+    if parts.username or parts.password:
+        raise ValueError("URL must not carry credentials (user:password@)")
+    normalise_host(host)
+    return host
 
 
 def _check_pattern(v: str) -> str:
@@ -103,6 +122,7 @@ class OAuthConfig(Strict):
     def _https(cls, v: str) -> str:
         if not v.startswith("https://"):
             raise ValueError("token_url must be an https:// URL")
+        _url_host(v)
         return v
 
     @model_validator(mode="after")
@@ -205,6 +225,7 @@ class ServiceConfig(Strict):
     def _url(cls, v: str) -> str:
         if not (v.startswith("https://") or v.startswith("http://")):
             raise ValueError("upstream must be an http:// or https:// URL")
+        _url_host(v)
         return v.rstrip("/")
 
 
@@ -219,6 +240,8 @@ class UpstreamConfig(Strict):
     def _resolve(cls, v: dict[str, str]) -> dict[str, str]:
         for key, target in v.items():
             for what, text in (("key", key), ("target", target)):
+                if "://" in text:
+                    raise ValueError(f"resolve {what} {text!r} is a URL: write host:port")
                 host, port = split_hostport(text)
                 if port is None or not host:
                     raise ValueError(f"resolve {what} {text!r} must be host:port")

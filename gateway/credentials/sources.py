@@ -9,16 +9,20 @@ silently sent without credentials.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
+import selectors
 import signal
 import stat
 import subprocess
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
 from gateway.cli.errors import EXIT_USAGE, KeywardError
+from gateway.config.loader import read_bounded
 from gateway.config.model import (
     CommandSource,
     EnvSource,
@@ -135,6 +139,10 @@ def _from_env(
     raise SecretError(name, where, "is not set")
 
 
+# A secret is a key or a token: anything larger is a mistake (or /dev/zero).
+MAX_SECRET_BYTES = 64 * 1024
+
+
 def secret_file_path(src: FileSource, base_dir: Path) -> Path:
     """Where a `file:` source is read from: `~` expanded, relative to the config's dir."""
     path = Path(src.file).expanduser()
@@ -160,7 +168,7 @@ def _from_file(name: str, src: FileSource, base_dir: Path) -> SecretValue:
     path = secret_file_path(src, base_dir)
     where = f"file {src.file}"
     try:
-        data = path.read_bytes()
+        data = read_bounded(path, MAX_SECRET_BYTES)
     except FileNotFoundError:
         raise SecretError(name, where, "does not exist") from None
     except IsADirectoryError:
@@ -168,7 +176,12 @@ def _from_file(name: str, src: FileSource, base_dir: Path) -> SecretValue:
     except PermissionError:
         raise SecretError(name, where, "is not readable (permission denied)") from None
     except OSError as e:
-        raise SecretError(name, where, f"cannot be read ({e.strerror})") from None
+        problem = e.strerror or str(e)
+        if e.errno == errno.EINVAL:
+            problem = "is not a regular file (a FIFO, socket or device)"
+        elif e.errno != errno.EFBIG:
+            problem = f"cannot be read ({problem})"
+        raise SecretError(name, where, problem) from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -192,6 +205,32 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
         proc.kill()
 
 
+def _read_until(proc: subprocess.Popen[bytes], deadline: float) -> tuple[bytes, str | None]:
+    """Collect stdout (stderr is read and dropped) until both pipes close or `deadline`.
+
+    Not communicate(): a grandchild that inherited the pipes keeps them open after the command
+    exits, and a command may print without end. Returns (stdout, why it stopped early or None).
+    """
+    assert proc.stdout is not None and proc.stderr is not None
+    out = bytearray()
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        sel.register(proc.stderr, selectors.EVENT_READ)
+        while sel.get_map():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return bytes(out), "timeout"
+            for key, _ in sel.select(left):
+                chunk = os.read(key.fd, 65536)
+                if not chunk:
+                    sel.unregister(key.fileobj)
+                elif key.fileobj is proc.stdout:
+                    out += chunk
+                    if len(out) > MAX_SECRET_BYTES:
+                        return bytes(out), "too-much"
+    return bytes(out), None
+
+
 def _from_command(name: str, src: CommandSource, base_dir: Path) -> SecretValue:
     where = f"command {src.command[0]}"
     try:
@@ -209,17 +248,27 @@ def _from_command(name: str, src: CommandSource, base_dir: Path) -> SecretValue:
         raise SecretError(name, where, "is not executable") from None
     except OSError as e:
         raise SecretError(name, where, f"could not start ({e.strerror})") from None
+    deadline = time.monotonic() + src.timeout
     try:
         # Output is never echoed, not even stderr: it may be the secret, or part of it.
-        out, _ = proc.communicate(timeout=src.timeout)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        proc.communicate()
-        raise SecretError(name, where, f"timed out after {src.timeout:g}s and was killed") from None
+        out, stopped = _read_until(proc, deadline)
+        if stopped is None:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                stopped = "timeout"
     finally:
-        if proc.poll() is None:
+        if stopped is not None or proc.poll() is None:
             _kill_group(proc)
-            proc.wait()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(1.0)  # SIGKILLed: reaped at once (a zombie grandchild is init's)
+    if stopped == "timeout":
+        raise SecretError(name, where, f"timed out after {src.timeout:g}s and was killed")
+    if stopped == "too-much":
+        raise SecretError(name, where, f"printed more than {MAX_SECRET_BYTES >> 10} KiB")
     if proc.returncode != 0:
         status = (
             f"signal {-proc.returncode}" if proc.returncode < 0 else f"status {proc.returncode}"

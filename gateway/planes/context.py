@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gateway.audit.writer import AuditRecord, AuditWriter, new_id
+from gateway.cli.errors import UsageError
 from gateway.config.compile import build_policy
-from gateway.config.loader import LoadedConfig
+from gateway.config.loader import LoadedConfig, writable_file_problem
 from gateway.credentials.placeholders import detect_format, load_seed, make_placeholder
 from gateway.credentials.redact import Redactor
 from gateway.credentials.sources import load_secrets
@@ -199,11 +200,14 @@ def build_context(
     placeholders = build_placeholders(loaded, store, load_seed(state_dir))
     policy = build_policy(loaded.config, placeholders)
     target = audit_path or loaded.config.audit.path
-    if target != "-" and not Path(target).is_absolute():
-        target = str(loaded.base_dir / target)
+    if target != "-":
+        target = str(loaded.resolve_path(target) if audit_path is None else Path(target))
+        problem = writable_file_problem(Path(target))
+        if problem:
+            raise UsageError(f"audit log {target} {problem}")
     ca_bundle = loaded.config.upstream.ca_bundle
-    if ca_bundle and not Path(ca_bundle).is_absolute():
-        ca_bundle = str(loaded.base_dir / ca_bundle)
+    if ca_bundle:
+        ca_bundle = str(loaded.resolve_path(ca_bundle))
     return GatewayContext(
         config=loaded,
         policy=policy,

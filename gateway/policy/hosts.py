@@ -94,6 +94,12 @@ def split_hostport(text: str) -> tuple[str, int | None]:
             raise ValueError(f"unexpected text after ']' in {text!r}")
         return host, _port(rest[1:], text)
     if text.count(":") > 1:  # bare IPv6 literal
+        head, _, tail = text.rpartition(":")
+        if tail.isdigit() and is_ip(head) and ":" in head:
+            raise ValueError(
+                f"ambiguous {text!r}: write [{head}]:{tail} for an address and port,"
+                f" or [{text}] for the address alone"
+            )
         return text, None
     if ":" in text:
         host, _, port = text.rpartition(":")
@@ -124,6 +130,13 @@ def _url_as_host(raw: str) -> str:
     )
 
 
+def _loose_network(text: str) -> str | None:
+    try:
+        return str(ipaddress.ip_network(text, strict=False))
+    except ValueError:
+        return None
+
+
 def parse_pattern(text: str) -> HostPattern:
     """Parse a rule key from `egress.hosts`. Raises ValueError with a user-facing message."""
     raw = text.strip()
@@ -133,8 +146,11 @@ def parse_pattern(text: str) -> HostPattern:
         raise ValueError(_url_as_host(raw))
     if "/" in raw:
         try:
-            net = ipaddress.ip_network(raw, strict=False)
+            net = ipaddress.ip_network(raw, strict=True)
         except ValueError as e:
+            loose = _loose_network(raw)
+            if loose is not None:
+                raise ValueError(f"{raw!r} has host bits set: write {loose}") from None
             raise ValueError(f"bad network {raw!r}: {e}") from e
         return HostPattern(PatternKind.NETWORK, raw, network=net)
     if any(c in raw for c in " ?#@"):

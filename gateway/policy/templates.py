@@ -33,6 +33,10 @@ class Template:
 
 def parse_template(text: str) -> Template:
     """Raises ValueError naming the offending column, never echoing a value."""
+    for i, ch in enumerate(text):
+        if ch in "\r\n\0":
+            # a line break in a header value would start a second header (or request) upstream
+            raise ValueError(f"line break or NUL at column {i + 1} (not allowed in a header)")
     parts: list[str | SecretRef] = []
     buf: list[str] = []
     i = 0
