@@ -31,8 +31,8 @@ def readme_commands(text: str) -> list[str]:
     lines: list[str] = []
     for heading in SECTIONS:
         start = text.index(heading)
-        nxt = text.find("\n## ", start + len(heading))
-        section = text[start : nxt if nxt != -1 else len(text)]
+        nxt = re.search(r"^#{2,3} ", text[start + len(heading) :], re.M)
+        section = text[start : start + len(heading) + nxt.start() if nxt else len(text)]
         for block in re.findall(r"```sh\n(.*?)```", section, re.S):
             lines.extend(x for x in block.splitlines() if x.strip())
     return lines

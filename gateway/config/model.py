@@ -179,7 +179,9 @@ class HostRuleConfig(Strict):
 
 
 class EgressConfig(Strict):
-    default: Literal["deny", "allow", "warn"] = "deny"
+    default: Literal["deny", "allow", "warn"] = Field(
+        "deny", description='for hosts no rule matches; warn = allow, audited "would-deny"'
+    )
     refusal: Literal["explain", "reset"] = Field(
         "explain",
         description="explain: complete a denied CONNECT and answer each request with a 403 "
@@ -258,13 +260,23 @@ class AuditConfig(Strict):
 
 class Config(Strict):
     version: Literal[1]
-    secrets: dict[str, SecretSource] = Field(default_factory=dict)
-    egress: EgressConfig = Field(default_factory=EgressConfig)
+    secrets: dict[str, SecretSource] = Field(
+        default_factory=dict,
+        description="real credentials by name; only the gateway reads them",
+    )
+    egress: EgressConfig = Field(
+        default_factory=EgressConfig, description="what the agent may reach, and what it gets"
+    )
     placeholders: dict[
         Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], PlaceholderConfig
-    ] = Field(default_factory=dict)
-    services: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$")], ServiceConfig] = Field(
-        default_factory=dict
+    ] = Field(
+        default_factory=dict,
+        description="env variable -> a fake value the agent holds, swapped on the secret's hosts",
     )
-    upstream: UpstreamConfig = Field(default_factory=UpstreamConfig)
-    audit: AuditConfig = Field(default_factory=AuditConfig)
+    services: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$")], ServiceConfig] = Field(
+        default_factory=dict, description='plain-HTTP reverse-proxy routes ("base URL" mode)'
+    )
+    upstream: UpstreamConfig = Field(
+        default_factory=UpstreamConfig, description="how the gateway reaches the world"
+    )
+    audit: AuditConfig = Field(default_factory=AuditConfig, description="the audit log")
