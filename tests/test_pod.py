@@ -159,6 +159,16 @@ def test_node_fetch_works_without_proxy_settings(world: PodWorld) -> None:
     assert hit and hit[-1]["headers"]["Authorization"] == f"Bearer {REAL_KEY}"  # type: ignore[index]
 
 
+def test_client_reading_no_trust_variable_trusts_the_system_bundle(world: PodWorld) -> None:
+    """The combined bundle is bound over the system bundle path in the agent's view: a client
+    run with an empty environment (no SSL_CERT_FILE, no CURL_CA_BUNDLE) trusts the gateway."""
+    r = world.agent("env", "-i", "PATH=/usr/bin:/bin", "curl", "-sS", "--max-time", "10",
+                    "https://api.example.test/system-bundle")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    hit = [s for s in world.seen() if s.get("path") == "/system-bundle"]
+    assert hit and hit[-1]["headers"]["Authorization"] == f"Bearer {REAL_KEY}"  # type: ignore[index]
+
+
 def test_denied_host_gets_403(world: PodWorld) -> None:
     r = curl(world, "-w", "\n%{http_code}", "--resolve",
              f"evil.example.test:443:{API}", "https://evil.example.test/")  # fmt: skip

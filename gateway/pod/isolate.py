@@ -25,6 +25,7 @@ from gateway.netfilter.rules import PodPorts
 from gateway.pod.masking import MountPlan, Workspace, make_mask_sources, protected_paths
 from gateway.pod.netns import NetNamespace, NetnsError, VethLink, ip, setpriv_argv, unique_name
 from gateway.pod.privileges import blocked_ancestors
+from gateway.tls.trust import SYSTEM_BUNDLE_PATHS
 
 # Shared address space (RFC 6598) for the uplink /30: never a destination of anything.
 UPLINK_HOST = "100.64.{n}.1"
@@ -169,6 +170,8 @@ class IsolatedPod:
             agent_uid=self.agent_uid,
             agent_gid=self.agent_gid,
             workspace=self.workspace,
+            trust_bundle=str(self.trust_dir / "ca-bundle.crt"),
+            system_bundles=SYSTEM_BUNDLE_PATHS,
         )
         self.agent_home.mkdir(mode=0o700, exist_ok=True)
         os.chown(self.agent_home, self.agent_uid, self.agent_gid)

@@ -65,6 +65,10 @@ class MountPlan:
     agent_gid: int
     workspace: Workspace | None = None
     cwd: str = field(default_factory=os.getcwd)
+    # The combined bundle (system roots + keyward CA), bound read-only over each of these system
+    # bundle paths that exists: clients that read no trust variable trust the gateway too.
+    trust_bundle: str | None = None
+    system_bundles: tuple[str, ...] = ()
 
     def argv(self) -> list[str]:
         """The helper's command line; the caller appends `--` and the command to exec."""
@@ -75,6 +79,7 @@ class MountPlan:
         data = json.loads(text)
         ws = data.pop("workspace")
         data["masks"] = tuple(data["masks"])
+        data["system_bundles"] = tuple(data.get("system_bundles", ()))
         return cls(**data, workspace=Workspace(**ws) if ws else None)
 
 
@@ -247,6 +252,11 @@ def apply_plan(plan: MountPlan) -> None:
         _map_workspace(plan.workspace, plan.agent_uid, plan.agent_gid)
     for path in sorted(plan.masks, key=lambda p: p.count("/"), reverse=True):
         _mask(path, plan.empty_file, plan.empty_dir)
+    if plan.trust_bundle is not None:
+        for path in plan.system_bundles:
+            if os.path.isfile(path):
+                _mount(plan.trust_bundle, path, None, MS_BIND)
+                _mount(None, path, None, MS_REMOUNT | MS_BIND | MASK_FLAGS)
     # Re-enter the current directory by path: the old reference points under the new mounts.
     os.chdir(plan.cwd)
 
