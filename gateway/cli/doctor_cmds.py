@@ -179,8 +179,8 @@ def probe_env(bundle: Path) -> dict[str, str]:
     return env
 
 
-def check_clients(ca: CertificateAuthority, sdir: Path) -> list[Check]:
-    bundle = write_bundle(ca, sdir / "agent-ca-bundle.pem")
+def check_clients(ca: CertificateAuthority, scratch: Path) -> list[Check]:
+    bundle = write_bundle(ca, scratch / "agent-ca-bundle.pem")
     env = probe_env(bundle)
     checks: list[Check] = []
     with (
@@ -240,11 +240,16 @@ def run_checks(config: str | None, state: str | None) -> list[Check]:
     checks.append(check)
     if loaded is not None:
         checks.append(check_secrets(loaded))
-    sdir = state_dir(state)
-    check, ca = check_ca(sdir)
+    if state or os.environ.get("KEYWARD_STATE"):
+        check, ca = check_ca(state_dir(state))
+    else:  # what `keyward run` does without --state
+        ca = CertificateAuthority.ephemeral()
+        detail = "keyward run makes one in memory for each run (--state DIR keeps one in DIR/ca)"
+        check = Check("CA", True, detail)
     checks.append(check)
     if ca is not None:
-        checks.extend(check_clients(ca, sdir))
+        with tempfile.TemporaryDirectory(prefix="keyward-doctor-") as t:
+            checks.extend(check_clients(ca, Path(t)))
     checks.append(check_engine())
     checks.append(check_isolate())
     return checks
