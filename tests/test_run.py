@@ -151,7 +151,7 @@ async def test_policy_outcomes_through_the_proxy(world: World) -> None:
     assert r["deny_path"][:2] == [403, "path-denied: DELETE /admin/**"]
     assert r["placeholder_ok"][0] == 200
     assert r["placeholder_wrong_host"][:2] == [403, "placeholder-wrong-host: TEST_API_KEY"]
-    assert r["host_spoof"][:2] == [403, "host-mismatch"]
+    assert r["host_spoof"][:2] == [403, "authority-mismatch"]
     assert r["env_has_secret"] is False
     assert r["placeholder"].startswith("sk-") and r["placeholder"] != REAL_KEY
     # exactly what reached the upstream: the allowed ones, each with the right credential

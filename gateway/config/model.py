@@ -258,6 +258,19 @@ class AuditConfig(Strict):
     )
 
 
+class LimitsConfig(Strict):
+    """Request limits, both planes: over one, the request is refused before anything is sent
+    upstream (431 for header fields, 414 for the target, with a reason)."""
+
+    header_bytes: int = Field(
+        65536, ge=1024, le=1 << 24, description="bytes of all request header names and values"
+    )
+    headers: int = Field(100, ge=8, le=10000, description="number of request header fields")
+    url_bytes: int = Field(
+        8192, ge=256, le=1 << 20, description="bytes of the request target (path and query)"
+    )
+
+
 class Config(Strict):
     version: Literal[1]
     secrets: dict[str, SecretSource] = Field(
@@ -280,3 +293,6 @@ class Config(Strict):
         default_factory=UpstreamConfig, description="how the gateway reaches the world"
     )
     audit: AuditConfig = Field(default_factory=AuditConfig, description="the audit log")
+    limits: LimitsConfig = Field(
+        default_factory=LimitsConfig, description="request size limits, both planes"
+    )

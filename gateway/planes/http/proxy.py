@@ -25,11 +25,18 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from gateway.config.model import ServiceConfig
+from gateway.config.model import LimitsConfig, ServiceConfig
 from gateway.credentials.redact import StreamScrubber
 from gateway.planes.context import AUDIT_UNAVAILABLE, GatewayContext
 from gateway.planes.http.hop import strip_hop_by_hop
 from gateway.planes.http.resolver import OverrideResolver
+from gateway.planes.outbound import (
+    AUTHORITY_MISMATCH,
+    Rejection,
+    authority,
+    check_limits,
+    outbound_headers,
+)
 from gateway.policy.apply import apply_plan, swap_placeholders
 from gateway.policy.core import Decision, Plane, RequestFacts, Verdict
 from gateway.policy.hosts import is_ip, normalise_host, split_hostport
@@ -45,8 +52,6 @@ NamesFor = Callable[[str], Collection[str]]
 
 # Headers aiohttp would otherwise add on its own: the upstream sees what the agent sent.
 SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
-# Request headers that never cross: framing/expectations are per hop, Host is set per target.
-REQUEST_DROP = ("host", "expect", "content-length")
 NO_BODY_STATUSES = frozenset({204, 304})
 # A response with a declared length up to this is read whole, scrubbed once and sent in one
 # write with its (new) length; anything larger, unsized or an event stream is streamed.
@@ -82,10 +87,14 @@ def _json_response(status: int, body: dict[str, str | None], reason: str) -> web
 
 
 def deny_response(
-    decision: Decision, facts: RequestFacts, mode: str, accept: str | None = None
+    decision: Decision,
+    facts: RequestFacts,
+    mode: str,
+    accept: str | None = None,
+    status: int = 403,
 ) -> web.Response:
     """The shared refusal (gateway.policy.refusal), as an aiohttp response."""
-    r = refusal(decision, facts, mode=mode, accept=accept)
+    r = refusal(decision, facts, mode=mode, accept=accept, status=status)
     resp = web.Response(status=r.status, body=r.body, headers=dict(r.headers))
     resp.headers["Content-Type"] = r.content_type
     return resp
@@ -116,13 +125,13 @@ def _peer(request: web.BaseRequest) -> str:
     return f"{peer[0]}:{peer[1]}"
 
 
-def _request_target(request: web.BaseRequest) -> str | None:
-    """Path and query exactly as the agent sent them (origin-form), or None if unusable."""
-    raw = request.raw_path
-    if raw.startswith("/"):
-        return raw
-    rel = request.rel_url.raw_path_qs  # absolute-form: the agent used us as a proxy
-    return rel if rel.startswith("/") else None
+def _refuse_unverifiable(request: web.BaseRequest, limits: LimitsConfig) -> Rejection | None:
+    """Limits and control bytes, then the target: only origin-form names no other host (this
+    plane's destination is fixed by the listener or the original destination)."""
+    rejected = check_limits(request.raw_path, request.raw_headers, limits)
+    if rejected is None and not request.raw_path.startswith("/"):
+        rejected = Rejection(403, AUTHORITY_MISMATCH)
+    return rejected
 
 
 def _authority(host: str, port: int) -> str:
@@ -150,6 +159,10 @@ class HttpPlane:
         self.keepalive_timeout = keepalive_timeout
         self._session: aiohttp.ClientSession | None = None
         self._runners: list[web.AppRunner] = []
+
+    @property
+    def limits(self) -> LimitsConfig:
+        return self.ctx.config.config.limits
 
     # -- the shared upstream session -----------------------------------------------------
     @property
@@ -189,10 +202,10 @@ class HttpPlane:
         prefix = base.raw_path.rstrip("/")
         origin = f"{scheme}://{_authority(base.raw_host or host, port)}"
 
+        host_value = authority(base.raw_host or host, port, scheme)
+
         async def handle(request: web.Request) -> web.StreamResponse:
-            target = _request_target(request)
-            if target is None:
-                return error_response("bad-request-target", 400)
+            target = request.raw_path
             facts = RequestFacts(
                 plane=Plane.SERVICE,
                 method=request.method,
@@ -202,9 +215,16 @@ class HttpPlane:
                 path=prefix + target,
                 host_header=None,  # the agent addressed us; the upstream gets its own Host
                 client=_peer(request),
-                headers=tuple(strip_hop_by_hop(request.headers.items(), REQUEST_DROP)),
+                headers=tuple(outbound_headers(request.headers.items(), None)),
             )
-            return await self._exchange(request, facts, origin, prefix + target)
+            return await self._exchange(
+                request,
+                facts,
+                origin,
+                prefix + target,
+                host_value=host_value,
+                rejected=_refuse_unverifiable(request, self.limits),
+            )
 
         app = web.Application()
         app[SERVICE_NAME] = name
@@ -221,8 +241,9 @@ class HttpPlane:
 
         async def handle(request: web.Request) -> web.StreamResponse:
             dst_ip, dst_port = original_destination(request)
-            target = _request_target(request) or "/"
-            host_header = request.headers.get("Host")
+            target = request.raw_path
+            hosts = request.headers.getall("Host", [])
+            host_header = hosts[0] if hosts else None
             name, verified = self._verify_host(host_header, dst_ip, dst_port, names_for)
             facts = RequestFacts(
                 plane=Plane.HTTP,
@@ -234,8 +255,11 @@ class HttpPlane:
                 host_header=host_header,
                 client=_peer(request),
                 addr=dst_ip,
-                headers=tuple(strip_hop_by_hop(request.headers.items(), REQUEST_DROP)),
+                headers=tuple(outbound_headers(request.headers.items(), None)),
             )
+            rejected = _refuse_unverifiable(request, self.limits)
+            if rejected is None and len(hosts) > 1:
+                rejected = Rejection(403, AUTHORITY_MISMATCH)
             decision = None
             if not verified:
                 decision = Decision(
@@ -243,7 +267,13 @@ class HttpPlane:
                 )
             origin = f"http://{_authority(dst_ip, dst_port)}"
             return await self._exchange(
-                request, facts, origin, target, host_value=host_header, decision=decision
+                request,
+                facts,
+                origin,
+                target,
+                host_value=authority(name, dst_port, "http"),
+                decision=decision,
+                rejected=rejected,
             )
 
         app = web.Application()
@@ -291,19 +321,25 @@ class HttpPlane:
         *,
         host_value: str | None = None,
         decision: Decision | None = None,
+        rejected: Rejection | None = None,
     ) -> web.StreamResponse:
-        """Decide, inject, forward, stream back scrubbed; one audit record in every case."""
+        """Decide, inject, forward, stream back scrubbed; one audit record in every case.
+        A `rejected` request (limits, authority) is audited as a denial, never decided."""
         started = time.monotonic()
         ex = _Exchange()
-        if decision is None:
+        if rejected is not None:
+            decision = Decision(Verdict.DENY, None, rejected.reason)
+        elif decision is None:
             decision = self.ctx.policy.decide(facts)
         try:
             if not decision.allowed:
-                ex.status = 403
+                ex.status = rejected.status if rejected is not None else 403
                 if decision.alert:
                     log.warning("placeholder sent to %s: %s", facts.host, decision.reason)
                 ex.refusal = self.ctx.refusal_mode
-                return deny_response(decision, facts, ex.refusal, request.headers.get("Accept"))
+                return deny_response(
+                    decision, facts, ex.refusal, request.headers.get("Accept"), ex.status
+                )
             if not self.ctx.audit.available():
                 # Pre-flight: nothing reaches an upstream while its record could not be written.
                 ex.status, ex.reason = 503, AUDIT_UNAVAILABLE
@@ -325,7 +361,7 @@ class HttpPlane:
                 headers = [(k, v) for k, v in headers if k.lower() != "accept-encoding"]
                 headers.append(("Accept-Encoding", "identity"))
             if host_value:
-                headers.append(("Host", host_value))
+                headers.insert(0, ("Host", host_value))
             length = request.headers.get("Content-Length")
             if length is not None and request.body_exists:
                 headers.append(("Content-Length", length))
@@ -481,8 +517,17 @@ class HttpPlane:
     # -- lifecycle -----------------------------------------------------------------------
     async def serve(self, app: web.Application, host: str = "127.0.0.1", port: int = 0) -> int:
         """Listen with `app` on host:port (0 = ephemeral); returns the bound port."""
+        lim = self.limits
+        # aiohttp's own parser caps (a 400 beyond them) sit above ours, so a request just over
+        # a limit gets our 414/431 and its reason; ours are checked on every request.
         runner = web.AppRunner(
-            app, access_log=None, handler_cancellation=True, shutdown_timeout=2.0
+            app,
+            access_log=None,
+            handler_cancellation=True,
+            shutdown_timeout=2.0,
+            max_line_size=2 * max(lim.url_bytes, lim.header_bytes),
+            max_field_size=2 * lim.header_bytes,
+            max_headers=2 * lim.headers,
         )
         await runner.setup()
         self._runners.append(runner)

@@ -17,8 +17,16 @@ from mitmproxy.proxy import server_hooks
 
 from gateway.credentials.redact import StreamScrubber
 from gateway.planes.context import AUDIT_UNAVAILABLE, GatewayContext
+from gateway.planes.outbound import (
+    Rejection,
+    authority,
+    check_authority,
+    check_limits,
+    is_origin_form,
+    outbound_headers,
+)
 from gateway.policy.apply import apply_plan, swap_placeholders
-from gateway.policy.core import ConnectionDecision, Decision, Plane, RequestFacts
+from gateway.policy.core import ConnectionDecision, Decision, Plane, RequestFacts, Verdict
 from gateway.policy.hosts import normalise_host
 from gateway.policy.refusal import REASON_HEADER, RefusalMode, refusal
 
@@ -37,10 +45,14 @@ TransparentVerifier = Callable[[str, int, str | None, str | None], str | None]
 
 
 def deny_response(
-    decision: Decision, facts: RequestFacts, mode: str, accept: str | None = None
+    decision: Decision,
+    facts: RequestFacts,
+    mode: str,
+    accept: str | None = None,
+    status: int = 403,
 ) -> http.Response:
     """The shared refusal (gateway.policy.refusal), as a mitmproxy response."""
-    r = refusal(decision, facts, mode=mode, accept=accept)
+    r = refusal(decision, facts, mode=mode, accept=accept, status=status)
     return http.Response.make(r.status, r.body, {"Content-Type": r.content_type, **dict(r.headers)})
 
 
@@ -49,6 +61,62 @@ def error_response(reason: str, status: int = 502) -> http.Response:
     return http.Response.make(
         status, body.encode(), {"Content-Type": "application/json", "X-Keyward-Reason": reason}
     )
+
+
+def _latin1(headers: http.Headers) -> list[tuple[str, str]]:
+    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers.fields]
+
+
+def _headers(items: list[tuple[str, str]]) -> http.Headers:
+    return http.Headers([(k.encode("latin-1"), v.encode("latin-1")) for k, v in items])
+
+
+def _is_h2(req: http.Request) -> bool:
+    return req.is_http2 or req.is_http3
+
+
+def refuse_unverifiable(
+    req: http.Request, host: str, port: int, ctx: GatewayContext
+) -> Rejection | None:
+    """Limits, control bytes, and a client authority that disagrees with the verified
+    destination. mitmproxy keeps an absolute-form target in a tunnel or in transparent mode
+    (it would send it upstream as is); in regular mode it has already made it origin-form."""
+    rejected = check_limits(req.data.path, req.headers.fields, ctx.config.config.limits)
+    if rejected is not None:
+        return rejected
+    h2 = _is_h2(req)
+    return check_authority(
+        host,
+        port,
+        host_headers=req.headers.get_all("host"),
+        authority_field=req.authority if h2 else None,
+        absolute_form=(not h2 and bool(req.authority)) or not is_origin_form(req.path),
+    )
+
+
+def prepare_outbound(req: http.Request, host: str, port: int) -> None:
+    """Rebuild the request mitmproxy will send: origin-form, the verified authority (Host for
+    HTTP/1, `:authority` for HTTP/2), hop-by-hop and framing headers recomputed. Framing is
+    what mitmproxy read the body by (HTTP/1: chunked or Content-Length, already validated);
+    the upstream speaks the client's protocol (ALPN is mirrored, see `AlpnMirror`)."""
+    auth = authority(host, port, req.scheme)
+    fields = _latin1(req.headers)
+    if _is_h2(req):
+        framing = [("content-length", v) for v in req.headers.get_all("content-length")[:1]]
+        if "trailers" in req.headers.get("te", "").lower():
+            framing.append(("te", "trailers"))  # the one TE value HTTP/2 allows (gRPC)
+        req.headers = _headers(outbound_headers(fields, None, framing))
+        req.authority = auth
+        return
+    te = req.headers.get("transfer-encoding")
+    if te is not None:
+        framing = [("transfer-encoding", te.lower().replace(" ", "").replace("\t", ""))]
+    else:
+        framing = [("content-length", v) for v in req.headers.get_all("content-length")[:1]]
+    if req.headers.get("upgrade", "").lower() == "websocket":
+        framing += [("Connection", "Upgrade"), ("Upgrade", "websocket")]  # the one upgrade
+    req.headers = _headers(outbound_headers(fields, auth, framing))
+    req.authority = ""
 
 
 class Destinations:
@@ -219,6 +287,11 @@ class ConnectionGate:
             host, addr = name, target[0]
         decision = self.ctx.policy.connection(host, target[1], sni=sni, addr=addr)
         # With the audit log down, intercept instead: the request gate then refuses with a 503.
+        if decision.allowed and decision.intercept and (sni is None or sni == host):
+            # Negotiate with the upstream first, so the client is offered the protocol the
+            # upstream chose (`AlpnMirror`): no HTTP/2 <-> HTTP/1.1 translation on this hop.
+            self.dest.approve(client, target)
+            data.establish_server_tls_first = True
         if decision.allowed and not decision.intercept and self.ctx.audit.available():
             self.dest.approve(client, target)
             data.ignore_connection = True
@@ -278,6 +351,41 @@ class ConnectionGate:
         self.ctx.record(facts, None, started=time.monotonic(), reason="udp-killed")
 
 
+class AlpnMirror:
+    """The upstream speaks the client's HTTP version, so request framing never crosses
+    versions: mitmproxy's HTTP/2 -> HTTP/1.1 translation sends a body of unknown length with
+    no framing at all, and the upstream reads it as a second, undecided request.
+
+    The server handshake runs first (`establish_server_tls_first`) and mitmproxy offers the
+    client what the upstream chose; if the upstream's protocol is unknown (that handshake did
+    not happen or failed) the client is offered HTTP/1.1 only; a later upstream connection of
+    the same client offers only the client's protocol."""
+
+    def tls_start_client(self, data: tls.TlsData) -> None:
+        if data.context.server.tls_established or data.ssl_conn is None:
+            return
+        app = data.ssl_conn.get_app_data()
+        if isinstance(app, dict) and "http2" in app:
+            app["http2"] = False
+
+    def tls_start_server(self, data: tls.TlsData) -> None:
+        client = data.context.client
+        if data.ssl_conn is None or not client.tls_established or not client.alpn:
+            return
+        data.conn.alpn_offers = (client.alpn,)
+        data.ssl_conn.set_alpn_protos([client.alpn])
+
+    def tls_established_server(self, data: tls.TlsData) -> None:
+        client = data.context.client
+        if client.tls_established and (client.alpn or b"") != (data.conn.alpn or b""):
+            log.warning(
+                "upstream %s chose %r, client speaks %r",
+                data.conn.address,
+                data.conn.alpn,
+                client.alpn,
+            )
+
+
 class PolicyGate:
     """Decides every request on its verified destination; denials get a 403 with a reason."""
 
@@ -306,8 +414,25 @@ class PolicyGate:
             # only read when placeholders exist: the core scans headers for them, nothing else
             headers=tuple(req.headers.items(multi=True)) if self.ctx.policy.placeholders else (),
         )
-        decision = self.ctx.policy.decide(facts)
         flow.metadata[M_FACTS] = facts
+        rejected = refuse_unverifiable(req, host, port, self.ctx)
+        if rejected is not None:
+            decision = Decision(Verdict.DENY, None, rejected.reason)
+            flow.metadata[M_DECISION] = decision
+            mode = self.ctx.refusal_mode
+            flow.response = deny_response(
+                decision, facts, mode, req.headers.get("accept"), rejected.status
+            )
+            flow.metadata[M_AUDITED] = True
+            self.ctx.record(
+                facts,
+                decision,
+                started=flow.metadata[M_STARTED],
+                status=rejected.status,
+                refusal=mode,
+            )
+            return
+        decision = self.ctx.policy.decide(facts)
         flow.metadata[M_DECISION] = decision
         if decision.allowed and not self.ctx.audit.available():
             # Pre-flight: nothing reaches an upstream while its record could not be written.
@@ -321,6 +446,7 @@ class PolicyGate:
                 reason=AUDIT_UNAVAILABLE,
             )
         elif decision.allowed:
+            prepare_outbound(req, host, port)
             self.dest.route(flow, host)
         else:
             mode = self.ctx.refusal_mode
@@ -347,7 +473,7 @@ class CredentialInjector:
             return
         try:
             resolve = await self.ctx.resolver_for(decision)
-            headers = apply_plan(decision, list(flow.request.headers.items(multi=True)), resolve)
+            headers = apply_plan(decision, _latin1(flow.request.headers), resolve)
             if decision.plan.swaps:
                 flow.request.path = swap_placeholders(decision, flow.request.path, resolve)
         except Exception as e:  # token endpoint down, stale token: fail closed with a reason
@@ -364,9 +490,7 @@ class CredentialInjector:
                 error=flow.metadata[M_ERROR],
             )
             return
-        flow.request.headers = http.Headers(
-            [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
-        )
+        flow.request.headers = _headers(headers)
         # The scrubber cannot see a key inside a compressed echo: ask for identity.
         flow.request.headers["accept-encoding"] = "identity"
 
@@ -492,6 +616,7 @@ def addon_chain(
     return [
         dest,
         ConnectionGate(ctx, dest),
+        AlpnMirror(),
         PolicyGate(ctx, dest),
         CredentialInjector(ctx),
         Streaming(),
