@@ -286,12 +286,12 @@ class ConnectionGate:
                 return  # intercept; the request gate will refuse the unverified name
             host, addr = name, target[0]
         decision = self.ctx.policy.connection(host, target[1], sni=sni, addr=addr)
-        # With the audit log down, intercept instead: the request gate then refuses with a 503.
         if decision.allowed and decision.intercept and (sni is None or sni == host):
             # Negotiate with the upstream first, so the client is offered the protocol the
             # upstream chose (`AlpnMirror`): no HTTP/2 <-> HTTP/1.1 translation on this hop.
             self.dest.approve(client, target)
             data.establish_server_tls_first = True
+        # With the audit log down, intercept instead: the request gate then refuses with a 503.
         if decision.allowed and not decision.intercept and self.ctx.audit.available():
             self.dest.approve(client, target)
             data.ignore_connection = True

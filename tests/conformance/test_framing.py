@@ -1,0 +1,15 @@
+"""Request framing: smuggling forms are refused or decided as one request, pipelined and
+keep-alive requests are decided one by one, and HTTP/2 bodies never cross into HTTP/1.1 unframed."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conformance.wire import Outcome, explicit, ids
+
+__all__ = ["explicit"]
+
+
+@pytest.mark.parametrize("attack", ids("framing"))
+def test_explicit(explicit: Outcome, attack: str) -> None:
+    explicit.check(attack)

@@ -1,0 +1,15 @@
+"""Request limits (414/431) and control bytes in header fields (400): refused before
+anything is sent upstream."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conformance.wire import Outcome, explicit, ids
+
+__all__ = ["explicit"]
+
+
+@pytest.mark.parametrize("attack", ids("limits"))
+def test_explicit(explicit: Outcome, attack: str) -> None:
+    explicit.check(attack)
