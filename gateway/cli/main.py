@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "pair_cmds",
     "audit_cmds",
     "doctor_cmds",
+    "kube_cmds",
 )
 EXIT_BROKEN_PIPE = 141
 # Which module registers each command, and its one-line help: `keyward --help`, `--version`
@@ -49,6 +50,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "exec": ("pair_cmds", "run a command in a pair's agent (exit code passed on)"),
     "audit": ("audit_cmds", "check a running pair (verify) or a candidate policy (replay)"),
     "doctor": ("doctor_cmds", "check this set-up end to end and print each fix"),
+    "kube": ("kube_cmds", "Kubernetes manifests for an agent pod with a keyward sidecar"),
 }
 # Commands whose trailing arguments belong to another program: `--debug` after their name
 # (without a `--`) is that program's.

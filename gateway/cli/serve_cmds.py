@@ -87,6 +87,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         agent_uid=args.agent_uid,
         agent_gid=args.agent_gid,
         agent_masked=args.agent_masked,
+        placeholder_seed=Path(args.placeholder_seed) if args.placeholder_seed else None,
     )
     return asyncio.run(serve(loaded, opts))
 
@@ -124,6 +125,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         " the netfilter rules keep it closed to agent uids)",
     )
     p.add_argument("--audit", metavar="FILE", help="audit log (overrides audit.path)")
+    p.add_argument(
+        "--placeholder-seed",
+        metavar="FILE",
+        help="placeholder seed to use (32 bytes; `keyward kube render` ships one in the Secret)",
+    )
     p.add_argument("--trust-dir", metavar="DIR", help="write the agent's trust files here at start")
     p.add_argument("--trust-mount", metavar="PATH", help="where the agent sees --trust-dir")
     p.add_argument("--agent", default="agent", help="agent name written to audit records")

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from gateway.cli.errors import KeywardError
+from gateway.config.paths import write_atomic
 from gateway.credentials.secret import SecretValue
 
 SEED_FILE = "placeholder.seed"
@@ -61,6 +62,16 @@ _JWT_HEADER = {"alg": "HS256", "typ": "JWT"}
 
 class PlaceholderError(KeywardError):
     """The placeholder seed is unusable, or no fake can be made for a value."""
+
+
+def install_seed(state_dir: Path, source: Path) -> None:
+    """Use the seed in `source` (e.g. a mounted Kubernetes Secret) as this state dir's: the
+    fakes rendered into an agent's manifest are then the ones this gateway swaps."""
+    seed = source.read_bytes()
+    if len(seed) != SEED_SIZE:
+        raise PlaceholderError(f"{source} should hold {SEED_SIZE} bytes, found {len(seed)}")
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_atomic(state_dir / SEED_FILE, seed, 0o600)
 
 
 def load_seed(state_dir: Path) -> bytes:

@@ -21,6 +21,7 @@ from gateway.audit.writer import AuditRecord
 from gateway.cli.errors import UsageError
 from gateway.config.loader import LoadedConfig
 from gateway.credentials.oauth import TokenMinter
+from gateway.credentials.placeholders import install_seed
 from gateway.credentials.sources import secret_env_names, secret_files, withdraw_env
 from gateway.dns.resolver import Resolver
 from gateway.dns.server import DnsListener
@@ -66,6 +67,7 @@ class ServeOptions:
     agent_uid: int = 1000
     agent_gid: int | None = None
     agent_masked: bool = False
+    placeholder_seed: Path | None = None  # a seed file to use (kube render puts one in a Secret)
 
 
 def refuse_exposed_secret_files(loaded: LoadedConfig, uid: int, gid: int | None) -> None:
@@ -123,6 +125,8 @@ class Sidecar:
         make_undumpable()
         if not opts.agent_masked:
             refuse_exposed_secret_files(loaded, opts.agent_uid, opts.agent_gid)
+        if opts.placeholder_seed is not None:
+            install_seed(opts.state_dir, opts.placeholder_seed)
         environ = withdraw_env(secret_env_names(loaded.config.secrets))
         ctx = build_context(
             loaded, opts.state_dir, audit_path=opts.audit_path, agent=opts.agent, environ=environ
@@ -140,10 +144,11 @@ class Sidecar:
 
             apply(render_all(opts.proxy_uid, opts.ports), netns=opts.netns)
             log.info("netfilter rules applied (proxy uid %d)", opts.proxy_uid)
+        if opts.control_socket is not None:
+            opts.control_socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         if os.geteuid() == 0 and opts.proxy_uid != 0:
             chown_tree(opts.state_dir, opts.proxy_uid, opts.proxy_gid)
             if opts.control_socket is not None:
-                opts.control_socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
                 os.chown(opts.control_socket.parent, opts.proxy_uid, opts.proxy_gid)
             drop_to(opts.proxy_uid, opts.proxy_gid)
             log.info("dropped to uid %d with no capabilities", opts.proxy_uid)
