@@ -18,6 +18,7 @@ import yaml
 from gateway.config.loader import load_config
 from gateway.credentials.sources import load_secrets
 from gateway.kube import KubeOptions, render
+from tests.support.pki import make_ca
 
 # The Kubernetes minor the manifests are checked against (a current one; native sidecars GA).
 K8S_VERSION = "1.33"
@@ -58,11 +59,14 @@ ENV = {
 SECRETS = (REAL, CLIENT_SECRET, REFRESH)
 
 
+def write_ca(directory: Path) -> None:
+    """upstream.ca_bundle must hold a real certificate (the loader parses it)."""
+    (directory / "corp-ca.pem").write_bytes(make_ca(directory / "pki").path.read_bytes())
+
+
 def docs_for(tmp_path: Path, **kw: Any) -> list[dict[str, Any]]:
     (tmp_path / "keyward.yaml").write_text(CONFIG)
-    (tmp_path / "corp-ca.pem").write_text(
-        "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
-    )
+    write_ca(tmp_path)
     loaded = load_config(tmp_path / "keyward.yaml")
     store = load_secrets(loaded.config.secrets, config_dir=tmp_path, environ=ENV)
     return render(loaded, store, KubeOptions(agent_image="agent:1", name="t1", **kw))
@@ -148,7 +152,7 @@ def test_containers_are_locked_down(tmp_path: Path) -> None:
 
 def test_cli_writes_a_private_file_and_names_no_secret(tmp_path: Path) -> None:
     (tmp_path / "keyward.yaml").write_text(CONFIG)
-    (tmp_path / "corp-ca.pem").write_text("x\n")
+    write_ca(tmp_path)
     out = tmp_path / "agent.yaml"
     proc = subprocess.run(
         [sys.executable, "-m", "gateway", "kube", "render", "-c", str(tmp_path / "keyward.yaml"),
