@@ -108,37 +108,27 @@ CLIENTS = [
         "/urllib/x",
         id="urllib",
     ),
-    pytest.param(
-        _py(
-            """
-            import os, openai
-            c = openai.OpenAI(api_key=os.environ["TEST_API_KEY"], max_retries=0,
-                              base_url="https://api.example.test/openai/v1")
-            try:
-                c.models.list()
-            except openai.APIError:
-                pass  # the fake upstream answers with an echo, not a model list
-            """
-        ),
-        "/openai/v1/models",
-        marks=_skip(not _have_module("openai"), "openai SDK not installed"),
-        id="openai-sdk",
-    ),
-    pytest.param(
-        _py(
-            """
-            import os, anthropic
-            c = anthropic.Anthropic(api_key=os.environ["TEST_API_KEY"], max_retries=0,
-                                    base_url="https://api.example.test/anthropic")
-            try:
-                c.models.list()
-            except anthropic.APIError:
-                pass
-            """
-        ),
-        "/anthropic/v1/models",
-        marks=_skip(not _have_module("anthropic"), "anthropic SDK not installed"),
-        id="anthropic-sdk",
+    *(
+        pytest.param(
+            _py(
+                f"""
+                import os, {module}
+                c = {module}.{cls}(api_key=os.environ["TEST_API_KEY"], max_retries=0,
+                                   base_url="https://api.example.test/{base}")
+                try:
+                    c.models.list()
+                except {module}.APIError:
+                    pass  # the fake upstream answers with an echo, not a model list
+                """
+            ),
+            f"/{module}/v1/models",
+            marks=_skip(not _have_module(module), f"{module} SDK not installed"),
+            id=f"{module}-sdk",
+        )
+        for module, cls, base in (
+            ("openai", "OpenAI", "openai/v1"),
+            ("anthropic", "Anthropic", "anthropic"),
+        )
     ),
     pytest.param(
         _py(

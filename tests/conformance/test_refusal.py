@@ -13,7 +13,7 @@ import json
 import shutil
 import sys
 import textwrap
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -54,26 +54,37 @@ def canary_config(port: int, refusal_mode: str = "explain") -> str:
     return text.replace("  default: deny\n", f"  default: deny\n  refusal: {refusal_mode}\n")
 
 
-async def _world(tmp_path: Path, mode: str) -> tuple[World, Canary]:
-    canary = Canary()
-    port = await canary.start()
-    return await make_world(tmp_path, canary_config(port, mode)), canary
+@pytest.fixture
+async def world_for(
+    tmp_path: Path,
+) -> AsyncIterator[Callable[[str], Awaitable[tuple[World, Canary]]]]:
+    """A world whose denied host resolves to a canary, with `egress.refusal` set as asked."""
+    made: list[tuple[World, Canary]] = []
+
+    async def make(mode: str) -> tuple[World, Canary]:
+        canary = Canary()
+        port = await canary.start()
+        made.append((await make_world(tmp_path, canary_config(port, mode)), canary))
+        return made[-1]
+
+    yield make
+    for w, c in made:
+        await w.upstream.close()
+        await c.close()
 
 
 @pytest.fixture
-async def explain(tmp_path: Path) -> AsyncIterator[tuple[World, Canary]]:
-    w, c = await _world(tmp_path, "explain")
-    yield w, c
-    await w.upstream.close()
-    await c.close()
+async def explain(
+    world_for: Callable[[str], Awaitable[tuple[World, Canary]]],
+) -> tuple[World, Canary]:
+    return await world_for("explain")
 
 
 @pytest.fixture
-async def reset(tmp_path: Path) -> AsyncIterator[tuple[World, Canary]]:
-    w, c = await _world(tmp_path, "reset")
-    yield w, c
-    await w.upstream.close()
-    await c.close()
+async def reset(
+    world_for: Callable[[str], Awaitable[tuple[World, Canary]]],
+) -> tuple[World, Canary]:
+    return await world_for("reset")
 
 
 async def run(world: World, *cmd: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
