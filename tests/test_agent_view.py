@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import types
 from pathlib import Path
 
+import pytest
+
+from gateway.pod import isolate
 from gateway.pod.isolate import choose_agent, dedicated_agent_ids
 from gateway.pod.masking import MountPlan, Workspace
 from gateway.pod.privileges import readable_by
@@ -68,3 +72,22 @@ def test_mount_plan_round_trips_through_the_helper_argv(tmp_path: Path) -> None:
     argv = plan.argv()
     assert argv[1:4] == ["-I", "-m", "gateway.pod.masking"]
     assert MountPlan.from_json(argv[4]) == plan
+
+
+def test_a_world_readable_home_above_the_workspace_is_still_hidden(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 0755 home holds 0644 token files (~/.npmrc): the agent sees only the way down."""
+    me = os.getuid()
+    home = tmp_path / "home"
+    project = home / "src" / "project"
+    project.mkdir(parents=True)
+    home.chmod(0o755)
+    (home / ".npmrc").write_text("//registry/:_authToken=x\n")
+    config = project / "keyward.yaml"
+    config.write_text("version: 1\n")
+    user = types.SimpleNamespace(pw_dir=str(home))
+    monkeypatch.setattr(isolate.pwd, "getpwuid", lambda uid: user)
+    agent = choose_agent([config], me, me, project)
+    assert agent.workspace is not None and agent.workspace.reveal == str(home.resolve())
+    assert choose_agent([config], me, me, home).workspace is None  # the home itself: not mapped

@@ -75,8 +75,12 @@ def choose_agent(
             home = Path(pwd.getpwuid(invoker).pw_dir).resolve()
     if invoker is None or st.st_uid != invoker or cwd.resolve() == home:
         return AgentIdentity(uid, gid, None, why)
-    blocked = blocked_ancestors(cwd, uid, {gid})
-    ws = Workspace(str(cwd.resolve()), st.st_uid, st.st_gid, str(blocked[-1]) if blocked else None)
+    # The rest of the user's home is hidden even where it is world-readable (0755 homes hold
+    # 0644 token files: ~/.npmrc, tool configs); else what the agent could not enter anyway.
+    real = cwd.resolve()
+    blocked = blocked_ancestors(real, uid, {gid})
+    reveal = home if home is not None and home in real.parents else (blocked or [None])[-1]
+    ws = Workspace(str(real), st.st_uid, st.st_gid, str(reveal) if reveal else None)
     return AgentIdentity(uid, gid, ws, f"{why}, with {ws.path} mapped to it")
 
 

@@ -47,8 +47,8 @@ class MaskError(OSError):
 @dataclass(frozen=True)
 class Workspace:
     """The directory the agent works in, owned on disk by `owner_uid`/`owner_gid`.
-    `reveal` is the highest directory above it the agent uid cannot enter (a 0700 home): it
-    is covered by an empty read-only tmpfs holding only the path down to the workspace."""
+    `reveal` (the user's home, or the highest directory above the workspace the agent uid
+    cannot enter) is covered by an empty read-only tmpfs holding only the way down to it."""
 
     path: str
     owner_uid: int
