@@ -106,6 +106,9 @@ def split_debug(argv: Sequence[str]) -> tuple[list[str], bool]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv, debug = split_debug(sys.argv[1:] if argv is None else argv)
+    if argv == ["--version"]:  # the commonest probe: not even argparse's formatter
+        print(f"keyward {__version__}")
+        return 0
     command = _command_of(argv)
     if command is None and any(a in ("-h", "--help", "--version") for a in argv):
         build_parser(None).parse_args(argv)  # prints and exits without importing any command
