@@ -386,6 +386,10 @@ def test_cli_status_exec_logs(world: EngineWorld) -> None:
     st = world.cli("status", "--name", world.name)
     assert st.returncode == 0, st.stderr
     assert "ready" in st.stdout and "allow" in st.stdout
+    st = world.cli("status", "--name", world.name, "--json")
+    report = json.loads(st.stdout)
+    assert report["members"][0]["role"] == "gateway" and report["members"][0]["health"] == "ready"
+    assert report["audit"]["allow"] >= 1
     ex = world.cli("exec", "--name", world.name, "--", "sh", "-c", "echo out; echo err >&2; exit 3")
     assert ex.returncode == 3 and ex.stdout == "out\n" and "err" in ex.stderr
     logs = world.cli("logs", "--name", world.name, "gateway")
@@ -396,12 +400,13 @@ def test_audit_verify_passes(world: EngineWorld) -> None:
     cfg = str(world.base / "keyward.yaml")
     r = subprocess.run(
         [sys.executable, "-m", "gateway", "audit", "verify", world.name, "-c", cfg,
-         "--engine-socket", world.socket],
+         "--engine-socket", world.socket, "--json"],
         capture_output=True, text=True, timeout=280, check=False,
         env={**os.environ, "E2E_API_KEY": REAL_KEY},
     )  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "0 failed" in r.stdout
+    report = json.loads(r.stdout)
+    assert report["failed"] == 0 and report["results"], report
     assert REAL_KEY not in r.stdout + r.stderr
 
 

@@ -27,8 +27,8 @@ FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUI
 COOPERATIVE_NOTE = (
     "keyward: cooperative mode: CMD runs as your user. It cannot read the gateway's memory or"
     " environment, but it can read your files (config, .env, secret files). For a separate"
-    " user with those files hidden: sudo keyward run --isolate -- CMD"
-)
+    ' user with those files hidden: sudo "$(command -v keyward)" run --isolate -- CMD'
+)  # sudo resets PATH: a keyward in a venv is found only by its full path
 
 
 async def run_command(args: argparse.Namespace) -> int:
