@@ -224,8 +224,10 @@ def test_warn_counts_as_allowed(tmp_path: Path) -> None:
     w = AuditWriter(tmp_path / "a.jsonl", Redactor())
     for decision in ("warn", "allow", "deny"):
         w.write(record(decision=decision, injected=[{"secret": "k", "location": "basic"}]))
+    # an agent that refused the gateway's certificate sent nothing: neither allowed nor denied
+    w.write(record(decision="allow", reason="client-tls-rejected"))
     w.close()
-    assert w.counts == {"allowed": 2, "denied": 1, "warned": 1, "injected": 2}
+    assert w.counts == {"allowed": 2, "denied": 1, "warned": 1, "injected": 2, "tls_rejected": 1}
 
 
 def test_dash_writes_to_stderr() -> None:

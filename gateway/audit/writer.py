@@ -155,7 +155,13 @@ class AuditWriter:
         self.write_errors = 0  # failed attempts to write (keyward_audit_errors_total)
         self.healthy = True
         self._next_probe = 0.0
-        self.counts: dict[str, int] = {"allowed": 0, "denied": 0, "warned": 0, "injected": 0}
+        self.counts: dict[str, int] = {
+            "allowed": 0,
+            "denied": 0,
+            "warned": 0,
+            "injected": 0,
+            "tls_rejected": 0,  # the agent refused the gateway's certificate: nothing was sent
+        }
         if self.target != "-":
             self._open()
 
@@ -347,6 +353,9 @@ class AuditWriter:
             self._count(record)
 
     def _count(self, record: AuditRecord) -> None:
+        if record.reason == "client-tls-rejected":
+            self.counts["tls_rejected"] += 1
+            return
         if record.decision == "deny":
             self.counts["denied"] += 1
             return

@@ -67,9 +67,15 @@ async def run_command(args: argparse.Namespace) -> int:
         await gw.close()
         ctx.audit.close()
     c = ctx.audit.counts
+    rejected = (
+        f", {c['tls_rejected']} refused keyward's certificate (`keyward doctor` shows which"
+        " client ignores the trust variables)"
+        if c.get("tls_rejected")
+        else ""
+    )
     print(
         f"keyward: {c['allowed']} allowed, {c['denied']} denied, {c['injected']} with credentials"
-        f" (audit: {ctx.audit.target})",
+        f"{rejected} (audit: {ctx.audit.target})",
         file=sys.stderr,
     )
     return code if code >= 0 else 128 - code

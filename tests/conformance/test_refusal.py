@@ -216,6 +216,8 @@ async def test_client_that_rejects_the_ca_sees_the_reason_and_is_audited(
     rec = [x for x in world.audit() if x["reason"] == "client-tls-rejected"]
     assert len(rec) == 1 and rec[0]["host"] == "evil.example.test"
     assert rec[0]["refusal"] == "explain" and rec[0]["decision"] == "deny"
+    # the person running it is told too, with where to look
+    assert "0 allowed, 0 denied, 0 with credentials, 1 refused keyward's certificate" in err
     assert canary.accepted == 0
 
 
