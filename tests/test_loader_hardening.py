@@ -73,10 +73,13 @@ def test_merge_keys_are_aliases_too() -> None:
     assert str(e.value).startswith("k.yaml:2:")
 
 
-@pytest.mark.parametrize("kind", ["[", "{a: "])
-def test_deep_nesting_is_refused_at_its_line(tmp_path: Path, kind: str) -> None:
-    err = one_error(tmp_path, "version: 1\nx: " + kind * 5000 + "\n")
-    assert "keyward.yaml:2:" in err and "nested deeper than" in err
+@pytest.mark.parametrize(
+    ("kind", "depth"), [("[", 5000), ("{a: ", 5000), ("[", 100), ("{a: ", 100)]
+)
+def test_deep_nesting_is_refused_at_its_line(tmp_path: Path, kind: str, depth: int) -> None:
+    closing = {"[": "]", "{a: ": "}"}
+    err = one_error(tmp_path, "version: 1\nx: " + kind * depth + closing[kind] * depth + "\n")
+    assert "keyward.yaml:2:" in err and "nest" in err
 
 
 def test_non_utf8_names_the_line(tmp_path: Path) -> None:
@@ -158,13 +161,15 @@ def test_large_config_is_parsed_once(tmp_path: Path, monkeypatch: pytest.MonkeyP
     import yaml
 
     calls: list[int] = []
-    real = yaml.SafeLoader.get_single_node
+    from gateway.config import loader
+
+    real = loader._Loader.get_single_node
 
     def counting(self: yaml.SafeLoader) -> object:
         calls.append(1)
         return real(self)
 
-    monkeypatch.setattr(yaml.SafeLoader, "get_single_node", counting)
+    monkeypatch.setattr(loader._Loader, "get_single_node", counting)
     monkeypatch.setattr(yaml, "safe_load", lambda *a, **k: pytest.fail("parsed a second time"))
     monkeypatch.setattr(yaml, "compose", lambda *a, **k: pytest.fail("parsed a second time"))
     hosts = "".join(f"    h{i}.example.test: {{}}\n" for i in range(2000))
@@ -244,3 +249,17 @@ def test_command_printing_without_end_is_cut_off(tmp_path: Path) -> None:
     with pytest.raises(SecretError) as e:
         load_value("k", src, base_dir=tmp_path, dotenv={}, environ={})
     assert "printed more than 64 KiB" in str(e.value)
+
+
+def test_without_libyaml_the_same_refusals(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.config import loader
+
+    monkeypatch.setattr(loader, "_Loader", loader._PyStrictLoader)
+    for text, expected in (
+        (ALIAS_BOMB, "anchors and aliases"),
+        ("version: 1\nx: " + "[" * 5000 + "\n", "nested deeper than"),
+    ):
+        with pytest.raises(ConfigError) as e:
+            parse_config_text(text, "k.yaml")
+        assert str(e.value).startswith("k.yaml:2:") and expected in str(e.value)
+    assert parse_config_text("version: 1\n", "k.yaml").config.version == 1
