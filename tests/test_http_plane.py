@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import socket
 import statistics
@@ -16,6 +17,7 @@ import aiohttp
 import pytest
 
 from gateway.config.loader import load_config
+from gateway.config.model import TimeoutsConfig
 from gateway.credentials.oauth import TokenMinter
 from gateway.planes.context import GatewayContext, build_context
 from gateway.planes.http import HttpPlane, OverrideResolver
@@ -409,21 +411,26 @@ async def test_upstream_down_is_502(env: Env) -> None:
     assert rec["status"] == 502 and rec["reason"] == "upstream-connect-error"
 
 
-async def test_upstream_read_timeout_is_502(env: Env) -> None:
-    impatient = HttpPlane(env.ctx, read_timeout=0.3)
+async def test_upstream_response_header_timeout_is_504(env: Env) -> None:
+    cfg = env.ctx.config.config
+    quick = cfg.model_copy(
+        update={"timeouts": TimeoutsConfig(connect=0.5, tls=0.5, response_headers=0.3)}
+    )
+    env.ctx.config = dataclasses.replace(env.ctx.config, config=quick)
+    impatient = HttpPlane(env.ctx)
     try:
         port = await impatient.serve(
             impatient.make_service_app("api", env.ctx.config.config.services["api"])
         )
         t0 = time.monotonic()
         async with env.client.get(f"http://127.0.0.1:{port}/v1/hang") as r:
-            assert r.status == 502
+            assert r.status == 504
             assert r.headers["X-Keyward-Reason"] == "upstream-timeout"
         assert time.monotonic() - t0 < 3
     finally:
         await impatient.close()
     [rec] = assert_one_record_each(env, 1)
-    assert rec["reason"] == "upstream-timeout"
+    assert rec["reason"] == "upstream-timeout" and rec["status"] == 504
 
 
 async def test_oauth_token_unavailable_is_502_and_upstream_untouched(env: Env) -> None:

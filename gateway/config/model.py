@@ -271,6 +271,20 @@ class LimitsConfig(Strict):
     )
 
 
+class TimeoutsConfig(Strict):
+    """Seconds, the same on both planes. Defaults fit LLM APIs: a model may think for minutes
+    before its first byte, then stream with pauses."""
+
+    connect: float = Field(10.0, gt=0, le=3600, description="TCP connect to an upstream")
+    tls: float = Field(10.0, gt=0, le=3600, description="TLS handshake with an upstream")
+    response_headers: float = Field(
+        300.0, gt=0, le=86400, description="request sent -> response headers"
+    )
+    idle: float = Field(
+        120.0, gt=0, le=86400, description="no byte of a body (either way) for this long"
+    )
+
+
 class Config(Strict):
     version: Literal[1]
     secrets: dict[str, SecretSource] = Field(
@@ -295,4 +309,7 @@ class Config(Strict):
     audit: AuditConfig = Field(default_factory=AuditConfig, description="the audit log")
     limits: LimitsConfig = Field(
         default_factory=LimitsConfig, description="request size limits, both planes"
+    )
+    timeouts: TimeoutsConfig = Field(
+        default_factory=TimeoutsConfig, description="seconds: connect, tls, response_headers, idle"
     )

@@ -102,6 +102,15 @@ def make_app(seen: Seen) -> web.Application:
         await asyncio.sleep(10)
         return web.Response(text="late")
 
+    async def stall(request: web.Request) -> web.StreamResponse:
+        """Headers and a first chunk, then nothing for a long time (a stalled stream)."""
+        await record(request)
+        resp = web.StreamResponse(headers={"Content-Type": "text/plain"})
+        await resp.prepare(request)
+        await resp.write(b"first chunk\n")
+        await asyncio.sleep(30)
+        return resp
+
     async def upload(request: web.Request) -> web.Response:
         await record(request)
         total = 0
@@ -144,6 +153,7 @@ def make_app(seen: Seen) -> web.Application:
         ("hop", hop),
         ("empty", empty),
         ("hang", hang),
+        ("stall", stall),
     ):  # also under /v1/, where services with an API-style base path send them
         app.router.add_route("*", f"/{name}", handler)
         app.router.add_route("*", f"/v1/{name}", handler)

@@ -145,15 +145,11 @@ class HttpPlane:
         self,
         ctx: GatewayContext,
         *,
-        connect_timeout: float = 10.0,
-        read_timeout: float = 300.0,
         limit: int = 256,
         limit_per_host: int = 64,
         keepalive_timeout: float = 90.0,
     ) -> None:
         self.ctx = ctx
-        self.connect_timeout = connect_timeout
-        self.read_timeout = read_timeout
         self.limit = limit
         self.limit_per_host = limit_per_host
         self.keepalive_timeout = keepalive_timeout
@@ -179,18 +175,21 @@ class HttpPlane:
             )
             self._session = aiohttp.ClientSession(
                 connector=connector,
-                timeout=aiohttp.ClientTimeout(
-                    total=None,
-                    connect=None,
-                    sock_connect=self.connect_timeout,
-                    sock_read=self.read_timeout,
-                ),
+                timeout=self._client_timeout(),
                 auto_decompress=False,
                 cookie_jar=aiohttp.DummyCookieJar(),
                 skip_auto_headers=SKIP_AUTO_HEADERS,
                 trust_env=False,
             )
         return self._session
+
+    def _client_timeout(self) -> aiohttp.ClientTimeout:
+        """`timeouts:` for aiohttp: connect, connect + TLS, and idle between body reads (the
+        wait for response headers is bounded around the request, see `_forward`)."""
+        t = self.ctx.config.config.timeouts
+        return aiohttp.ClientTimeout(
+            total=None, connect=t.connect + t.tls, sock_connect=t.connect, sock_read=t.idle
+        )
 
     # -- front doors ---------------------------------------------------------------------
     def make_service_app(self, name: str, service: ServiceConfig) -> web.Application:
@@ -392,8 +391,17 @@ class HttpPlane:
 
     async def _upload(self, request: web.Request, ex: _Exchange) -> AsyncIterator[bytes]:
         """The agent's body, chunk by chunk as it arrives, counted."""
+        idle = self.ctx.config.config.timeouts.idle
         try:
-            async for chunk in request.content.iter_any():
+            while True:
+                try:
+                    async with asyncio.timeout(idle):  # a slow-drip upload is bounded too
+                        chunk = await request.content.readany()
+                except TimeoutError:
+                    ex.reason, ex.error = "client-idle-timeout", "request body stalled"
+                    raise
+                if not chunk:
+                    return
                 ex.bytes_up += len(chunk)
                 yield chunk
         except Exception:
@@ -408,23 +416,27 @@ class HttpPlane:
         headers: list[tuple[str, str]],
         body: AsyncIterator[bytes] | None,
     ) -> web.StreamResponse:
+        t = self.ctx.config.config.timeouts
         try:
-            upstream = await self.session.request(
-                request.method,
-                URL(url, encoded=True),
-                headers=CIMultiDict(headers),
-                data=body,
-                allow_redirects=False,
-                compress=None,
-                expect100=False,
-            )
+            # the whole wait for response headers: connect, handshake, request, thinking
+            async with asyncio.timeout(t.connect + t.tls + t.response_headers):
+                upstream = await self.session.request(
+                    request.method,
+                    URL(url, encoded=True),
+                    headers=CIMultiDict(headers),
+                    data=body,
+                    allow_redirects=False,
+                    compress=None,
+                    expect100=False,
+                    timeout=self._client_timeout(),
+                )
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as e:
             if ex.client_gone:
                 raise _ClientGone() from e
-            ex.status = 502
             ex.reason = classify_upstream_error(e)
+            ex.status = 504 if ex.reason == "upstream-timeout" else 502
             ex.error = self.ctx.redactor.redact(f"{type(e).__name__}: {e}")
-            return error_response(ex.reason)
+            return error_response(ex.reason, ex.status)
         try:
             return await self._relay(request, ex, upstream)
         finally:
@@ -481,10 +493,10 @@ class HttpPlane:
         try:
             body = self.ctx.redactor.redact_bytes(await upstream.read())
         except (TimeoutError, aiohttp.ClientError, OSError) as e:
-            ex.status = 502
             ex.reason = classify_upstream_error(e)
+            ex.status = 504 if ex.reason == "upstream-timeout" else 502
             ex.error = redact(f"{type(e).__name__}: {e}")
-            return error_response(ex.reason)
+            return error_response(ex.reason, ex.status)
         resp = web.Response(status=upstream.status, reason=upstream.reason, body=body)
         for name, value in strip_hop_by_hop(upstream.headers.items(), ("content-length",)):
             resp.headers.add(name, redact(value))

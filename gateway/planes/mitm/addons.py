@@ -17,6 +17,8 @@ from mitmproxy.proxy import server_hooks
 
 from gateway.credentials.redact import StreamScrubber
 from gateway.planes.context import AUDIT_UNAVAILABLE, GatewayContext
+from gateway.planes.mitm.errors import ERROR_PAGE, error_reason, status_for
+from gateway.planes.mitm.timeouts import M_TIMED_OUT, Timeouts
 from gateway.planes.outbound import (
     Rejection,
     authority,
@@ -567,6 +569,13 @@ class Audit:
             return
         flow.metadata[M_AUDITED] = True
         status = flow.response.status_code if flow.response is not None else None
+        reason = None
+        if error is not None:
+            reason = "upstream-timeout" if flow.metadata.get(M_TIMED_OUT) else error_reason(error)
+            if status is None and reason != "client-aborted":
+                # no response started: the agent gets our JSON error page, with this status
+                status = status_for(reason, 400 if reason == "bad-request" else 502)
+                ERROR_PAGE.set((status, reason))
         self.ctx.record(
             flow.metadata[M_FACTS],
             flow.metadata[M_DECISION],
@@ -575,7 +584,7 @@ class Audit:
             bytes_up=flow.metadata.get(M_UP, 0),
             bytes_down=flow.metadata.get(M_DOWN, 0),
             error=error,
-            reason=None if error is None else _error_reason(error),
+            reason=reason,
         )
 
     def response(self, flow: http.HTTPFlow) -> None:
@@ -588,15 +597,6 @@ class Audit:
     def error(self, flow: http.HTTPFlow) -> None:
         msg = flow.error.msg if flow.error else "error"
         self._write(flow, self.ctx.redactor.redact(msg))
-
-
-def _error_reason(msg: str) -> str:
-    low = msg.lower()
-    if "client disconnected" in low:
-        return "client-aborted"
-    if "certificate" in low or "tls" in low or "ssl" in low:
-        return "upstream-tls-error"
-    return "upstream-error"
 
 
 def _client(client: connection.Client) -> str:
@@ -621,5 +621,6 @@ def addon_chain(
         CredentialInjector(ctx),
         Streaming(),
         ResponseScrubber(ctx),
+        Timeouts(lambda: ctx.config.config.timeouts),
         Audit(ctx),
     ]

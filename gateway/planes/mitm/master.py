@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gateway.planes.context import GatewayContext
+from gateway.planes.mitm import errors
 from gateway.planes.mitm.addons import TransparentVerifier, addon_chain
 from gateway.planes.mitm.loader import (
     Master,
@@ -75,6 +76,7 @@ async def start_mitm(
 ) -> MitmPlane:
     """Start mitmproxy with `modes` (e.g. ["regular@127.0.0.1:0"]) and wait until it listens."""
     logging.getLogger("mitmproxy").setLevel(logging.WARNING)  # its per-listener chatter
+    errors.install()
     opts = options.Options()
     master = Master(opts)
     master.addons.add(

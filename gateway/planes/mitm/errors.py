@@ -1,0 +1,78 @@
+"""keyward's own answer where mitmproxy would write its HTML error page.
+
+mitmproxy builds that page in its protocol layers (`_http1.make_error_response` for HTTP/1,
+`_http2.format_error` for HTTP/2), after the `error` hook and from the same task. The page shows
+mitmproxy's message, which names internal addresses (the `upstream.resolve` target). The
+`error` hook (`Audit.error`) decides the status and reason it audits and leaves them in
+`ERROR_PAGE`; the layer then builds the page from it: a JSON body and `X-Keyward-Reason`, like
+every other refusal. With no decision (an error outside any flow) the reason is classified from
+the message, which is never echoed.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+
+from mitmproxy import http
+from mitmproxy.net.http import http1
+from mitmproxy.proxy.layers.http import _http1, _http2
+
+# (status, reason) decided by the error hook for the page built right after it.
+ERROR_PAGE: contextvars.ContextVar[tuple[int, str] | None] = contextvars.ContextVar(
+    "keyward_error_page", default=None
+)
+
+
+def error_reason(msg: str) -> str:
+    """A short, stable reason for a mitmproxy error message."""
+    low = msg.lower()
+    if "client disconnected" in low or "client closed" in low:
+        return "client-aborted"
+    if "timed out" in low or "timeout" in low or "connection cancelled" in low:
+        return "upstream-timeout"
+    if "certificate" in low or "tls" in low or "ssl" in low:
+        return "upstream-tls-error"
+    if low.startswith("request") or "bad request" in low or "invalid" in low:
+        return "bad-request"
+    return "upstream-error"
+
+
+def status_for(reason: str, code: int = 502) -> int:
+    return 504 if reason == "upstream-timeout" else code
+
+
+def _decided(code: int, message: str) -> tuple[int, str]:
+    page = ERROR_PAGE.get()
+    if page is not None:
+        ERROR_PAGE.set(None)
+        return page
+    reason = error_reason(message)
+    return (status_for(reason, code) if code >= 500 else code), reason
+
+
+def body(reason: str) -> bytes:
+    return json.dumps(
+        {"error": "keyward could not complete the request", "reason": reason}
+    ).encode()
+
+
+def _make_error_response(status_code: int, message: str = "") -> bytes:
+    status, reason = _decided(status_code, message)
+    resp = http.Response.make(
+        status,
+        body(reason),
+        {"Content-Type": "application/json", "X-Keyward-Reason": reason, "Connection": "close"},
+    )
+    return http1.assemble_response(resp)
+
+
+def _format_error(status_code: int, message: str) -> bytes:
+    # HTTP/2 writes the status line itself (mitmproxy's code); the body is ours.
+    return body(_decided(status_code, message)[1])
+
+
+def install() -> None:
+    """Replace mitmproxy's error pages (idempotent; both HTTP versions)."""
+    _http1.make_error_response = _make_error_response  # type: ignore[assignment]
+    _http2.format_error = _format_error  # type: ignore[assignment]

@@ -1,0 +1,132 @@
+"""`timeouts:` on the mitm plane. mitmproxy itself bounds only inactivity of a whole client
+connection (600 s) and never a connect, a handshake or a wait for response headers.
+
+- connect: the task opening the upstream connection is cancelled after `connect` seconds;
+- tls + response_headers: from the request's headers (or the end of its body) to the response
+  headers, at most `connect + tls + response_headers` seconds;
+- idle: no byte of a request or response body for `idle` seconds.
+A timeout closes the upstream connection; the error hook then audits `upstream-timeout` and the
+agent gets a 504 (or, once response headers are out, an unterminated body).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from mitmproxy import ctx as mitm_ctx
+from mitmproxy import http
+from mitmproxy.proxy import server_hooks
+
+from gateway.config.model import TimeoutsConfig
+
+M_TIMER = "keyward.timer"
+M_TIMED_OUT = "keyward.timed_out"
+
+
+class Timeouts:
+    def __init__(self, timeouts: Callable[[], TimeoutsConfig]) -> None:
+        self.timeouts = timeouts  # read per request: a reload applies to new requests
+        self._connecting: dict[str, asyncio.TimerHandle] = {}
+        self.timed_out_servers: set[str] = set()
+
+    # -- connecting ----------------------------------------------------------------------
+    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        if data.server.error:  # refused by the destination gate
+            return
+        task = asyncio.current_task()  # the task opening this connection
+        if task is None:
+            return
+        sid = data.server.id
+
+        def expire() -> None:
+            self.timed_out_servers.add(sid)
+            task.cancel()
+
+        loop = asyncio.get_running_loop()
+        self._connecting[sid] = loop.call_later(self.timeouts().connect, expire)
+
+    def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
+        timer = self._connecting.pop(data.server.id, None)
+        if timer is not None:
+            timer.cancel()
+
+    def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
+        self.server_connected(data)
+
+    def server_disconnected(self, data: server_hooks.ServerConnectionHookData) -> None:
+        self.server_connected(data)
+        self.timed_out_servers.discard(data.server.id)
+
+    # -- waiting for the response --------------------------------------------------------
+    def _arm(self, flow: http.HTTPFlow, seconds: float) -> None:
+        self._disarm(flow)
+        loop = asyncio.get_running_loop()
+        flow.metadata[M_TIMER] = loop.call_later(seconds, self._expire, flow)
+
+    @staticmethod
+    def _disarm(flow: http.HTTPFlow) -> None:
+        timer = flow.metadata.pop(M_TIMER, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _expire(self, flow: http.HTTPFlow) -> None:
+        """Close the upstream connection: mitmproxy then errors the flow (504 via the error
+        hook) or, mid-body, ends the response unterminated."""
+        flow.metadata[M_TIMED_OUT] = True
+        flow.metadata.pop(M_TIMER, None)
+        server = flow.server_conn
+        self.timed_out_servers.add(server.id)
+        ps: Any = mitm_ctx.master.addons.get("proxyserver")
+        handler = ps.connections.get(flow.client_conn.id) if ps is not None else None
+        transport = handler.transports.get(server) if handler is not None else None
+        if transport is not None and transport.handler is not None:
+            handler.close_connection(server)
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None:
+            return
+        t = self.timeouts()
+        waiting = t.connect + t.tls + t.response_headers
+        self._arm(flow, waiting)
+        inner = flow.request.stream
+
+        def watch(chunk: bytes) -> bytes:
+            # a body resets the clock per chunk (idle); its end starts the wait for headers
+            self._arm(flow, waiting if not chunk else t.connect + t.tls + t.idle)
+            return inner(chunk) if callable(inner) else chunk
+
+        if callable(inner):
+            flow.request.stream = watch
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.metadata.get(M_TIMER) is None:
+            return
+        idle = self.timeouts().idle
+        self._arm(flow, idle)
+        resp = flow.response
+        inner = resp.stream if resp is not None else None
+        if resp is None or not callable(inner):
+            return
+
+        def watch(chunk: bytes) -> bytes:
+            if chunk:
+                self._arm(flow, idle)
+            else:
+                self._disarm(flow)
+            return inner(chunk)
+
+        resp.stream = watch
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        if flow.websocket is None:
+            self._disarm(flow)
+
+    def websocket_start(self, flow: http.HTTPFlow) -> None:
+        self._disarm(flow)  # a WebSocket's idle time is the agent's business
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._disarm(flow)
+        if flow.server_conn.id in self.timed_out_servers:
+            flow.metadata[M_TIMED_OUT] = True
