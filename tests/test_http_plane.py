@@ -20,7 +20,8 @@ from gateway.config.loader import load_config
 from gateway.config.model import TimeoutsConfig
 from gateway.credentials.oauth import TokenMinter
 from gateway.planes.context import GatewayContext, build_context
-from gateway.planes.http import HttpPlane, OverrideResolver
+from gateway.planes.http.proxy import HttpPlane
+from gateway.planes.http.resolver import OverrideResolver
 from tests.support.pki import TestCA, make_ca
 from tests.support.upstream import Upstream
 
