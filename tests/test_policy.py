@@ -18,6 +18,7 @@ from gateway.policy import (
     apply_plan,
     swap_placeholders,
 )
+from gateway.policy.apply import swap_in_target
 
 CONFIG = """
 version: 1
@@ -148,12 +149,63 @@ def test_placeholder_swap_only_on_hosts_using_the_secret() -> None:
     p = policy()
     ok = p.decide(facts("api.openai.com", headers=(("Authorization", f"Bearer {OPENAI_FAKE}"),)))
     assert ok.allowed and {i.location for i in ok.injections} >= {"placeholder:OPENAI_API_KEY"}
-    assert swap_placeholders(ok, f"k={OPENAI_FAKE}", CountingResolver()) == "k=REAL-openai-value"
+    swapped = swap_placeholders(ok, f"k={OPENAI_FAKE}", CountingResolver(), "header")
+    assert swapped == "k=REAL-openai-value"
     for host in ("pypi.org", "api.github.com", "evil.example"):
         bad = p.decide(facts(host, f"/x?k={OPENAI_FAKE}"))
         assert bad.verdict is Verdict.DENY and bad.alert
         assert bad.reason == "placeholder-wrong-host: OPENAI_API_KEY"
     assert policy("allow").decide(facts("evil.example", headers=(("X", OPENAI_FAKE),))).alert
+
+
+def swap_policy(swap_in: frozenset[str]) -> Policy:
+    loaded = parse_config_text(CONFIG.replace("DEFAULT", "deny"), "t.yaml")
+    ph = Placeholder("OPENAI_API_KEY", "openai", OPENAI_FAKE, swap_in)
+    return build_policy(loaded.config, [ph])
+
+
+def test_placeholder_swapped_only_where_swap_in_says() -> None:
+    """Default [header, basic]: the query, the path, bodies and WebSocket messages keep the
+    placeholder unchanged and the request is an alert; listed locations swap."""
+    r = CountingResolver()
+    blob = base64.b64encode(f"user:{OPENAI_FAKE}".encode()).decode()
+    default = swap_policy(frozenset({"header", "basic"}))
+    d = default.decide(facts("api.openai.com", headers=(("Authorization", f"Basic {blob}"),)))
+    assert d.allowed and not d.alert
+    out = dict(apply_plan(d, [("X-Other", f"Basic {blob}"), ("Authorization", f"Basic {blob}")], r))
+    assert out["X-Other"] == f"Basic {blob}"  # only Authorization carries Basic credentials
+    for location in ("query", "path"):
+        path = f"/v1?k={OPENAI_FAKE}" if location == "query" else f"/v1/{OPENAI_FAKE}"
+        d = default.decide(facts("api.openai.com", path))
+        assert d.allowed and d.alert
+        assert d.extra["placeholder-not-swapped"] == f"OPENAI_API_KEY in {location}"
+        assert swap_in_target(d, path, r) == path
+        assert d.plan is not None and d.plan.swappable("body") == ()
+    query = swap_policy(frozenset({"query", "body", "websocket"}))
+    d = query.decide(facts("api.openai.com", f"/v1/{OPENAI_FAKE}?k={OPENAI_FAKE}"))
+    assert d.alert  # the path is never a swap location
+    assert swap_in_target(d, f"/v1/{OPENAI_FAKE}?k={OPENAI_FAKE}", r) == (
+        f"/v1/{OPENAI_FAKE}?k=REAL-openai-value"
+    )
+    d = query.decide(facts("api.openai.com", headers=(("Authorization", f"Bearer {OPENAI_FAKE}"),)))
+    assert d.alert and d.extra["placeholder-not-swapped"] == "OPENAI_API_KEY in header"
+    assert d.plan is not None and [p.env for p in d.plan.swappable("body")] == ["OPENAI_API_KEY"]
+    assert query.decide(facts("pypi.org", f"/?k={OPENAI_FAKE}")).reason.startswith(
+        "placeholder-wrong-host"
+    )
+
+
+def test_basic_blob_placeholder_is_swapped_inside_the_blob() -> None:
+    r = CountingResolver()
+    blob = base64.b64encode(f"x-access-token:{OPENAI_FAKE}".encode()).decode()
+    d = policy().decide(facts("api.openai.com", headers=(("Authorization", f"Basic {blob}"),)))
+    assert d.allowed and not d.alert
+    headers = apply_plan(d, [("Authorization", f"Basic {blob}")], r)
+    values = [v for k, v in headers if k == "Authorization"]
+    assert values == ["Bearer REAL-openai-value"]  # the rule's own header replaces it
+    header_only = swap_policy(frozenset({"header"}))
+    d = header_only.decide(facts("api.openai.com", headers=(("Authorization", f"Basic {blob}"),)))
+    assert d.alert and d.extra["placeholder-not-swapped"] == "OPENAI_API_KEY in basic"
 
 
 def test_denied_request_never_touches_a_secret() -> None:
@@ -167,7 +219,7 @@ def test_denied_request_never_touches_a_secret() -> None:
         with pytest.raises(NotAllowedError):
             apply_plan(d, [("A", "b")], r)
         with pytest.raises(NotAllowedError):
-            swap_placeholders(d, "x", r)
+            swap_placeholders(d, "x", r, "header")
     assert r.calls == []
 
 

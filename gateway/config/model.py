@@ -16,6 +16,7 @@ from pydantic import (
     model_validator,
 )
 
+from gateway.policy.core import DEFAULT_SWAP_IN, SWAP_LOCATIONS
 from gateway.policy.hosts import normalise_host, parse_pattern, split_hostport
 from gateway.policy.paths import parse_path_rule
 from gateway.policy.templates import parse_template
@@ -60,6 +61,7 @@ def _check_header_name(v: str) -> str:
     return v
 
 
+SwapLocation = Literal[SWAP_LOCATIONS]  # type: ignore[valid-type]
 HostKey = Annotated[str, AfterValidator(_check_pattern)]
 PathRuleText = Annotated[str, AfterValidator(_check_path_rule)]
 TemplateText = Annotated[str, AfterValidator(_check_template)]
@@ -215,6 +217,11 @@ class PlaceholderConfig(Strict):
     format: str | None = Field(
         None,
         description="fake's shape: sk, sk-proj, sk-ant, ghp, github_pat, xoxb, akia, jwt, generic",
+    )
+    swap_in: list[SwapLocation] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: sorted(DEFAULT_SWAP_IN),
+        description="where the placeholder is swapped for the real value; elsewhere it passes "
+        "unchanged and the request is audited as an alert",
     )
 
 

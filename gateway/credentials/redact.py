@@ -138,8 +138,12 @@ class _Pass:
     first_re: re.Pattern[bytes]
     literals: dict[int, tuple[bytes, ...]] = field(default_factory=dict)
     escaped: dict[int, tuple[_Units, ...]] = field(default_factory=dict)
-    # A buffer without this byte holds no match of the pass (b"\\" for escaped spellings).
-    needs: bytes | None = None
+    # A buffer this does not find holds no match of the pass (for escaped spellings: one of
+    # the escapes a value can be written with; random binary data almost never has one).
+    needs: re.Pattern[bytes] | None = None
+
+    def applies(self, data: bytes) -> bool:
+        return bool(data) and (self.needs is None or self.needs.search(data) is not None)
 
     def pending(self, buf: bytes, start: int) -> int:
         """The first position at or after `start` where the rest of `buf` is a proper prefix of
@@ -163,13 +167,14 @@ class _State:
 
     Two passes, applied in order: the fixed forms (one alternation of literals, which keeps
     the regex engine's first-byte skip), then spellings with JSON `\\uXXXX` escapes, which
-    only run on text holding a backslash. Neither pass's output can contain a match of the
+    only run on text holding such an escape. Neither pass's output can contain a match of the
     other's (`[REDACTED]` has no backslash; a fixed form has no escape), so the two passes over
     a stream give the same bytes as over the whole body."""
 
     values: frozenset[str] = frozenset()
     text_res: tuple[re.Pattern[str], ...] = ()
     passes: tuple[_Pass, ...] = ()
+    text_needs: re.Pattern[str] | None = None  # the escaped pass's trigger, for text
 
     @property
     def max_len(self) -> int:
@@ -212,18 +217,22 @@ def _build(values: frozenset[str]) -> _State:
     )
     text_res = [re.compile("|".join(re.escape(f) for f in ordered))]
     passes = [fixed]
+    text_needs = None
     if escaped_sources:
         text_res.append(re.compile("|".join(escaped_sources)))
+        shorts = sorted({_JSON_SHORT[c][1] for v in values for c in v if c in _JSON_SHORT})
+        trigger = "\\\\(?:u[0-9a-fA-F]{4}" + "".join("|" + re.escape(c) for c in shorts) + ")"
+        text_needs = re.compile(trigger)
         passes.append(
             _Pass(
                 bytes_re=re.compile("|".join(escaped_sources).encode("utf-8")),
                 max_len=escaped_len,
                 first_re=_first_class(escaped),
                 escaped={k: tuple(v) for k, v in escaped.items()},
-                needs=b"\\",
+                needs=re.compile(trigger.encode()),
             )
         )
-    return _State(values, tuple(text_res), tuple(passes))
+    return _State(values, tuple(text_res), tuple(passes), text_needs)
 
 
 class Redactor:
@@ -257,17 +266,17 @@ class Redactor:
         return self._state.max_len
 
     def redact(self, text: str) -> str:
-        for i, pattern in enumerate(self._state.text_res):
-            if not text or (i and "\\" not in text):
+        st = self._state
+        for i, pattern in enumerate(st.text_res):
+            if not text or (i and st.text_needs is not None and not st.text_needs.search(text)):
                 break
             text = pattern.sub(REPLACEMENT, text)
         return text
 
     def redact_bytes(self, data: bytes) -> bytes:
         for p in self._state.passes:
-            if not data or (p.needs is not None and p.needs not in data):
-                break
-            data = p.bytes_re.sub(REPLACEMENT_BYTES, data)
+            if p.applies(data):
+                data = p.bytes_re.sub(REPLACEMENT_BYTES, data)
         return data
 
 
@@ -298,7 +307,7 @@ class StreamScrubber:
         passes = self._redactor._state.passes
         for p, held in zip(passes, self._held, strict=False):
             data = held + out
-            if data and not (p.needs and p.needs not in data):
+            if p.applies(data):
                 data = p.bytes_re.sub(REPLACEMENT_BYTES, data)
             out = data
         self._held = []
@@ -315,7 +324,7 @@ def _scrub_step(p: _Pass, held: bytes, chunk: bytes) -> tuple[bytes, bytes]:
     buf = held + chunk if held else chunk
     n = len(buf)
     hold = p.pending(buf, max(0, n - p.max_len + 1))
-    if p.needs is not None and p.needs not in buf:
+    if not p.applies(buf):
         return buf[:hold], buf[hold:]  # no match possible; only a start may be pending
     pieces: list[bytes] = []
     pos = 0

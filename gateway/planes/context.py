@@ -164,7 +164,7 @@ def build_placeholders(
         fmt = ph.format or detect_format(real.reveal())
         value = make_placeholder(env, seed=seed, fmt=fmt, real=real)
         store.register_placeholder(value)
-        out.append(Placeholder(env, ph.secret, value))
+        out.append(Placeholder(env, ph.secret, value, frozenset(ph.swap_in)))
     return tuple(out)
 
 

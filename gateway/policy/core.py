@@ -7,6 +7,7 @@ values, and it refuses any decision that is not an allow.
 
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -77,13 +78,22 @@ class HostRule:
         return bool(self.headers or self.deny)
 
 
+# Where a placeholder may be swapped for its real value. Anywhere else it passes unchanged and
+# the request is audited as an alert: a real key in a body or a WebSocket message becomes
+# content the provider stores and may later show back (or to someone else).
+SWAP_LOCATIONS = ("header", "basic", "query", "body", "websocket")
+DEFAULT_SWAP_IN = frozenset({"header", "basic"})
+
+
 @dataclass(frozen=True, slots=True)
 class Placeholder:
-    """A fake credential the agent may hold; swapped for `secret` on hosts that use it."""
+    """A fake credential the agent may hold; swapped for `secret` on hosts that use it, only
+    in the locations named by `swap_in`."""
 
     env: str
     secret: str
     value: str
+    swap_in: frozenset[str] = DEFAULT_SWAP_IN
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +127,10 @@ class InjectionPlan:
     """What to write into an allowed request, by secret name only."""
 
     headers: tuple[HeaderWrite, ...] = ()
+    # Placeholders seen in the request head where they may be swapped (header, basic, query).
     swaps: tuple[Placeholder, ...] = ()
+    # Placeholders of this rule's secrets that may be swapped in the body or WebSocket messages.
+    content_swaps: tuple[Placeholder, ...] = ()
     # Derived once here: every allowed request reads them (audit record, token minting).
     injections: tuple[Injection, ...] = field(init=False, repr=False, compare=False)
     secrets: frozenset[str] = field(init=False, repr=False, compare=False)
@@ -127,6 +140,15 @@ class InjectionPlan:
         out.extend(Injection(p.secret, f"placeholder:{p.env}") for p in self.swaps)
         object.__setattr__(self, "injections", tuple(out))
         object.__setattr__(self, "secrets", frozenset(i.secret for i in out))
+
+    @property
+    def credentialed(self) -> bool:
+        """Whether a real value may be written into the request."""
+        return bool(self.headers or self.swaps or self.content_swaps)
+
+    def swappable(self, location: str) -> tuple[Placeholder, ...]:
+        pool = self.content_swaps if location in ("body", "websocket") else self.swaps
+        return tuple(p for p in pool if location in p.swap_in)
 
 
 EMPTY_PLAN = InjectionPlan()
@@ -229,12 +251,11 @@ class Policy:
         rule_text = rule.pattern.text if rule is not None else None
 
         swaps: dict[str, Placeholder] = {}
+        unswapped: list[str] = []
         if self._placeholder_re is not None:
-            # One scan over every header value (no placeholder contains a newline).
-            seen = self.placeholders_in(facts.path)
-            seen.extend(self.placeholders_in("\n".join(v for _, v in facts.headers)))
+            seen = self._placeholders_seen(facts)
             secrets = rule.secrets if rule is not None and seen else frozenset()
-            for ph in seen:
+            for ph, location in seen:
                 if ph.secret not in secrets or (rule is not None and not rule.allow):
                     return Decision(
                         Verdict.DENY,
@@ -243,7 +264,10 @@ class Policy:
                         alert=True,
                         normalised_path=path,
                     )
-                swaps[ph.value] = ph
+                if location in ph.swap_in:
+                    swaps[ph.value] = ph
+                else:
+                    unswapped.append(f"{ph.env} in {location}")
 
         if rule is None:
             verdict, reason = self._default("no-rule")
@@ -257,14 +281,47 @@ class Policy:
                 return Decision(
                     Verdict.DENY, rule_text, f"path-denied: {pr.text}", normalised_path=path
                 )
+        content = tuple(
+            p
+            for p in self.placeholders
+            if p.secret in rule.secrets and p.swap_in & {"body", "websocket"}
+        )
         plan = (
-            InjectionPlan(rule.headers, tuple(swaps.values()))
-            if rule.headers or swaps
+            InjectionPlan(rule.headers, tuple(swaps.values()), content)
+            if rule.headers or swaps or content
             else EMPTY_PLAN
         )
-        if (plan.headers or plan.swaps) and facts.scheme in ("http", "ws") and not rule.plain_http:
+        if plan.credentialed and facts.scheme in ("http", "ws") and not rule.plain_http:
             return Decision(Verdict.DENY, rule_text, "plain-http-credentials", normalised_path=path)
+        if unswapped:
+            extra = {"placeholder-not-swapped": ", ".join(unswapped)}
+            return Decision(
+                Verdict.ALLOW,
+                rule_text,
+                "rule",
+                plan,
+                alert=True,
+                normalised_path=path,
+                extra=extra,
+            )
         return Decision(Verdict.ALLOW, rule_text, "rule", plan, normalised_path=path)
+
+    def _placeholders_seen(self, facts: RequestFacts) -> list[tuple[Placeholder, str]]:
+        """Each placeholder in the request head and where: path, query, header, or basic (inside
+        an `Authorization: Basic` blob). Header values are scanned in one pass (no placeholder
+        contains a newline)."""
+        target, _, query = facts.path.partition("?")
+        seen = [(p, "path") for p in self.placeholders_in(target)]
+        seen += [(p, "query") for p in self.placeholders_in(query)]
+        seen += [
+            (p, "header") for p in self.placeholders_in("\n".join(v for _, v in facts.headers))
+        ]
+        for name, value in facts.headers:
+            if name.lower() == "authorization":
+                decoded = basic_credentials(value)
+                if decoded is not None:
+                    seen += [(p, "basic") for p in self.placeholders_in(decoded)]
+        return seen
 
     def connection(
         self, host: str, port: int, sni: str | None = None, addr: str | None = None
@@ -308,6 +365,17 @@ class Policy:
             return False, rule.pattern.text
         ok = qtype in DNS_ADDRESS_TYPES or qtype in rule.dns_types
         return ok, rule.pattern.text
+
+
+def basic_credentials(value: str) -> str | None:
+    """The decoded `user:password` of an `Authorization: Basic` value, or None."""
+    scheme, _, blob = value.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        return base64.b64decode(blob.strip(), validate=True).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        return None
 
 
 def _same_host(name: str, host: str) -> bool:

@@ -17,6 +17,7 @@ class Seen:
     upload_first_chunk_at: float | None = None
     token_requests: int = 0
     token_fail: bool = False
+    ws_messages: list[str] = field(default_factory=list)
 
 
 def make_app(seen: Seen) -> web.Application:
@@ -31,6 +32,7 @@ def make_app(seen: Seen) -> web.Application:
     async def echo(request: web.Request) -> web.Response:
         await record(request)
         body = await request.read()
+        seen.requests[-1]["body"] = body.decode("utf-8", "replace")[:65536]
         payload = {
             "method": request.method,
             "path": request.path_qs,
@@ -128,6 +130,7 @@ def make_app(seen: Seen) -> web.Application:
         await sock.send_str(json.dumps({"authorization": request.headers.get("Authorization")}))
         async for msg in sock:
             if msg.type == WSMsgType.TEXT:
+                seen.ws_messages.append(msg.data)
                 await sock.send_str("echo:" + msg.data)
             elif msg.type == WSMsgType.BINARY:
                 await sock.send_bytes(msg.data)

@@ -12,6 +12,7 @@ and writes exactly one audit record, whatever happens.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -26,7 +27,6 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.config.model import LimitsConfig, ServiceConfig
-from gateway.credentials.redact import StreamScrubber
 from gateway.planes.context import AUDIT_UNAVAILABLE, GatewayContext
 from gateway.planes.http.hop import strip_hop_by_hop
 from gateway.planes.http.resolver import OverrideResolver
@@ -37,7 +37,16 @@ from gateway.planes.outbound import (
     check_limits,
     outbound_headers,
 )
-from gateway.policy.apply import apply_plan, swap_placeholders
+from gateway.planes.scrub import (
+    UNSCRUBBABLE,
+    ScrubbedHead,
+    ScrubError,
+    UnscrubbableEncoding,
+    scrub_head,
+    standard_reason,
+    upstream_request_headers,
+)
+from gateway.policy.apply import BodySwapper, apply_plan, no_secret, swap_in_target
 from gateway.policy.core import Decision, Plane, RequestFacts, Verdict
 from gateway.policy.hosts import is_ip, normalise_host, split_hostport
 from gateway.policy.paths import normalise_path
@@ -71,6 +80,7 @@ class _Exchange:
     reason: str | None = None
     client_gone: bool = False
     refusal: RefusalMode | None = None
+    alert: str | None = None  # e.g. a placeholder left unswapped in the body
 
 
 class _ClientGone(Exception):
@@ -345,26 +355,34 @@ class HttpPlane:
                 return error_response(AUDIT_UNAVAILABLE, 503)
             headers = list(facts.headers)
             plan = decision.plan
-            if plan is not None and (plan.headers or plan.swaps):
+            resolve: Callable[[str], str] = no_secret
+            if plan is not None and (plan.headers or plan.swaps or plan.swappable("body")):
                 try:
                     resolve = await self.ctx.resolver_for(decision)
                     headers = apply_plan(decision, headers, resolve)
                     if plan.swaps:
-                        target = swap_placeholders(decision, target, resolve)
+                        target = swap_in_target(decision, target, resolve)
                 except Exception as e:  # token endpoint down, stale token: fail closed
                     ex.status = 502
                     ex.reason = f"credentials-unavailable: {type(e).__name__}"
                     ex.error = self.ctx.redactor.redact(str(e))
                     return error_response(ex.reason)
-                # A compressed echo of an injected secret could not be scrubbed: ask for none.
-                headers = [(k, v) for k, v in headers if k.lower() != "accept-encoding"]
-                headers.append(("Accept-Encoding", "identity"))
+            credentialed = plan is not None and plan.credentialed
+            headers = upstream_request_headers(headers, credentialed)
             if host_value:
                 headers.insert(0, ("Host", host_value))
+            swapper = None
+            if self.ctx.policy.placeholders and request.body_exists:
+                swapper = BodySwapper(
+                    decision,
+                    self.ctx.policy.placeholders,
+                    resolve,
+                    lambda p: setattr(ex, "alert", f"placeholder {p.env} in body"),
+                )
             length = request.headers.get("Content-Length")
-            if length is not None and request.body_exists:
-                headers.append(("Content-Length", length))
-            body = self._upload(request, ex) if request.body_exists else None
+            if length is not None and request.body_exists and not (swapper and swapper.swaps):
+                headers.append(("Content-Length", length))  # else: chunked, the length may change
+            body = self._upload(request, ex, swapper) if request.body_exists else None
             return await self._forward(request, ex, origin + target, headers, body)
         except (_ClientGone, ConnectionError):
             if request.transport is not None:
@@ -377,6 +395,10 @@ class HttpPlane:
             ex.error = ex.error or "client disconnected"
             raise
         finally:
+            if ex.alert and not decision.alert:
+                decision = dataclasses.replace(
+                    decision, alert=True, extra={**decision.extra, "alert": ex.alert}
+                )
             self.ctx.record(
                 facts,
                 decision,
@@ -389,8 +411,11 @@ class HttpPlane:
                 refusal=ex.refusal,
             )
 
-    async def _upload(self, request: web.Request, ex: _Exchange) -> AsyncIterator[bytes]:
-        """The agent's body, chunk by chunk as it arrives, counted."""
+    async def _upload(
+        self, request: web.Request, ex: _Exchange, swapper: BodySwapper | None
+    ) -> AsyncIterator[bytes]:
+        """The agent's body, chunk by chunk as it arrives, counted (placeholders swapped or
+        reported by `swapper`)."""
         idle = self.ctx.config.config.timeouts.idle
         try:
             while True:
@@ -401,12 +426,18 @@ class HttpPlane:
                     ex.reason, ex.error = "client-idle-timeout", "request body stalled"
                     raise
                 if not chunk:
-                    return
+                    break
                 ex.bytes_up += len(chunk)
-                yield chunk
+                out = swapper.feed(chunk) if swapper is not None else chunk
+                if out:
+                    yield out
         except Exception:
             ex.client_gone = True
             raise
+        if swapper is not None:
+            tail = swapper.flush()
+            if tail:
+                yield tail
 
     async def _forward(
         self,
@@ -445,61 +476,77 @@ class HttpPlane:
     async def _relay(
         self, request: web.Request, ex: _Exchange, upstream: aiohttp.ClientResponse
     ) -> web.StreamResponse:
-        """Stream the upstream response back as it arrives, scrubbed of real secret values."""
+        """Stream the upstream response back as it arrives, scrubbed of real secret values in
+        every form the agent can decode (gateway.planes.scrub)."""
         ex.status = upstream.status
         redact = self.ctx.redactor.redact
         empty = request.method == "HEAD" or upstream.status in NO_BODY_STATUSES
+        try:
+            head = scrub_head(strip_hop_by_hop(upstream.headers.items()), self.ctx.redactor)
+        except UnscrubbableEncoding:
+            ex.status = 502
+            ex.reason = UNSCRUBBABLE
+            return error_response(UNSCRUBBABLE)
         length = upstream.content_length
-        if (
-            not empty
-            and length is not None
-            and length <= SMALL_BODY
-            and upstream.content_type != "text/event-stream"
-        ):
-            return await self._relay_small(request, ex, upstream)
-        resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        if not empty and not head.rewrites_body and length is not None and length <= SMALL_BODY:
+            return await self._relay_small(request, ex, upstream, head)
+        resp = web.StreamResponse(status=upstream.status, reason=standard_reason(upstream.status))
         # Scrubbing can change a body's length, so the length is ours to frame (chunked).
-        drop: tuple[str, ...] = () if empty else ("content-length",)
-        for name, value in strip_hop_by_hop(upstream.headers.items(), drop):
-            resp.headers.add(name, redact(value))
+        for name, value in head.headers:
+            if empty or name.lower() != "content-length":
+                resp.headers.add(name, value)
         try:
             await resp.prepare(request)
         except ConnectionError as e:
             raise _ClientGone() from e
         if empty:
             return await self._finish(resp, ex)
-        scrubber = StreamScrubber(self.ctx.redactor)
+        body = head.body
         try:
             async for chunk in upstream.content.iter_any():
-                await self._send(resp, ex, scrubber.feed(chunk))
+                for piece in body.feed(chunk) if body is not None else (chunk,):
+                    await self._send(resp, ex, piece)
+            for piece in body.finish() if body is not None else ():
+                await self._send(resp, ex, piece)
         except _ClientGone:
             raise
-        except (TimeoutError, aiohttp.ClientError, OSError) as e:
+        except (TimeoutError, aiohttp.ClientError, OSError, ScrubError) as e:
             # Headers are out: the only honest signal left is an unterminated body.
-            ex.reason = classify_upstream_error(e)
-            ex.error = redact(f"{type(e).__name__}: {e}")
+            if isinstance(e, ScrubError):
+                ex.reason = e.reason
+            else:
+                ex.reason = classify_upstream_error(e)
+                ex.error = redact(f"{type(e).__name__}: {e}")
             if request.transport is not None:
                 request.transport.close()
             return resp
-        await self._send(resp, ex, scrubber.flush())
+        # aiohttp's client reads and discards HTTP/1.1 trailers, and its server cannot send
+        # any: on this plane trailers never reach the agent.
         return await self._finish(resp, ex)
 
     async def _relay_small(
-        self, request: web.Request, ex: _Exchange, upstream: aiohttp.ClientResponse
+        self,
+        request: web.Request,
+        ex: _Exchange,
+        upstream: aiohttp.ClientResponse,
+        head: ScrubbedHead,
     ) -> web.StreamResponse:
-        """A small sized body: one read, one scrub, headers and body in one write (the
+        """A small sized identity body: one read, one scrub, headers and body in one write (the
         streamed path costs three writes and a chunked frame for the same bytes)."""
-        redact = self.ctx.redactor.redact
+        redactor = self.ctx.redactor
         try:
-            body = self.ctx.redactor.redact_bytes(await upstream.read())
+            body = redactor.redact_bytes(await upstream.read())
         except (TimeoutError, aiohttp.ClientError, OSError) as e:
             ex.reason = classify_upstream_error(e)
             ex.status = 504 if ex.reason == "upstream-timeout" else 502
-            ex.error = redact(f"{type(e).__name__}: {e}")
+            ex.error = redactor.redact(f"{type(e).__name__}: {e}")
             return error_response(ex.reason, ex.status)
-        resp = web.Response(status=upstream.status, reason=upstream.reason, body=body)
-        for name, value in strip_hop_by_hop(upstream.headers.items(), ("content-length",)):
-            resp.headers.add(name, redact(value))
+        resp = web.Response(
+            status=upstream.status, reason=standard_reason(upstream.status), body=body
+        )
+        for name, value in head.headers:
+            if name.lower() != "content-length":
+                resp.headers.add(name, value)
         try:
             await resp.prepare(request)
             await resp.write_eof()

@@ -6,17 +6,18 @@ before the injector, so a denied request never reaches code that can read a secr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
-from mitmproxy import connection, http, tcp, tls, udp
+from mitmproxy import connection, http, tcp, tls, udp, websocket
 from mitmproxy.proxy import server_hooks
 
-from gateway.credentials.redact import StreamScrubber
 from gateway.planes.context import AUDIT_UNAVAILABLE, GatewayContext
+from gateway.planes.mitm import trailers
 from gateway.planes.mitm.errors import ERROR_PAGE, error_reason, status_for
 from gateway.planes.mitm.timeouts import M_TIMED_OUT, Timeouts
 from gateway.planes.outbound import (
@@ -27,7 +28,21 @@ from gateway.planes.outbound import (
     is_origin_form,
     outbound_headers,
 )
-from gateway.policy.apply import apply_plan, swap_placeholders
+from gateway.planes.scrub import (
+    UNSCRUBBABLE,
+    ScrubError,
+    UnscrubbableEncoding,
+    scrub_head,
+    standard_reason,
+    upstream_request_headers,
+)
+from gateway.policy.apply import (
+    BodySwapper,
+    apply_plan,
+    no_secret,
+    swap_in_target,
+    swap_placeholders,
+)
 from gateway.policy.core import ConnectionDecision, Decision, Plane, RequestFacts, Verdict
 from gateway.policy.hosts import normalise_host
 from gateway.policy.refusal import REASON_HEADER, RefusalMode, refusal
@@ -41,6 +56,8 @@ M_AUDITED = "keyward.audited"
 M_UP = "keyward.bytes_up"
 M_DOWN = "keyward.bytes_down"
 M_ERROR = "keyward.error"
+M_BODY = "keyward.body_swapper"
+M_REASON = "keyward.reason"  # why a response was refused or cut while scrubbing
 
 # Where a transparent connection's name comes from when only an IP was seen (pod mode sets this).
 TransparentVerifier = Callable[[str, int, str | None, str | None], str | None]
@@ -471,13 +488,15 @@ class CredentialInjector:
         decision: Decision | None = flow.metadata.get(M_DECISION)
         if flow.response is not None or decision is None or not decision.allowed:
             return
-        if decision.plan is None or not (decision.plan.headers or decision.plan.swaps):
+        plan = decision.plan
+        if plan is None or not (plan.headers or plan.swaps or plan.swappable("body")):
+            self._watch_body(flow, decision, no_secret)
             return
         try:
             resolve = await self.ctx.resolver_for(decision)
             headers = apply_plan(decision, _latin1(flow.request.headers), resolve)
-            if decision.plan.swaps:
-                flow.request.path = swap_placeholders(decision, flow.request.path, resolve)
+            if plan.swaps:
+                flow.request.path = swap_in_target(decision, flow.request.path, resolve)
         except Exception as e:  # token endpoint down, stale token: fail closed with a reason
             reason = f"credentials-unavailable: {type(e).__name__}"
             flow.metadata[M_ERROR] = self.ctx.redactor.redact(str(e))
@@ -493,69 +512,176 @@ class CredentialInjector:
             )
             return
         flow.request.headers = _headers(headers)
-        # The scrubber cannot see a key inside a compressed echo: ask for identity.
-        flow.request.headers["accept-encoding"] = "identity"
+        self._watch_body(flow, decision, resolve)
+
+    def _watch_body(
+        self, flow: http.HTTPFlow, decision: Decision, resolve: Callable[[str], str]
+    ) -> None:
+        """Placeholders in the request body: swapped where `swap_in` has `body`, an alert
+        anywhere else. A swap can change the body's length: it is then framed chunked."""
+        placeholders = self.ctx.policy.placeholders
+        if not placeholders:
+            return
+        swapper = BodySwapper(
+            decision, placeholders, resolve, lambda p: _alert(flow, f"placeholder {p.env} in body")
+        )
+        flow.metadata[M_BODY] = swapper
+        req = flow.request
+        if swapper.swaps and "content-length" in req.headers:
+            del req.headers["content-length"]
+            if req.http_version.startswith("HTTP/1"):
+                req.headers["transfer-encoding"] = "chunked"
 
 
 class Streaming:
-    """Nothing waits for the end of a body: requests and responses always stream, counted."""
+    """Nothing waits for the end of a body: requests and responses always stream, counted
+    (request bodies pass the placeholder swapper when there is one)."""
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:
             return
         flow.metadata[M_UP] = 0
+        swapper: BodySwapper | None = flow.metadata.get(M_BODY)
 
-        def count(chunk: bytes) -> bytes:
+        def count(chunk: bytes) -> list[bytes]:
+            if swapper is not None:
+                chunk = swapper.feed(chunk) if chunk else swapper.flush()
             flow.metadata[M_UP] += len(chunk)
-            return chunk
+            return [chunk] if chunk else []  # an empty chunk would end a chunked body
 
         flow.request.stream = count
 
 
 class ResponseScrubber:
-    """Real secret values echoed by an upstream never reach the agent (headers and streamed
-    bodies, across chunk boundaries)."""
+    """Real secret values echoed by an upstream never reach the agent, in any form the agent
+    can decode: headers, the reason phrase, bodies (decoded first), event streams, trailers
+    (gateway.planes.scrub). Runs after the injector, so it sees whether a credential went out."""
 
     def __init__(self, ctx: GatewayContext) -> None:
         self.ctx = ctx
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        decision: Decision | None = flow.metadata.get(M_DECISION)
+        if flow.response is not None or decision is None or not decision.allowed:
+            return
+        items = _latin1(flow.request.headers)
+        headers = upstream_request_headers(items, _credentialed(decision))
+        if headers != items:
+            flow.request.headers = _headers(headers)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         resp = flow.response
         if resp is None or flow.metadata.get(M_AUDITED):
             return
-        redact = self.ctx.redactor.redact
-        for name, value in list(resp.headers.items(multi=True)):
-            clean = redact(value)
-            if clean != value:
-                resp.headers.set_all(name, [redact(v) for v in resp.headers.get_all(name)])
-        scrubber = StreamScrubber(self.ctx.redactor)
+        resp.reason = standard_reason(resp.status_code)
         flow.metadata[M_DOWN] = 0
-
-        def scrub(chunk: bytes) -> bytes:
-            out = scrubber.feed(chunk) if chunk else scrubber.flush()
-            flow.metadata[M_DOWN] += len(out)
-            return out
-
-        if "content-length" in resp.headers and self.ctx.redactor.max_len:
+        items = _latin1(resp.headers)
+        try:
+            head = scrub_head(items, self.ctx.redactor)
+        except UnscrubbableEncoding:
+            self._refuse(flow)
+            return
+        body = head.body
+        if body is None:
+            resp.stream = _counter(flow)
+            return
+        if head.headers != items:
+            resp.headers = _headers(head.headers)
+        if "content-length" in resp.headers:
             # Scrubbing can change the length; let the framing fall back to chunked/close.
             del resp.headers["content-length"]
-            if flow.request.http_version.startswith("HTTP/1") and resp.status_code >= 200:
-                resp.headers["transfer-encoding"] = "chunked"
+        if (
+            flow.request.http_version.startswith("HTTP/1")
+            and resp.status_code >= 200
+            and resp.status_code not in (204, 304)
+            and flow.request.method != "HEAD"
+            and "transfer-encoding" not in resp.headers
+        ):
+            resp.headers["transfer-encoding"] = "chunked"
+        failed: list[str] = []
+
+        def scrub(chunk: bytes) -> list[bytes]:
+            if failed:
+                return []
+            try:
+                out = body.feed(chunk) if chunk else body.finish()
+            except ScrubError as e:
+                # Headers are out: the honest signal left is a body that does not end well.
+                failed.append(e.reason)
+                flow.metadata[M_REASON] = e.reason
+                flow.kill()
+                return []
+            flow.metadata[M_DOWN] += sum(len(p) for p in out)
+            return out
+
         resp.stream = scrub
+
+    def _refuse(self, flow: http.HTTPFlow) -> None:
+        """502 unscrubbable-encoding in place of the upstream's answer; its body is dropped."""
+        assert flow.response is not None
+        refused = error_response(UNSCRUBBABLE)
+        flow.response.status_code = refused.status_code
+        flow.response.reason = standard_reason(refused.status_code)
+        flow.response.headers = refused.headers
+        flow.metadata[M_REASON] = UNSCRUBBABLE
+        sent: list[bool] = []
+        content = refused.content or b""
+
+        def replace(chunk: bytes) -> list[bytes]:
+            if sent:
+                return []
+            sent.append(True)
+            flow.metadata[M_DOWN] = len(content)
+            return [content]
+
+        flow.response.stream = replace
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        """Trailers pass scrubbed (they arrive after the body, before this hook)."""
+        resp = flow.response
+        if resp is None or not resp.trailers:
+            return
+        redact = self.ctx.redactor.redact
+        resp.trailers = _headers([(k, redact(v)) for k, v in _latin1(resp.trailers)])
 
     def websocket_message(self, flow: http.HTTPFlow) -> None:
         assert flow.websocket is not None
         message = flow.websocket.messages[-1]
         decision: Decision | None = flow.metadata.get(M_DECISION)
         if message.from_client:
-            if message.is_text and decision is not None and decision.plan and decision.plan.swaps:
-                resolve = self.ctx.secrets.resolve
-                message.text = swap_placeholders(decision, message.text, resolve)
+            if self.ctx.policy.placeholders and decision is not None:
+                self._client_message(flow, message, decision)
             return
         if message.is_text:
             message.text = self.ctx.redactor.redact(message.text)
         else:
             message.content = self.ctx.redactor.redact_bytes(message.content)
+
+    def _client_message(
+        self, flow: http.HTTPFlow, message: websocket.WebSocketMessage, decision: Decision
+    ) -> None:
+        """Placeholders in an agent's message: swapped where `swap_in` has `websocket` and the
+        host uses the secret; passed unchanged with an alert where it does not say so; the
+        message dropped with an alert on a host that does not use the secret."""
+        text = message.text if message.is_text else message.content.decode("latin-1")
+        seen = self.ctx.policy.placeholders_in(text)
+        if not seen:
+            return
+        plan = decision.plan
+        uses = {s for h in plan.headers for s in h.secrets} if plan is not None else set()
+        if any(p.secret not in uses for p in seen):
+            message.drop()
+            _alert(flow, "placeholder-wrong-host in websocket message")
+            log.warning("placeholder sent to %s in a WebSocket message: dropped", flow.request.host)
+            return
+        if any("websocket" not in p.swap_in for p in seen):
+            _alert(flow, "placeholder not swapped in websocket message")
+        if plan is not None and plan.swappable("websocket"):
+            swapped = swap_placeholders(decision, text, self.ctx.secrets.resolve, "websocket")
+            if message.is_text:
+                message.text = swapped
+            else:
+                message.content = swapped.encode("latin-1")
 
 
 class Audit:
@@ -584,7 +710,7 @@ class Audit:
             bytes_up=flow.metadata.get(M_UP, 0),
             bytes_down=flow.metadata.get(M_DOWN, 0),
             error=error,
-            reason=reason,
+            reason=flow.metadata.get(M_REASON) or reason,
         )
 
     def response(self, flow: http.HTTPFlow) -> None:
@@ -597,6 +723,26 @@ class Audit:
     def error(self, flow: http.HTTPFlow) -> None:
         msg = flow.error.msg if flow.error else "error"
         self._write(flow, self.ctx.redactor.redact(msg))
+
+
+def _credentialed(decision: Decision) -> bool:
+    return decision.plan is not None and decision.plan.credentialed
+
+
+def _alert(flow: http.HTTPFlow, what: str) -> None:
+    """Mark the flow's audit record as an alert (written when the flow ends)."""
+    decision: Decision | None = flow.metadata.get(M_DECISION)
+    if decision is not None and not decision.alert:
+        extra = {**decision.extra, "alert": what}
+        flow.metadata[M_DECISION] = dataclasses.replace(decision, alert=True, extra=extra)
+
+
+def _counter(flow: http.HTTPFlow) -> Callable[[bytes], bytes]:
+    def count(chunk: bytes) -> bytes:
+        flow.metadata[M_DOWN] += len(chunk)
+        return chunk
+
+    return count
 
 
 def _client(client: connection.Client) -> str:
@@ -612,6 +758,7 @@ def _as_decision(cd: ConnectionDecision) -> Decision:
 def addon_chain(
     ctx: GatewayContext, verify_transparent: TransparentVerifier | None = None
 ) -> list[Any]:
+    trailers.install()
     dest = Destinations(ctx, verify_transparent)
     return [
         dest,
