@@ -45,6 +45,7 @@ FIELDS = [
     "error",
     "alert",
     "refusal",
+    "policy",
 ]
 
 

@@ -39,6 +39,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("run_cmds", "run CMD with its traffic through an in-process gateway"),
     "log": ("log_cmds", "read the audit log as a table or a per-host summary"),
     "serve": ("serve_cmds", "run the gateway sidecar of a pod"),
+    "reload": ("serve_cmds", "reload config and secrets of a running gateway"),
     "netfilter": ("netfilter_cmds", "render, apply, verify or remove the pod's rules"),
     "entrypoint": ("entrypoint_cmds", "agent-side trust: CA bundle, env file, wrapper"),
     "ca": ("ca_cmds", "the gateway CA (created once; the private key never leaves)"),

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import ctypes
 import os
 import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from gateway.cli.config_cmds import add_config_option, explained_secret_errors, load_from_args
@@ -17,11 +20,13 @@ from gateway.config.paths import state_dir
 from gateway.credentials.sources import secret_env_names, withdraw_env
 from gateway.planes.context import build_context
 from gateway.planes.embedded import EmbeddedGateway
+from gateway.planes.reload import Reloader
 from gateway.pod.privileges import make_undumpable
 from gateway.tls.ca import CertificateAuthority
 
 # `sudo keyward run --isolate`: root's home is 0700, and the gateway drops to its own uid.
 ISOLATE_STATE = "/var/lib/keyward"
+PR_SET_PDEATHSIG = 1
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 COOPERATIVE_NOTE = (
@@ -29,6 +34,21 @@ COOPERATIVE_NOTE = (
     " environment, but it can read your files (config, .env, secret files). For a separate"
     ' user with those files hidden: sudo "$(command -v keyward)" run --isolate -- CMD'
 )  # sudo resets PATH: a keyward in a venv is found only by its full path
+
+
+def die_with_parent(parent: int) -> Callable[[], None]:
+    """For the child, between fork and exec: SIGKILL when the gateway dies (Linux), so an agent
+    never runs on unguarded; if the gateway is already gone, exit at once."""
+
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded here: the child only calls it
+
+    def setup() -> None:
+        with contextlib.suppress(AttributeError):
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(128 + signal.SIGKILL)
+
+    return setup
 
 
 async def run_command(args: argparse.Namespace) -> int:
@@ -46,13 +66,18 @@ async def run_command(args: argparse.Namespace) -> int:
             environ=environ,
             ca=ca,
         )
+    # kept for reloads: env secrets are no longer in os.environ (and live in the store anyway)
+    reloader = Reloader(ctx, environ=environ)
     del environ
     print(COOPERATIVE_NOTE, file=sys.stderr)
     gw = EmbeddedGateway(ctx)
     await gw.start()
+    watcher = asyncio.get_running_loop().create_task(reloader.watch())
     try:
         try:
-            proc = await asyncio.create_subprocess_exec(*args.cmd, env=gw.child_env())
+            proc = await asyncio.create_subprocess_exec(
+                *args.cmd, env=gw.child_env(), preexec_fn=die_with_parent(os.getpid())
+            )
         except FileNotFoundError:
             raise UsageError(f"command not found: {args.cmd[0]}") from None
         loop = asyncio.get_running_loop()
@@ -64,6 +89,7 @@ async def run_command(args: argparse.Namespace) -> int:
             for sig in FORWARDED_SIGNALS:
                 loop.remove_signal_handler(sig)
     finally:
+        watcher.cancel()
         await gw.close()
         ctx.audit.close()
     c = ctx.audit.counts

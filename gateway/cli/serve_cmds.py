@@ -92,6 +92,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return asyncio.run(serve(loaded, opts))
 
 
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Ask a running `keyward serve` to reload its config and secrets (its control socket)."""
+    import json
+
+    path = Path(args.control_socket) if args.control_socket else None
+    if path is None:
+        path = state_dir(args.state) / "control" / "keyward.sock"
+    if not path.exists():
+        raise KeywardError(f"no gateway control socket at {path} (is keyward serve running?)")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(args.timeout)
+        s.connect(str(path))
+        s.sendall(b"POST /reload HTTP/1.0\r\nHost: keyward\r\nContent-Length: 0\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    body = data.partition(b"\r\n\r\n")[2]
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        raise KeywardError(f"unexpected answer from {path}") from None
+    if not answer.get("reloaded"):
+        raise KeywardError(
+            f"reload refused; the gateway keeps policy {answer.get('policy')} (its log says why)"
+        )
+    print(f"reloaded: policy {answer.get('policy')}")
+    return 0
+
+
 def add_port_options(p: argparse.ArgumentParser) -> None:
     d = PodPorts()
     p.add_argument("--transparent-port", type=int, default=d.transparent, metavar="N")
@@ -158,3 +187,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--timeout", type=float, default=30.0, help="with --wait-ready")
     p.set_defaults(func=cmd_serve)
+
+    r = sub.add_parser("reload", help="reload config and secrets of a running gateway")
+    r.add_argument("--state", metavar="DIR", help="state dir of the gateway")
+    r.add_argument("--control-socket", metavar="PATH", help="its control socket")
+    r.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the answer")
+    r.set_defaults(func=cmd_reload)

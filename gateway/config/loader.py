@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import re
 import ssl
@@ -56,6 +57,7 @@ class LoadedConfig:
     config: Config
     path: Path
     lines: dict[Loc, int] = field(default_factory=dict)
+    digest: str = ""  # short hash of the config text: names the policy in audit records
 
     @property
     def base_dir(self) -> Path:
@@ -211,7 +213,8 @@ def parse_config_text(text: str, file: str) -> LoadedConfig:
     issues.extend(_cross_check(data, file, walker.lines))
     if issues or config is None:
         raise ConfigError(sorted(issues, key=lambda i: i.line))
-    return LoadedConfig(config, Path(file), walker.lines)
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return LoadedConfig(config, Path(file), walker.lines, digest)
 
 
 def decode_config(data: bytes, file: str) -> str:

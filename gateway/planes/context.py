@@ -117,8 +117,10 @@ class GatewayContext:
         reason: str | None = None,
         record_id: str | None = None,
         refusal: RefusalMode | None = None,
+        policy: str | None = None,
     ) -> AuditRecord:
-        """Write one audit record for a request or refused connection."""
+        """Write one audit record for a request or refused connection. `policy` is the hash of
+        the policy that decided (taken when it decided: a reload may have happened since)."""
         rec = AuditRecord(
             id=record_id or new_id(),
             agent=self.agent,
@@ -140,6 +142,7 @@ class GatewayContext:
             error=error,
             alert=bool(decision and decision.alert),
             refusal=str(refusal) if refusal is not None else None,
+            policy=policy or self.config.digest,
         )
         self.audit.write(rec)
         if self.metrics is not None:

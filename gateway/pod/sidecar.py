@@ -14,6 +14,7 @@ import os
 import signal
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -31,6 +32,7 @@ from gateway.netfilter.rules import PodPorts, render_all
 from gateway.planes.context import GatewayContext, build_context, freeze_startup_heap
 from gateway.planes.http.proxy import HttpPlane
 from gateway.planes.mitm.master import MitmPlane, start_mitm
+from gateway.planes.reload import Reloader
 from gateway.planes.transparent import make_verifier
 from gateway.pod.privileges import (
     chown_tree,
@@ -118,6 +120,8 @@ class Sidecar:
     control: web.AppRunner | None = None
     minter: TokenMinter | None = None
     ready: bool = False
+    reloader: Reloader | None = None
+    _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
     @classmethod
     def prepare(cls, loaded: LoadedConfig, opts: ServeOptions) -> Sidecar:
@@ -190,6 +194,7 @@ class Sidecar:
         if self.opts.control_socket is not None or self.opts.metrics_port:
             await self._start_control(self.opts.control_socket)
         freeze_startup_heap()
+        self._start_reloader()
         self.ready = True
         if self.opts.ready_file is not None:
             self.opts.ready_file.write_text("ready\n")
@@ -215,6 +220,13 @@ class Sidecar:
             return web.json_response(metrics.credentials() if metrics is not None else {})
 
         app = web.Application()
+
+        async def reload(_: web.Request) -> web.Response:
+            ok = self.reloader is not None and await self.reloader.reload()
+            body = {"reloaded": ok, "policy": self.ctx.config.digest}
+            return web.json_response(body, status=200 if ok else 409)
+
+        app.router.add_post("/reload", reload)
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/readyz", readyz)
         app.router.add_get("/metrics", metrics_page)
@@ -230,12 +242,29 @@ class Sidecar:
             await web.TCPSite(self.control, None, self.opts.metrics_port).start()
 
     def reload(self) -> None:
-        """SIGHUP: reopen the audit log (after rotation)."""
-        self.ctx.audit.reopen()
-        log.info("audit log reopened")
+        """SIGHUP: reload config and secrets (which also reopens the audit log)."""
+        if self.reloader is None:
+            self.ctx.audit.reopen()
+            return
+        task = asyncio.get_running_loop().create_task(self.reloader.reload())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _start_reloader(self) -> None:
+        self.reloader = Reloader(self.ctx)
+
+        def repoint_dns(ctx: GatewayContext) -> None:
+            if self.dns is not None:
+                self.dns.policy = ctx.policy
+
+        self.reloader.on_reload.append(repoint_dns)
+        task = asyncio.get_running_loop().create_task(self.reloader.watch())
+        self._tasks.add(task)
 
     async def close(self) -> None:
         self.ready = False
+        for task in list(self._tasks):
+            task.cancel()
         if self.opts.ready_file is not None:
             with contextlib.suppress(OSError):
                 self.opts.ready_file.unlink()

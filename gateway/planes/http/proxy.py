@@ -340,6 +340,7 @@ class HttpPlane:
             decision = Decision(Verdict.DENY, None, rejected.reason)
         elif decision is None:
             decision = self.ctx.policy.decide(facts)
+        policy = self.ctx.config.digest  # the policy that decided, even if a reload follows
         try:
             if not decision.allowed:
                 ex.status = rejected.status if rejected is not None else 403
@@ -409,6 +410,7 @@ class HttpPlane:
                 error=ex.error,
                 reason=ex.reason,
                 refusal=ex.refusal,
+                policy=policy,
             )
 
     async def _upload(

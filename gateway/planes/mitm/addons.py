@@ -58,6 +58,7 @@ M_DOWN = "keyward.bytes_down"
 M_ERROR = "keyward.error"
 M_BODY = "keyward.body_swapper"
 M_REASON = "keyward.reason"  # why a response was refused or cut while scrubbing
+M_POLICY = "keyward.policy"
 
 # Where a transparent connection's name comes from when only an IP was seen (pod mode sets this).
 TransparentVerifier = Callable[[str, int, str | None, str | None], str | None]
@@ -453,6 +454,7 @@ class PolicyGate:
             return
         decision = self.ctx.policy.decide(facts)
         flow.metadata[M_DECISION] = decision
+        flow.metadata[M_POLICY] = self.ctx.config.digest  # the policy that decided
         if decision.allowed and not self.ctx.audit.available():
             # Pre-flight: nothing reaches an upstream while its record could not be written.
             flow.response = error_response(AUDIT_UNAVAILABLE, 503)
@@ -711,6 +713,7 @@ class Audit:
             bytes_down=flow.metadata.get(M_DOWN, 0),
             error=error,
             reason=flow.metadata.get(M_REASON) or reason,
+            policy=flow.metadata.get(M_POLICY),
         )
 
     def response(self, flow: http.HTTPFlow) -> None:
