@@ -21,6 +21,7 @@ from gateway.credentials.sources import secret_env_names, withdraw_env
 from gateway.planes.context import build_context
 from gateway.planes.embedded import EmbeddedGateway
 from gateway.planes.reload import Reloader
+from gateway.planes.resources import AcceptErrorLimiter, raise_fd_limit
 from gateway.pod.privileges import make_undumpable
 from gateway.tls.ca import CertificateAuthority
 
@@ -70,6 +71,8 @@ async def run_command(args: argparse.Namespace) -> int:
     reloader = Reloader(ctx, environ=environ)
     del environ
     print(COOPERATIVE_NOTE, file=sys.stderr)
+    raise_fd_limit()
+    AcceptErrorLimiter().install()
     gw = EmbeddedGateway(ctx)
     await gw.start()
     watcher = asyncio.get_running_loop().create_task(reloader.watch())

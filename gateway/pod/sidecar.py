@@ -33,6 +33,7 @@ from gateway.planes.context import GatewayContext, build_context, freeze_startup
 from gateway.planes.http.proxy import HttpPlane
 from gateway.planes.mitm.master import MitmPlane, start_mitm
 from gateway.planes.reload import Reloader
+from gateway.planes.resources import AcceptErrorLimiter, raise_fd_limit
 from gateway.planes.transparent import make_verifier
 from gateway.pod.privileges import (
     chown_tree,
@@ -282,9 +283,11 @@ class Sidecar:
 
 
 async def serve(loaded: LoadedConfig, opts: ServeOptions) -> int:
+    raise_fd_limit()  # before dropping privileges: the hard limit may only be raised as root
     sidecar = Sidecar.prepare(loaded, opts)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    AcceptErrorLimiter().install(loop)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, sidecar.reload)
