@@ -266,6 +266,10 @@ class Sidecar:
         self.ready = False
         for task in list(self._tasks):
             task.cancel()
+        # stop accepting; in-flight requests and streams on both planes get up to --drain
+        drains = [p.drain(self.opts.drain_seconds) for p in (self.mitm, self.http) if p]
+        with contextlib.suppress(Exception):
+            await asyncio.gather(*drains)
         if self.opts.ready_file is not None:
             with contextlib.suppress(OSError):
                 self.opts.ready_file.unlink()

@@ -12,6 +12,7 @@ and writes exactly one audit record, whatever happens.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import ipaddress
 import json
@@ -165,6 +166,8 @@ class HttpPlane:
         self.keepalive_timeout = keepalive_timeout
         self._session: aiohttp.ClientSession | None = None
         self._runners: list[web.AppRunner] = []
+        self.inflight = 0  # requests between their start and their audit record
+        self.stopping = False
 
     @property
     def limits(self) -> LimitsConfig:
@@ -335,6 +338,7 @@ class HttpPlane:
         """Decide, inject, forward, stream back scrubbed; one audit record in every case.
         A `rejected` request (limits, authority) is audited as a denial, never decided."""
         started = time.monotonic()
+        self.inflight += 1
         ex = _Exchange()
         if rejected is not None:
             decision = Decision(Verdict.DENY, None, rejected.reason)
@@ -392,6 +396,8 @@ class HttpPlane:
             ex.error = ex.error or "client disconnected"
             return web.Response(status=499)  # never seen by anyone: the connection is gone
         except asyncio.CancelledError:
+            if self.stopping:
+                ex.reason, ex.error = "gateway-stopping", "gateway stopping: drain bound reached"
             ex.reason = ex.reason or "client-aborted"
             ex.error = ex.error or "client disconnected"
             raise
@@ -412,6 +418,7 @@ class HttpPlane:
                 refusal=ex.refusal,
                 policy=policy,
             )
+            self.inflight -= 1
 
     async def _upload(
         self, request: web.Request, ex: _Exchange, swapper: BodySwapper | None
@@ -602,6 +609,19 @@ class HttpPlane:
             app = self.make_service_app(name, service)
             ports[name] = await self.serve(app, host, service.listen)
         return ports
+
+    async def drain(self, seconds: float) -> None:
+        """Stop listening; wait up to `seconds` for requests in flight (streams included);
+        then `close` cancels the rest, each audited as `gateway-stopping`."""
+        for runner in self._runners:
+            for site in list(runner.sites):
+                with contextlib.suppress(Exception):
+                    await site.stop()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while self.inflight and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        self.stopping = True
 
     async def close(self) -> None:
         for runner in reversed(self._runners):

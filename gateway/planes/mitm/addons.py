@@ -18,6 +18,7 @@ from mitmproxy.proxy import server_hooks
 
 from gateway.planes.context import AUDIT_UNAVAILABLE, GatewayContext
 from gateway.planes.mitm import trailers
+from gateway.planes.mitm.drain import DRAIN_REASON, Drain
 from gateway.planes.mitm.errors import ERROR_PAGE, error_reason, status_for
 from gateway.planes.mitm.timeouts import M_TIMED_OUT, Timeouts
 from gateway.planes.outbound import (
@@ -727,6 +728,11 @@ class Audit:
         msg = flow.error.msg if flow.error else "error"
         self._write(flow, self.ctx.redactor.redact(msg))
 
+    def stopped(self, flow: http.HTTPFlow) -> None:
+        """The gateway stopped with this flow still live (drain bound reached)."""
+        flow.metadata[M_REASON] = DRAIN_REASON
+        self._write(flow, "gateway stopping: drain bound reached")
+
 
 def _credentialed(decision: Decision) -> bool:
     return decision.plan is not None and decision.plan.credentialed
@@ -763,6 +769,7 @@ def addon_chain(
 ) -> list[Any]:
     trailers.install()
     dest = Destinations(ctx, verify_transparent)
+    audit = Audit(ctx)
     return [
         dest,
         ConnectionGate(ctx, dest),
@@ -772,5 +779,6 @@ def addon_chain(
         Streaming(),
         ResponseScrubber(ctx),
         Timeouts(lambda: ctx.config.config.timeouts),
-        Audit(ctx),
+        audit,
+        Drain(audit.stopped),
     ]

@@ -56,6 +56,23 @@ class MitmPlane:
     task: asyncio.Task[None]
     addresses: list[tuple[str, int]]
 
+    async def drain(self, seconds: float) -> None:
+        """Stop listening; wait up to `seconds` for live requests and streams; audit the rest
+        as cut (`close` then closes them)."""
+        ps = self.master.addons.get("proxyserver")
+        for server in list(ps.servers):
+            with contextlib.suppress(Exception):
+                await server.stop()
+        drain = self.master.addons.get("drain")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while drain is not None and drain.flows and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if drain is not None:
+            cut = drain.cut_all()
+            if cut:
+                log.warning("drain bound reached: %d live request(s) cut", cut)
+
     async def close(self) -> None:
         self.master.shutdown()
         with contextlib.suppress(asyncio.CancelledError, Exception):
