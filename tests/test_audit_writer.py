@@ -46,6 +46,7 @@ FIELDS = [
     "alert",
     "refusal",
     "policy",
+    "addr",
 ]
 
 

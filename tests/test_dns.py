@@ -52,8 +52,12 @@ def make_policy(default: Verdict = Verdict.DENY) -> Policy:
             rule("gone.example.test"),
             rule("spoofed.example.test"),
             rule("localhost"),
+            # The fake zone's answers stand in for an internal network the operator allows.
+            rule("10.0.0.0/8"),
+            rule("fd00::/8"),
         ],
         default=default,
+        operator_targets=[("api.example.test", 443)],  # its upstream.resolve entry
     )
 
 
@@ -453,11 +457,11 @@ async def test_txt_answered_where_the_rule_lists_it(world: World) -> None:
 
 
 async def test_txt_allowed_but_no_upstream_is_notimp() -> None:
-    resolver = Resolver({"txt.example.test": ["127.0.0.1"]}, use_system=False)
+    resolver = Resolver({"txt.example.test": ["10.3.0.1"]}, use_system=False)
     async with running(resolver) as w:
         r = await ask(w.port, "txt.example.test", TXT)
         assert r.rcode == NOTIMP
-        assert (await ask(w.port, "txt.example.test")).addresses() == ["127.0.0.1"]
+        assert (await ask(w.port, "txt.example.test")).addresses() == ["10.3.0.1"]
         assert (await ask(w.port, "up.example.test")).rcode == NXDOMAIN
 
 
@@ -601,6 +605,7 @@ async def test_exactly_one_audit_record_per_query(world: World) -> None:
         "duration_ms",
         "scheme",
         "path",
+        "addr",
     }
     for rec in world.audit:
         assert set(rec) == keys

@@ -21,7 +21,8 @@ from gateway.config.model import TimeoutsConfig
 from gateway.credentials.oauth import TokenMinter
 from gateway.planes.context import GatewayContext, build_context
 from gateway.planes.http.proxy import HttpPlane
-from gateway.planes.http.resolver import OverrideResolver
+from gateway.planes.http.resolver import DialResolver
+from gateway.policy.addresses import AddressRefused
 from tests.support.pki import TestCA, make_ca
 from tests.support.upstream import Upstream
 
@@ -48,7 +49,7 @@ egress:
     oauth.example.test:
       headers: {{ Authorization: "Bearer {{tok}}" }}
     plain.example.test: {{}}
-    dns.example.test: {{}}
+    dns.example.test: {{ private_addresses: allow }}  # its DNS answer is the fake's 127.0.0.1
 services:
   api: {{ listen: 0, upstream: "https://api.example.test" }}
   badtls: {{ listen: 0, upstream: "https://badtls.example.test" }}
@@ -133,7 +134,7 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     }
     ctx = build_context(load_config(cfg), tmp_path / "state", environ=environ)
     minter = TokenMinter(
-        ctx.secrets, ctx.state_dir, ctx.upstream_ssl_context(), connect_target=ctx.connect_target
+        ctx.secrets, ctx.state_dir, ctx.upstream_ssl_context(), dial=ctx.dial_addresses
     )
     ctx.prepare_tokens = minter.ensure
     plane = HttpPlane(ctx)
@@ -485,7 +486,7 @@ async def test_forward_app_trusts_host_only_for_the_original_destination(env: En
 
 
 async def test_override_resolver_keeps_the_name(env: Env) -> None:
-    resolver = OverrideResolver(env.ctx.connect_target)
+    resolver = DialResolver(env.ctx.dial_addresses)
     try:
         [hit] = await resolver.resolve("API.example.test.", 443)
         assert (hit["hostname"], hit["host"], hit["port"]) == (
@@ -493,8 +494,8 @@ async def test_override_resolver_keeps_the_name(env: Env) -> None:
             "127.0.0.1",
             env.up.port,
         )
-        found = await resolver.resolve("localhost", 80)
-        assert found and all(h["port"] == 80 for h in found)
+        with pytest.raises(AddressRefused):  # no rule names localhost:80: loopback refused
+            await resolver.resolve("localhost", 80)
     finally:
         await resolver.close()
 
@@ -503,7 +504,7 @@ async def test_measure_latency_and_throughput(env: Env) -> None:
     """Printed for the notes, not asserted: direct HTTPS vs through the service."""
     direct = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(
-            ssl=env.ctx.upstream_ssl_context(), resolver=OverrideResolver(env.ctx.connect_target)
+            ssl=env.ctx.upstream_ssl_context(), resolver=DialResolver(env.ctx.dial_addresses)
         )
     )
     n = 300

@@ -121,13 +121,19 @@ class World:
     def minter(self, store: SecretStore, **kw: object) -> TokenMinter:
         port = self.server.port
 
-        def target(host: str, p: int) -> tuple[str, int]:
-            return ("127.0.0.1", port) if (host, p) == ("auth.example.test", 443) else (host, p)
+        async def dial(host: str, p: int) -> list[tuple[str, int]]:
+            """The operator's `upstream.resolve` for the token host (exempt from the guard)."""
+            assert (host, p) == ("auth.example.test", 443)
+            return [("127.0.0.1", port)]
 
         trust = ssl.create_default_context(cafile=str(self.ca.path))
-        m = TokenMinter(store, self.dir / "state", trust, connect_target=target, **kw)  # type: ignore[arg-type]
+        m = TokenMinter(store, self.dir / "state", trust, dial=dial, **kw)  # type: ignore[arg-type]
         self.minters.append(m)
         return m
+
+
+async def _at(target: tuple[str, int]) -> list[tuple[str, int]]:
+    return [target]
 
 
 @pytest.fixture
@@ -295,7 +301,7 @@ async def test_untrusted_token_endpoint_is_refused(world: World) -> None:
         store,
         world.dir / "state",
         ssl.create_default_context(),  # system roots only: the test CA is unknown
-        connect_target=lambda h, p: ("127.0.0.1", world.server.port),
+        dial=lambda h, p: _at(("127.0.0.1", world.server.port)),
     )
     world.minters.append(untrusted)
     with pytest.raises(TokenUnavailable, match="unreachable"):

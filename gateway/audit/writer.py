@@ -64,6 +64,7 @@ class AuditRecord:
     alert: bool = False
     refusal: str | None = None  # how a refusal was answered: explain | reset
     policy: str = ""  # short hash of the config (policy) that decided, changes on reload
+    addr: str | None = None  # the address connected to (or refused), when known
 
     def as_dict(self) -> dict[str, Any]:
         # Not dataclasses.asdict: its recursive deep copy was most of the cost of a record.

@@ -10,8 +10,9 @@ from urllib.parse import urlsplit
 from gateway.cli.config_cmds import add_config_option, load_from_args
 from gateway.cli.errors import UsageError
 from gateway.config.compile import build_policy
+from gateway.policy.addresses import REASON, parse_ip
 from gateway.policy.core import Plane, RequestFacts
-from gateway.policy.hosts import DEFAULT_PORTS
+from gateway.policy.hosts import DEFAULT_PORTS, normalise_host
 
 
 def facts_from_url(method: str, url: str, headers: list[str]) -> RequestFacts:
@@ -47,16 +48,45 @@ def facts_from_url(method: str, url: str, headers: list[str]) -> RequestFacts:
     )
 
 
+def parse_answers(entries: list[str]) -> dict[str, list[str]]:
+    """`--resolve NAME=ADDR[,ADDR...]` as name -> addresses."""
+    out: dict[str, list[str]] = {}
+    for entry in entries:
+        name, sep, addrs = entry.partition("=")
+        try:
+            key = normalise_host(name)
+        except ValueError:
+            key = ""
+        parsed = [parse_ip(a.strip()) for a in addrs.split(",")]
+        if not sep or not key or any(ip is None for ip in parsed):
+            raise UsageError(f"bad --resolve {entry!r}: expected NAME=ADDR[,ADDR...]")
+        out.setdefault(key, []).extend(a.strip() for a in addrs.split(","))
+    return out
+
+
 def cmd_policy_test(args: argparse.Namespace) -> int:
     loaded = load_from_args(args)
     policy = build_policy(loaded.config)
-    decision = policy.decide(facts_from_url(args.method, args.url, args.header))
-    result = {
+    facts = facts_from_url(args.method, args.url, args.header)
+    answers = parse_answers(args.resolve)
+    decision = policy.decide(facts)
+    result: dict[str, object] = {
         "decision": decision.verdict.value,
         "rule": decision.rule,
         "reason": decision.reason,
         "injected": [i.as_dict() for i in decision.injections],
     }
+    # The dial-time check: on the URL's IP literal, or on the resolver answer given.
+    host = normalise_host(facts.host)
+    addrs = [host] if parse_ip(host) is not None else answers.get(host, [])
+    if decision.allowed:
+        for addr in addrs:
+            category = policy.address_refusal(host, facts.port, addr)
+            if category is not None:
+                result.update(
+                    decision="deny", reason=REASON, injected=[], address=f"{addr} ({category})"
+                )
+                break
     if args.json:
         json.dump(result, sys.stdout)
         sys.stdout.write("\n")
@@ -66,7 +96,9 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
         print(f"reason:   {result['reason']}")
         injected = ", ".join(f"{i['secret']} -> {i['location']}" for i in result["injected"])
         print(f"injects:  {injected or '-'}")
-    return 1 if args.exit_code and not decision.allowed else 0
+        if "address" in result:
+            print(f"address:  {result['address']}")
+    return 1 if args.exit_code and result["decision"] == "deny" else 0
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -83,6 +115,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=[],
         metavar="'Name: value'",
         help="a request header",
+    )
+    t.add_argument(
+        "--resolve",
+        action="append",
+        default=[],
+        metavar="NAME=ADDR[,ADDR]",
+        help="what NAME resolves to: apply the dial-time private-address check to it",
     )
     t.add_argument("--json", action="store_true", help="print the decision as JSON")
     t.add_argument(

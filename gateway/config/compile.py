@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 from gateway.config.model import Config, HostRuleConfig
 from gateway.policy.core import HeaderWrite, HostRule, Placeholder, Policy, Verdict
-from gateway.policy.hosts import parse_pattern
+from gateway.policy.hosts import normalise_host, parse_pattern, split_hostport
 from gateway.policy.paths import parse_path_rule
 from gateway.policy.templates import parse_template
 
@@ -30,9 +30,32 @@ def compile_rule(key: str, rule: HostRuleConfig) -> HostRule:
         tcp=rule.tcp,
         plain_http=rule.plain_http,
         dns_types=frozenset(rule.dns_types),
+        private_addresses=rule.private_addresses == "allow",
     )
 
 
 def build_policy(config: Config, placeholders: Iterable[Placeholder] = ()) -> Policy:
     rules = [compile_rule(k, r) for k, r in config.egress.hosts.items()]
-    return Policy(rules, Verdict(config.egress.default), placeholders)
+    targets = parse_resolve(config.upstream.resolve)
+    return Policy(rules, Verdict(config.egress.default), placeholders, operator_targets=targets)
+
+
+def parse_resolve(entries: dict[str, str]) -> dict[tuple[str, int], tuple[str, int]]:
+    """`upstream.resolve` as (host, port) -> (target host, target port)."""
+    out: dict[tuple[str, int], tuple[str, int]] = {}
+    for key, target in entries.items():
+        host, port = split_hostport(key)
+        thost, tport = split_hostport(target)
+        assert port is not None and tport is not None  # validated by the config model
+        out[(normalise_host(host), port)] = (thost, tport)
+    return out
+
+
+def parse_nameservers(entries: list[str]) -> list[tuple[str, int]]:
+    """`upstream.nameservers` as (ip, port) pairs."""
+    out = []
+    for text in entries:
+        host, port = split_hostport(text)
+        assert port is not None  # validated by the config model
+        out.append((host, port))
+    return out

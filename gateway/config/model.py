@@ -17,7 +17,7 @@ from pydantic import (
 )
 
 from gateway.policy.core import DEFAULT_SWAP_IN, SWAP_LOCATIONS
-from gateway.policy.hosts import normalise_host, parse_pattern, split_hostport
+from gateway.policy.hosts import is_ip, normalise_host, parse_pattern, split_hostport
 from gateway.policy.paths import parse_path_rule
 from gateway.policy.templates import parse_template
 
@@ -173,6 +173,10 @@ class HostRuleConfig(Strict):
     dns_types: list[str] = Field(
         default_factory=list, description="extra DNS record types answered (default A/AAAA)"
     )
+    private_addresses: Literal["refuse", "allow"] = Field(
+        "refuse",
+        description="allow = this name may resolve to loopback/private/link-local addresses",
+    )
 
     @field_validator("dns_types")
     @classmethod
@@ -243,6 +247,19 @@ class UpstreamConfig(Strict):
     resolve: dict[str, str] = Field(
         default_factory=dict, description='"host:port" -> "ip:port", like curl --resolve'
     )
+    nameservers: list[str] = Field(
+        default_factory=list,
+        description='"ip:port" DNS servers the gateway asks instead of the system resolver',
+    )
+
+    @field_validator("nameservers")
+    @classmethod
+    def _nameservers(cls, v: list[str]) -> list[str]:
+        for text in v:
+            host, port = split_hostport(text)
+            if port is None or not is_ip(host):
+                raise ValueError(f"nameserver {text!r} must be ip:port")
+        return v
 
     @field_validator("resolve")
     @classmethod

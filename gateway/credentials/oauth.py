@@ -26,7 +26,8 @@ import aiohttp
 from gateway.config.paths import write_atomic
 from gateway.credentials.redact import global_redactor
 from gateway.credentials.store import OAuthCredentials, SecretStore, StaleTokenError
-from gateway.planes.http.resolver import ConnectTarget, OverrideResolver
+from gateway.planes.http.resolver import Dial, DialResolver
+from gateway.policy.addresses import AddressRefused
 
 log = logging.getLogger("keyward.oauth")
 
@@ -52,7 +53,7 @@ class TokenMinter:
         store: SecretStore,
         state_dir: Path,
         ssl_context: ssl.SSLContext | Callable[[], ssl.SSLContext],
-        connect_target: ConnectTarget | None = None,
+        dial: Dial | None = None,
         *,
         timeout: float = 30.0,
         failure_backoff: float = 5.0,
@@ -64,7 +65,7 @@ class TokenMinter:
         # A factory is called on the first token request: loading the roots costs ~70 ms of
         # start-up that a config without OAuth secrets never needs.
         self.ssl_context = ssl_context
-        self.connect_target = connect_target
+        self.dial = dial
         self.timeout = timeout
         self.failure_backoff = failure_backoff
         self.clock = clock
@@ -151,9 +152,7 @@ class TokenMinter:
     # -- the token request ---------------------------------------------------------------
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            resolver = (
-                OverrideResolver(self.connect_target) if self.connect_target is not None else None
-            )
+            resolver = DialResolver(self.dial) if self.dial is not None else None
             ssl_context = self.ssl_context
             if callable(ssl_context):
                 ssl_context = ssl_context()
@@ -192,6 +191,8 @@ class TokenMinter:
             ) as resp:
                 status = resp.status
                 raw = await resp.read()
+        except AddressRefused as e:
+            raise TokenUnavailable(name, f"token endpoint {e.reason} ({e.category})") from None
         except (TimeoutError, aiohttp.ClientError, OSError) as e:
             raise TokenUnavailable(
                 name, f"token endpoint unreachable ({type(e).__name__})"

@@ -37,15 +37,27 @@ class NotSupported(ResolveError):
 
 
 _Value = list[str] | list[bytes]
+Upstream = tuple[str, int] | list[tuple[str, int]] | None
+
+
+def _servers(upstream: Upstream) -> list[tuple[str, int]]:
+    if not upstream:
+        return []
+    if isinstance(upstream, tuple):
+        return [upstream]
+    return list(upstream)
 
 
 class Resolver:
-    """Overrides first, then `upstream` (ip, port) if given, else the system resolver."""
+    """Overrides first, then `upstream` (ip, port) if given, else the system resolver.
+
+    `upstream` may be a list of servers (`upstream.nameservers`): each attempt asks the next.
+    """
 
     def __init__(
         self,
         overrides: Mapping[str, list[str]] | None = None,
-        upstream: tuple[str, int] | None = None,
+        upstream: Upstream = None,
         use_system: bool = True,
         *,
         timeout: float = 2.0,
@@ -58,6 +70,7 @@ class Resolver:
             normalise_host(k): list(dict.fromkeys(v)) for k, v in (overrides or {}).items()
         }
         self.upstream = upstream
+        self._servers = _servers(upstream)
         self.use_system = use_system
         self.timeout = timeout
         self.attempts = max(1, attempts)
@@ -74,7 +87,7 @@ class Resolver:
         cls,
         resolve: Mapping[str, str],
         *,
-        upstream: tuple[str, int] | None = None,
+        upstream: Upstream = None,
         use_system: bool = True,
     ) -> Resolver:
         """Overrides from `upstream.resolve` ("host:port" -> "ip:port"): the agent gets the IP.
@@ -98,13 +111,29 @@ class Resolver:
         got = await self._cached(host, qtype, lambda: self._resolve_addresses(host, qtype))
         return list(got)  # type: ignore[arg-type]
 
+    async def addresses(self, name: str) -> list[str]:
+        """Every A, then AAAA, address of `name`: all a dial could pick from.
+
+        Raises NameNotFound or ResolveError when no address at all was found out.
+        """
+        found: list[str] = []
+        failure: ResolveError | None = None
+        for qtype in ADDRESS_TYPES:
+            try:
+                found.extend(await self.resolve(name, qtype))
+            except ResolveError as e:
+                failure = failure or e
+        if not found:
+            raise failure or NameNotFound(f"{name} has no address")
+        return found
+
     async def lookup(self, name: str, qtype: str) -> list[bytes]:
         """RDATA (embedded names expanded) of records of another type, from the upstream only."""
         qtype = qtype.upper()
         code = wire.type_code(qtype)
         if code is None or qtype in ADDRESS_TYPES:
             raise ValueError(f"lookup() needs a non-address record type, not {qtype}")
-        if self.upstream is None:
+        if not self._servers:
             raise NotSupported(f"no upstream DNS server to ask for {qtype}")
         host = normalise_host(name)
         got = await self._cached(host, qtype, lambda: self._lookup_rdata(host, code))
@@ -179,7 +208,7 @@ class Resolver:
         return await self._resolve_real(host, qtype)
 
     async def _resolve_real(self, host: str, qtype: str) -> tuple[list[str], float]:
-        if self.upstream is not None:
+        if self._servers:
             records, ttl = await self._query_upstream(host, wire.TYPE_CODES[qtype])
             addrs = [a for r in records if (a := r.address()) is not None]
             return list(dict.fromkeys(addrs)), ttl
@@ -213,18 +242,19 @@ class Resolver:
         return list(dict.fromkeys(a for a in addrs if ipaddress.ip_address(a).version == version))
 
     async def _query_upstream(self, host: str, code: int) -> tuple[list[wire.Record], float]:
-        """Ask the upstream server; UDP first, TCP when the reply is truncated."""
-        assert self.upstream is not None
+        """Ask the upstream servers in turn; UDP first, TCP when the reply is truncated."""
+        assert self._servers
         labels = wire.encode_name(host)
         question = wire.Question(labels, code)
         last: Exception = ResolveError("no answer")
-        for _ in range(self.attempts):
+        for attempt in range(self.attempts * len(self._servers)):
+            server = self._servers[attempt % len(self._servers)]
             qid = secrets.randbelow(65536)
             query = wire.build_query(qid, labels, code)
             try:
-                reply = await _udp_exchange(self.upstream, query, qid, question, self.timeout)
+                reply = await _udp_exchange(server, query, qid, question, self.timeout)
                 if reply.header.tc:
-                    reply = await _tcp_exchange(self.upstream, query, qid, question, self.timeout)
+                    reply = await _tcp_exchange(server, query, qid, question, self.timeout)
             except (OSError, TimeoutError, wire.WireError, asyncio.IncompleteReadError) as e:
                 last = ResolveError(f"upstream DNS: {type(e).__name__}")
                 continue

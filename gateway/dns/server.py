@@ -4,7 +4,9 @@ A resolver that forwards every name lets data out in the labels of the query its
 the policy does not allow is answered NXDOMAIN here and never reaches any upstream. Record types
 that carry data (TXT, NULL, MX, ...) are refused unless a rule's `dns_types` names them. Allowed
 A/AAAA answers are remembered (`names_for`) so the transparent TLS plane can check that a
-ClientHello's SNI really resolved to the address the agent connected to.
+ClientHello's SNI really resolved to the address the agent connected to. An allowed name whose
+answer holds a loopback, private or metadata address that no rule allows is answered REFUSED
+(reason private-address), the same rule the data planes apply when they dial.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 
 from gateway.dns import wire
 from gateway.dns.resolver import NameNotFound, NotSupported, ResolveError, Resolver
+from gateway.policy.addresses import REASON as REFUSED_ADDRESS
 from gateway.policy.core import Policy, Verdict
 from gateway.policy.hosts import normalise_host
 
@@ -138,6 +141,7 @@ class _Outcome:
     rule: str | None = None
     reason: str = "malformed"
     status: int | None = None
+    addr: str | None = None
 
 
 class DnsListener:
@@ -340,6 +344,10 @@ class DnsListener:
         try:
             if qtype in ADDRESS_QTYPES:
                 addrs = await self.resolver.resolve(host, qtype)
+                for addr in addrs:  # the dial-time guard, applied to what the agent is told
+                    if self.policy.address_refusal(host, 0, addr) is not None:
+                        out.decision, out.addr = Verdict.DENY.value, addr
+                        return reply(Rcode.REFUSED, REFUSED_ADDRESS)
                 self.answers.record(host, addrs)
                 records = [wire.address_record(question.labels, a, self.ttl) for a in addrs]
             else:
@@ -379,6 +387,7 @@ class DnsListener:
             "reason": out.reason,
             "status": out.status,
             "duration_ms": round((time.monotonic() - started) * 1000, 3),
+            "addr": out.addr,
         }
         try:
             self.audit(record)

@@ -14,14 +14,16 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.audit.writer import AuditRecord, AuditWriter, new_id
 from gateway.cli.errors import UsageError
-from gateway.config.compile import build_policy
+from gateway.config.compile import build_policy, parse_nameservers, parse_resolve
 from gateway.config.loader import LoadedConfig, writable_file_problem
 from gateway.credentials.placeholders import detect_format, load_seed, make_placeholder
 from gateway.credentials.redact import Redactor
 from gateway.credentials.sources import load_secrets
 from gateway.credentials.store import SecretStore
+from gateway.dns.resolver import Resolver
+from gateway.policy.addresses import AddressRefused
 from gateway.policy.core import Decision, Placeholder, Policy, RequestFacts
-from gateway.policy.hosts import normalise_host, split_hostport
+from gateway.policy.hosts import is_ip, normalise_host
 from gateway.policy.refusal import RefusalMode
 from gateway.tls.ca import CertificateAuthority, system_roots_path
 
@@ -48,6 +50,8 @@ class GatewayContext:
     resolve_overrides: dict[tuple[str, int], tuple[str, int]]
     upstream_ca_file: str | None
     agent: str = "agent"
+    # How the gateway itself resolves upstream names (`upstream.nameservers` or the system).
+    resolver: Resolver = field(default_factory=Resolver)
     prepare_tokens: TokenPreparer | None = None
     metrics: Metrics | None = None  # `keyward serve` counts every audit record here too
     extra: dict[str, Any] = field(default_factory=dict)
@@ -75,7 +79,7 @@ class GatewayContext:
             self.secrets,
             self.state_dir,
             self.upstream_ssl_context,
-            connect_target=self.connect_target,
+            dial=self.dial_addresses,
             on_mint=self.metrics.token_mint if self.metrics is not None else None,
         )
         self.prepare_tokens = minter.ensure
@@ -95,6 +99,27 @@ class GatewayContext:
     def connect_target(self, host: str, port: int) -> tuple[str, int]:
         """Where a (verified) host:port is actually dialled: `upstream.resolve` or itself."""
         return self.resolve_overrides.get((host, port), (host, port))
+
+    async def dial_addresses(
+        self, host: str, port: int, *, via: tuple[str, int] | None = None
+    ) -> list[tuple[str, int]]:
+        """The checked addresses to connect to for the verified `host`:`port`.
+
+        `via` is where the connection is already headed (a transparent original destination,
+        or a target already routed): it is checked, or resolved and checked, in place of the
+        `upstream.resolve` target. Otherwise the `upstream.resolve`
+        target or the name itself is resolved once, and every answer is checked, so what is
+        dialled is exactly what was checked (a rebinding name cannot change it in between).
+        Raises AddressRefused (reason private-address) or the resolver's errors.
+        """
+        name = normalise_host(host)
+        thost, tport = via if via is not None else self.connect_target(name, port)
+        addrs = [thost.strip("[]")] if is_ip(thost) else await self.resolver.addresses(thost)
+        for addr in addrs:
+            category = self.policy.address_refusal(name, port, addr)
+            if category is not None:
+                raise AddressRefused(name, addr, category)
+        return [(a, tport) for a in addrs]
 
     async def resolver_for(self, decision: Decision) -> Callable[[str], str]:
         """The secret resolver for an allowed decision, minting OAuth tokens first if needed."""
@@ -118,6 +143,7 @@ class GatewayContext:
         record_id: str | None = None,
         refusal: RefusalMode | None = None,
         policy: str | None = None,
+        addr: str | None = None,
     ) -> AuditRecord:
         """Write one audit record for a request or refused connection. `policy` is the hash of
         the policy that decided (taken when it decided: a reload may have happened since)."""
@@ -143,6 +169,7 @@ class GatewayContext:
             alert=bool(decision and decision.alert),
             refusal=str(refusal) if refusal is not None else None,
             policy=policy or self.config.digest,
+            addr=addr or facts.addr,
         )
         self.audit.write(rec)
         if self.metrics is not None:
@@ -169,16 +196,6 @@ def build_placeholders(
         store.register_placeholder(value)
         out.append(Placeholder(env, ph.secret, value, frozenset(ph.swap_in)))
     return tuple(out)
-
-
-def parse_resolve(entries: dict[str, str]) -> dict[tuple[str, int], tuple[str, int]]:
-    out: dict[tuple[str, int], tuple[str, int]] = {}
-    for key, target in entries.items():
-        host, port = split_hostport(key)
-        thost, tport = split_hostport(target)
-        assert port is not None and tport is not None  # validated by the config model
-        out[(normalise_host(host), port)] = (thost, tport)
-    return out
 
 
 def freeze_startup_heap() -> None:
@@ -220,6 +237,7 @@ def build_context(
         state_dir=state_dir,
         placeholders=placeholders,
         resolve_overrides=parse_resolve(loaded.config.upstream.resolve),
+        resolver=Resolver(upstream=parse_nameservers(loaded.config.upstream.nameservers)),
         upstream_ca_file=ca_bundle,
         agent=agent,
     )

@@ -20,6 +20,7 @@ from aiohttp import web
 
 from gateway.audit.writer import AuditRecord
 from gateway.cli.errors import UsageError
+from gateway.config.compile import parse_nameservers
 from gateway.config.loader import LoadedConfig
 from gateway.credentials.oauth import TokenMinter
 from gateway.credentials.placeholders import install_seed
@@ -177,7 +178,10 @@ class Sidecar:
     async def start(self) -> None:
         p = self.opts.ports
         self.minter = self.ctx.start_token_minter()
-        resolver = Resolver.from_upstream_config(self.ctx.config.config.upstream.resolve)
+        upstream = self.ctx.config.config.upstream
+        resolver = Resolver.from_upstream_config(
+            upstream.resolve, upstream=parse_nameservers(upstream.nameservers)
+        )
         # Every agent query arrives from 127.0.0.1 and glibc does not cache: a parallel
         # package install asks A and AAAA per connection, so the per-client bucket is generous.
         self.dns = DnsListener(

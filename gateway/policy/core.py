@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from gateway.policy.addresses import address_class, parse_ip, unwrap
 from gateway.policy.hosts import (
     HostMatcher,
     HostPattern,
@@ -66,6 +67,22 @@ class HostRule:
     tcp: bool = False
     plain_http: bool = False
     dns_types: frozenset[str] = frozenset()
+    private_addresses: bool = False
+
+    def names_address(self, addr: str, category: str) -> bool:
+        """Whether this rule itself names `addr`: an IP/CIDR rule containing it, an IP literal
+        rule equal to it, or a `localhost` rule for a loopback address."""
+        ip = parse_ip(addr)
+        if ip is None:
+            return False
+        ip = unwrap(ip)
+        p = self.pattern
+        if p.network is not None:
+            return ip.version == p.network.version and ip in p.network
+        if p.host == "localhost" or p.host.endswith(".localhost"):
+            return category == "loopback"
+        target = parse_ip(p.host)
+        return target is not None and unwrap(target) == ip
 
     @property
     def secrets(self) -> frozenset[str]:
@@ -199,8 +216,12 @@ class Policy:
         rules: Iterable[HostRule],
         default: Verdict = Verdict.DENY,
         placeholders: Iterable[Placeholder] = (),
+        operator_targets: Iterable[tuple[str, int]] = (),
     ) -> None:
         self.rules: tuple[HostRule, ...] = tuple(rules)
+        # (host, port) keys of `upstream.resolve`: the operator chose where these are dialled.
+        self.operator_targets = frozenset(operator_targets)
+        self._operator_names = frozenset(h for h, _ in self.operator_targets)
         self.default = Verdict(default)
         self.matcher: HostMatcher[HostRule] = HostMatcher([(r.pattern, r) for r in self.rules])
         self._hostport_hosts = frozenset(
@@ -345,19 +366,59 @@ class Policy:
             Verdict.ALLOW, rule.pattern.text, "rule", intercept=intercept, tcp=rule.tcp
         )
 
+    def _name_rules(self, h: str) -> list[HostRule]:
+        """The rules that could apply to name `h` on some port (DNS knows no port)."""
+        rule = self.rule_for(h, 0)
+        if rule is not None:
+            return [rule]
+        if h in self._hostport_hosts:
+            return [
+                r
+                for r in self.rules
+                if r.pattern.kind is PatternKind.HOSTPORT and r.pattern.host == h
+            ]
+        return []
+
+    def address_refusal(self, host: str, port: int, addr: str) -> str | None:
+        """Why the verified `host`:`port` may not be dialled at `addr`, or None if it may.
+
+        `addr` is the address about to be connected (a resolver answer, or the original
+        destination). A special address (see `gateway.policy.addresses`) is refused unless the
+        operator mapped this host there (`upstream.resolve`), the matching rule names the
+        address or says `private_addresses: allow`, or an allowing IP/CIDR rule contains it.
+        `port` 0 asks for any port (the DNS listener).
+        """
+        category = address_class(addr)
+        if category is None:
+            return None
+        try:
+            h = normalise_host(host)
+        except ValueError:
+            return category
+        if (h, port) in self.operator_targets or (port == 0 and h in self._operator_names):
+            return None
+        rules = self._name_rules(h) if port == 0 else [self.rule_for(h, port, addr)]
+        for rule in rules:
+            if (
+                rule is not None
+                and rule.allow
+                and (rule.private_addresses or rule.names_address(addr, category))
+            ):
+                return None
+        ip = parse_ip(addr)
+        hit = self.matcher.match_address(unwrap(ip)) if ip is not None else None
+        if hit is not None and hit[1].allow and hit[1].names_address(addr, category):
+            return None
+        return category
+
     def name_allowed(self, name: str, qtype: str = "A") -> tuple[bool, str | None]:
         """Whether DNS may answer `name` for `qtype` (any port could be allowed)."""
         try:
             h = normalise_host(name)
         except ValueError:
             return False, None
-        rule = self.rule_for(h, 0)
-        if rule is None and h in self._hostport_hosts:
-            rule = next(
-                r
-                for r in self.rules
-                if r.pattern.kind is PatternKind.HOSTPORT and r.pattern.host == h
-            )
+        rules = self._name_rules(h)
+        rule = rules[0] if rules else None
         if rule is None:
             ok = self.default is not Verdict.DENY and qtype in DNS_ADDRESS_TYPES
             return ok, None

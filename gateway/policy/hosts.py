@@ -258,6 +258,12 @@ class HostMatcher(Generic[T]):
                     return hit
         return None
 
+    def match_address(
+        self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address
+    ) -> tuple[HostPattern, T] | None:
+        """The most specific IP/CIDR rule containing `ip`, whatever name led there."""
+        return self._match_ip(ip) if self._nets else None
+
     def _match_ip(
         self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address
     ) -> tuple[HostPattern, T] | None:

@@ -30,7 +30,7 @@ from yarl import URL
 from gateway.config.model import LimitsConfig, ServiceConfig
 from gateway.planes.context import AUDIT_UNAVAILABLE, GatewayContext
 from gateway.planes.http.hop import strip_hop_by_hop
-from gateway.planes.http.resolver import OverrideResolver
+from gateway.planes.http.resolver import DialResolver
 from gateway.planes.outbound import (
     AUTHORITY_MISMATCH,
     Rejection,
@@ -47,6 +47,7 @@ from gateway.planes.scrub import (
     standard_reason,
     upstream_request_headers,
 )
+from gateway.policy.addresses import AddressRefused
 from gateway.policy.apply import BodySwapper, apply_plan, no_secret, swap_in_target
 from gateway.policy.core import Decision, Plane, RequestFacts, Verdict
 from gateway.policy.hosts import is_ip, normalise_host, split_hostport
@@ -82,6 +83,7 @@ class _Exchange:
     client_gone: bool = False
     refusal: RefusalMode | None = None
     alert: str | None = None  # e.g. a placeholder left unswapped in the body
+    addr: str | None = None  # a refused dial address (private-address)
 
 
 class _ClientGone(Exception):
@@ -184,7 +186,7 @@ class HttpPlane:
                 keepalive_timeout=self.keepalive_timeout,
                 ttl_dns_cache=60,
                 ssl=self.ctx.upstream_ssl_context(),
-                resolver=OverrideResolver(self.ctx.connect_target),
+                resolver=DialResolver(self.ctx.dial_addresses),
             )
             self._session = aiohttp.ClientSession(
                 connector=connector,
@@ -213,6 +215,7 @@ class HttpPlane:
         port = base.port or (443 if scheme == "https" else 80)
         prefix = base.raw_path.rstrip("/")
         origin = f"{scheme}://{_authority(base.raw_host or host, port)}"
+        dial_ip = host if is_ip(host) else None
 
         host_value = authority(base.raw_host or host, port, scheme)
 
@@ -236,6 +239,7 @@ class HttpPlane:
                 prefix + target,
                 host_value=host_value,
                 rejected=_refuse_unverifiable(request, self.limits),
+                dial_ip=dial_ip,
             )
 
         app = web.Application()
@@ -286,6 +290,7 @@ class HttpPlane:
                 host_value=authority(name, dst_port, "http"),
                 decision=decision,
                 rejected=rejected,
+                dial_ip=dst_ip,
             )
 
         app = web.Application()
@@ -334,9 +339,11 @@ class HttpPlane:
         host_value: str | None = None,
         decision: Decision | None = None,
         rejected: Rejection | None = None,
+        dial_ip: str | None = None,
     ) -> web.StreamResponse:
         """Decide, inject, forward, stream back scrubbed; one audit record in every case.
-        A `rejected` request (limits, authority) is audited as a denial, never decided."""
+        A `rejected` request (limits, authority) is audited as a denial, never decided.
+        `dial_ip` is the address `origin` names when it is an IP literal."""
         started = time.monotonic()
         self.inflight += 1
         ex = _Exchange()
@@ -358,6 +365,8 @@ class HttpPlane:
                 # Pre-flight: nothing reaches an upstream while its record could not be written.
                 ex.status, ex.reason = 503, AUDIT_UNAVAILABLE
                 return error_response(AUDIT_UNAVAILABLE, 503)
+            if dial_ip is not None:  # aiohttp asks no resolver for an IP literal: check here
+                await self.ctx.dial_addresses(facts.host, facts.port, via=(dial_ip, facts.port))
             headers = list(facts.headers)
             plan = decision.plan
             resolve: Callable[[str], str] = no_secret
@@ -389,6 +398,13 @@ class HttpPlane:
                 headers.append(("Content-Length", length))  # else: chunked, the length may change
             body = self._upload(request, ex, swapper) if request.body_exists else None
             return await self._forward(request, ex, origin + target, headers, body)
+        except AddressRefused as e:  # from the check above or the session's resolver
+            decision = Decision(
+                Verdict.DENY, decision.rule, e.reason, normalised_path=decision.normalised_path
+            )
+            ex.status, ex.addr, ex.error = 403, e.addr, str(e)
+            ex.refusal = self.ctx.refusal_mode
+            return deny_response(decision, facts, ex.refusal, request.headers.get("Accept"))
         except (_ClientGone, ConnectionError):
             if request.transport is not None:
                 request.transport.close()
@@ -417,6 +433,7 @@ class HttpPlane:
                 reason=ex.reason,
                 refusal=ex.refusal,
                 policy=policy,
+                addr=ex.addr,
             )
             self.inflight -= 1
 

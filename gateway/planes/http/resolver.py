@@ -1,42 +1,45 @@
-"""Dial `upstream.resolve` targets (like curl --resolve) while TLS still checks the real name."""
+"""aiohttp resolution through the gateway's one dial path (`GatewayContext.dial_addresses`):
+`upstream.resolve` targets (like curl --resolve), the configured name servers, and the
+private-address guard on every answer, while TLS still checks the real name."""
 
 from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import DefaultResolver
 
-from gateway.policy.hosts import is_ip, normalise_host
+from gateway.dns.resolver import ResolveError
 
-ConnectTarget = Callable[[str, int], tuple[str, int]]
+# (verified host, port) -> the checked (address, port) pairs to connect to. Raises
+# AddressRefused for a private address no rule allows, ResolveError if nothing was found.
+Dial = Callable[[str, int], Awaitable[list[tuple[str, int]]]]
 
 
-class OverrideResolver(AbstractResolver):
-    """Dials `upstream.resolve` targets instead of what DNS says for a name.
+class DialResolver(AbstractResolver):
+    """Hands aiohttp only addresses the dial path checked.
 
     Only the address changes: the URL (and so the TLS server name and the certificate check)
-    keeps the real host name.
+    keeps the real host name. A refusal propagates as AddressRefused, which aiohttp does not
+    wrap, so the plane can answer it as a 403.
     """
 
-    def __init__(self, connect_target: ConnectTarget, fallback: AbstractResolver | None = None):
-        self._target = connect_target
-        self._fallback = fallback if fallback is not None else DefaultResolver()
+    def __init__(self, dial: Dial) -> None:
+        self._dial = dial
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
         try:
-            key = (normalise_host(host), port)
-        except ValueError:
-            key = (host, port)
-        thost, tport = self._target(*key)
-        if is_ip(thost):
-            ip = ipaddress.ip_address(thost.strip("[]"))
+            found = await self._dial(host, port)
+        except ResolveError as e:  # aiohttp reports an OSError as a DNS failure
+            raise OSError(f"cannot resolve {host}: {e}") from e
+        out = []
+        for addr, tport in found:
+            ip = ipaddress.ip_address(addr)
             fam = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-            return [
+            out.append(
                 ResolveResult(
                     hostname=host,
                     host=str(ip),
@@ -45,19 +48,8 @@ class OverrideResolver(AbstractResolver):
                     proto=0,
                     flags=socket.AI_NUMERICHOST,
                 )
-            ]
-        found = await self._fallback.resolve(thost, tport, family)
-        return [
-            ResolveResult(
-                hostname=host,
-                host=r["host"],
-                port=tport,
-                family=r["family"],
-                proto=r["proto"],
-                flags=r["flags"],
             )
-            for r in found
-        ]
+        return out
 
     async def close(self) -> None:
-        await self._fallback.close()
+        return None

@@ -16,6 +16,7 @@ from typing import Any
 from mitmproxy import connection, http, tcp, tls, udp, websocket
 from mitmproxy.proxy import server_hooks
 
+from gateway.dns.resolver import ResolveError
 from gateway.planes.context import AUDIT_UNAVAILABLE, GatewayContext
 from gateway.planes.mitm import trailers
 from gateway.planes.mitm.drain import DRAIN_REASON, Drain
@@ -37,6 +38,7 @@ from gateway.planes.scrub import (
     standard_reason,
     upstream_request_headers,
 )
+from gateway.policy.addresses import AddressRefused
 from gateway.policy.apply import (
     BodySwapper,
     apply_plan,
@@ -142,7 +144,8 @@ def prepare_outbound(req: http.Request, host: str, port: int) -> None:
 
 class Destinations:
     """Remembers each client connection's verified destination (CONNECT target or original
-    destination) before `upstream.resolve` rewrites where the server connection dials."""
+    destination) before `upstream.resolve` rewrites where the server connection dials, and
+    dials only addresses checked against the private-address guard."""
 
     def __init__(self, ctx: GatewayContext, verify_transparent: TransparentVerifier | None) -> None:
         self.ctx = ctx
@@ -151,13 +154,23 @@ class Destinations:
         self.tunnelled: set[str] = set()
         # Per client connection: the server addresses a decision has allowed it to dial.
         self.approved: dict[str, set[tuple[str, int]]] = {}
-        # Per client connection: redirected address -> the verified name to present as SNI.
-        self.names: dict[str, dict[tuple[str, int], str]] = {}
+        # Per client connection: dial address -> the verified (name, port) it was approved for.
+        self.names: dict[str, dict[tuple[str, int], tuple[str, int]]] = {}
+        # Per client connection: dial address -> the checked address to connect to instead.
+        self.checked: dict[str, dict[tuple[str, int], tuple[str, int]]] = {}
+        # Per server connection: the address it was created with, put back once connected so
+        # mitmproxy's reuse (which compares addresses) still finds it.
+        self.dialled: dict[str, tuple[str, int]] = {}
         self.refused: set[str] = set()  # already audited by server_connect
         self.explained: set[str] = set()  # denied CONNECTs completed to explain the refusal
 
-    def approve(self, client: connection.Client, address: tuple[str, int]) -> None:
-        self.approved.setdefault(client.id, set()).add((address[0], address[1]))
+    def approve(
+        self, client: connection.Client, address: tuple[str, int], name: str | None = None
+    ) -> None:
+        key = (address[0], address[1])
+        self.approved.setdefault(client.id, set()).add(key)
+        if name is not None:
+            self.names.setdefault(client.id, {})[key] = (name, address[1])
 
     def route(self, flow: http.HTTPFlow, name: str) -> None:
         """Approve an allowed request's dial and point it where `upstream.resolve` says.
@@ -172,15 +185,31 @@ class Destinations:
             key = (req.host, req.port)
         target = self.ctx.connect_target(*key)
         self.approve(flow.client_conn, target)
+        self.names.setdefault(flow.client_conn.id, {})[target] = (name, key[1])
         if target != (req.host, req.port):
-            self.names.setdefault(flow.client_conn.id, {})[target] = name
             req.data.host, req.data.port = target
+
+    async def check(self, client: connection.Client, address: tuple[str, int]) -> None:
+        """Resolve and check an approved dial address now, so a refusal can still be answered
+        with a 403; `server_connect` then dials the checked address (AddressRefused,
+        ResolveError)."""
+        name, port = self.names[client.id][address]
+        addrs = await self.ctx.dial_addresses(name, port, via=self._target(address))
+        self.checked.setdefault(client.id, {})[address] = addrs[0]
+
+    def _target(self, address: tuple[str, int]) -> tuple[str, int]:
+        """Where a dial address really goes: its `upstream.resolve` target, or itself."""
+        try:
+            return self.ctx.connect_target(normalise_host(address[0]), address[1])
+        except ValueError:
+            return address
 
     def client_disconnected(self, client: connection.Client) -> None:
         self.targets.pop(client.id, None)
         self.tunnelled.discard(client.id)
         self.approved.pop(client.id, None)
         self.names.pop(client.id, None)
+        self.checked.pop(client.id, None)
         self.refused.discard(client.id)
         self.explained.discard(client.id)
 
@@ -189,40 +218,66 @@ class Destinations:
         self.targets[cid] = (flow.request.host, flow.request.port)
         self.tunnelled.add(cid)
 
-    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+    async def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         """Every upstream connection passes here: nothing is dialled that no decision allowed
-        (mitmproxy would otherwise connect for server-speaks-first TCP before any hook)."""
+        (mitmproxy would otherwise connect for server-speaks-first TCP before any hook), and
+        only an address checked by the private-address guard is dialled (resolved here if no
+        request checked it first), with the verified name kept as the TLS server name."""
         address = data.server.address
         if address is None:
             return
-        self.targets.setdefault(data.client.id, address)
-        if (address[0], address[1]) not in self.approved.get(data.client.id, ()):
+        cid = data.client.id
+        address = (address[0], address[1])
+        self.targets.setdefault(cid, address)
+        if address not in self.approved.get(cid, ()):
             tcp = self.ctx.policy.connection(address[0], address[1])
             if not (tcp.allowed and tcp.tcp):
-                data.server.error = "keyward: no policy decision allows this connection"
-                self.refused.add(data.client.id)
-                facts = RequestFacts(
-                    Plane.MITM, "TCP", "tcp", address[0], address[1], client=_client(data.client)
-                )
-                self.ctx.record(
-                    facts, _as_decision(tcp), started=time.monotonic(), reason="non-http-killed"
-                )
+                self._refuse(data, tcp.reason, _as_decision(tcp), "non-http-killed")
                 return
-        name = self.names.get(data.client.id, {}).get((address[0], address[1]))
-        if name is not None:  # already routed by `route`
-            # mitmproxy defaulted the SNI to the dialled address; present the verified name
-            if data.server.tls and data.server.sni in (None, address[0]):
-                data.server.sni = name
-            return
-        try:
-            key = (normalise_host(address[0]), address[1])
-        except ValueError:
-            return
-        target = self.ctx.connect_target(*key)
-        if target != key:  # a connection opened before any request (allowed raw TCP)
-            if data.server.sni is None and data.server.tls:
-                data.server.sni = key[0]
-            data.server.address = target
+        routed = self.names.get(cid, {}).get(address)
+        name, port = routed or address
+        checked = self.checked.get(cid, {}).get(address)
+        if checked is None:
+            try:
+                addrs = await self.ctx.dial_addresses(name, port, via=address if routed else None)
+            except AddressRefused as e:
+                refusal = Decision(Verdict.DENY, None, e.reason)
+                self._refuse(data, str(e), refusal, e.reason, addr=e.addr)
+                return
+            except ResolveError as e:
+                data.server.error = f"keyward: cannot resolve {name}: {e}"
+                return
+            checked = addrs[0]
+        # mitmproxy defaulted the SNI to the dialled address; present the verified name
+        if data.server.tls and data.server.sni in (None, address[0]):
+            data.server.sni = name
+        if checked != address:
+            self.dialled[data.server.id] = address
+            data.server.address = checked
+
+    def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
+        original = self.dialled.pop(data.server.id, None)
+        if original is not None:
+            data.server.address = original
+
+    def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
+        self.dialled.pop(data.server.id, None)
+
+    def _refuse(
+        self,
+        data: server_hooks.ServerConnectionHookData,
+        why: str,
+        decision: Decision,
+        reason: str,
+        addr: str | None = None,
+    ) -> None:
+        """Kill a server connection before it is dialled; one audit record for it."""
+        assert data.server.address is not None
+        host, port = data.server.address[0], data.server.address[1]
+        data.server.error = f"keyward: {why}"
+        self.refused.add(data.client.id)
+        facts = RequestFacts(Plane.MITM, "TCP", "tcp", host, port, client=_client(data.client))
+        self.ctx.record(facts, decision, started=time.monotonic(), reason=reason, addr=addr)
 
     def verified(self, flow: http.HTTPFlow) -> tuple[str, int, str | None]:
         """(host, port, addr): the destination the policy decides on."""
@@ -292,9 +347,11 @@ class ConnectionGate:
             time.time(),
         )
 
-    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+    async def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         """Pass TLS through untouched when the rule needs nothing from inside it. A transparent
-        connection qualifies only if its SNI is verified against the dialled IP."""
+        connection qualifies only if its SNI is verified against the dialled IP, and only if
+        its address passes the private-address guard (else it is intercepted, and the request
+        gate answers the refusal with a 403)."""
         client = data.context.client
         target = self.dest.targets.get(client.id) or data.context.server.address
         if target is None:
@@ -314,7 +371,11 @@ class ConnectionGate:
             data.establish_server_tls_first = True
         # With the audit log down, intercept instead: the request gate then refuses with a 503.
         if decision.allowed and not decision.intercept and self.ctx.audit.available():
-            self.dest.approve(client, target)
+            self.dest.approve(client, target, host)
+            try:
+                await self.dest.check(client, (target[0], target[1]))
+            except (AddressRefused, ResolveError):
+                return  # intercept: the request gate answers the refusal
             data.ignore_connection = True
             facts = RequestFacts(
                 Plane.PASSTHROUGH,
@@ -414,7 +475,7 @@ class PolicyGate:
         self.ctx = ctx
         self.dest = dest
 
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:  # already answered (e.g. a refused CONNECT)
             return
         flow.metadata[M_STARTED] = time.monotonic()
@@ -440,18 +501,7 @@ class PolicyGate:
         if rejected is not None:
             decision = Decision(Verdict.DENY, None, rejected.reason)
             flow.metadata[M_DECISION] = decision
-            mode = self.ctx.refusal_mode
-            flow.response = deny_response(
-                decision, facts, mode, req.headers.get("accept"), rejected.status
-            )
-            flow.metadata[M_AUDITED] = True
-            self.ctx.record(
-                facts,
-                decision,
-                started=flow.metadata[M_STARTED],
-                status=rejected.status,
-                refusal=mode,
-            )
+            self._refuse(flow, facts, decision, rejected.status)
             return
         decision = self.ctx.policy.decide(facts)
         flow.metadata[M_DECISION] = decision
@@ -470,15 +520,53 @@ class PolicyGate:
         elif decision.allowed:
             prepare_outbound(req, host, port)
             self.dest.route(flow, host)
+            try:
+                await self.dest.check(flow.client_conn, (req.host, req.port))
+            except AddressRefused as e:
+                decision = Decision(
+                    Verdict.DENY, decision.rule, e.reason, normalised_path=decision.normalised_path
+                )
+                flow.metadata[M_DECISION] = decision
+                self._refuse(flow, facts, decision, addr=e.addr, error=str(e))
+            except ResolveError as e:
+                flow.response = error_response("upstream-dns-error")
+                flow.metadata[M_AUDITED] = True
+                self.ctx.record(
+                    facts,
+                    decision,
+                    started=flow.metadata[M_STARTED],
+                    status=502,
+                    reason="upstream-dns-error",
+                    error=str(e),
+                )
         else:
-            mode = self.ctx.refusal_mode
-            flow.response = deny_response(decision, facts, mode, req.headers.get("accept"))
-            flow.metadata[M_AUDITED] = True
-            self.ctx.record(
-                facts, decision, started=flow.metadata[M_STARTED], status=403, refusal=mode
-            )
+            self._refuse(flow, facts, decision)
             if decision.alert:
                 log.warning("placeholder sent to %s: %s", host, decision.reason)
+
+    def _refuse(
+        self,
+        flow: http.HTTPFlow,
+        facts: RequestFacts,
+        decision: Decision,
+        status: int = 403,
+        addr: str | None = None,
+        error: str | None = None,
+    ) -> None:
+        """Answer a refused request (403 unless said otherwise) and write its one record."""
+        mode = self.ctx.refusal_mode
+        accept = flow.request.headers.get("accept")
+        flow.response = deny_response(decision, facts, mode, accept, status)
+        flow.metadata[M_AUDITED] = True
+        self.ctx.record(
+            facts,
+            decision,
+            started=flow.metadata[M_STARTED],
+            status=status,
+            refusal=mode,
+            addr=addr,
+            error=error,
+        )
 
 
 class CredentialInjector:
