@@ -827,3 +827,19 @@ def test_answer_log_expires_and_is_bounded() -> None:
     gone.record("a.example.test", ["10.0.0.1"])
     assert gone.names_for("10.0.0.1") == set()
     assert gone._by_ip == {} and gone._pairs == {}
+
+
+async def test_private_answer_for_an_allowed_name_is_refused_and_audited() -> None:
+    """The dial-time guard applied to answers: up.example.test answers 10.1.2.3 and
+    fd00::123, and no rule here names those addresses."""
+    policy = Policy([HostRule(parse_pattern("up.example.test"))])
+    async with running(policy=policy) as w:
+        for qtype in (A, AAAA):
+            r = await ask(w.port, "up.example.test", qtype)
+            assert (r.rcode, r.addresses()) == (REFUSED, [])
+        assert not w.listener.names_for("10.1.2.3")
+        recs = [x for x in w.audit if x["reason"] == "private-address"]
+        assert [(x["host"], x["addr"], x["decision"]) for x in recs] == [
+            ("up.example.test", "10.1.2.3", "deny"),
+            ("up.example.test", "fd00::123", "deny"),
+        ]

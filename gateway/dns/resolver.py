@@ -9,6 +9,7 @@ upstream query).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures.thread  # noqa: F401  (see below)
 import contextlib
 import ipaddress
 import secrets
@@ -22,6 +23,9 @@ from gateway.dns import wire
 from gateway.policy.hosts import is_ip, normalise_host, split_hostport
 
 ADDRESS_TYPES = {"A": socket.AF_INET, "AAAA": socket.AF_INET6}
+# getaddrinfo runs in asyncio's default thread pool, whose module is imported on first use: the
+# import above loads it at start-up, before the sidecar drops privileges (after that, a Python
+# installed where the proxy uid cannot read failed every system lookup).
 
 
 class ResolveError(Exception):
@@ -194,6 +198,8 @@ class Resolver:
         if is_ip(host):
             ip = ipaddress.ip_address(host)
             return ([str(ip)] if ip.version == version else []), self.cache_ttl
+        if host == "localhost" or host.endswith(".localhost"):  # RFC 6761 §6.3: never asked
+            return (["127.0.0.1"] if version == 4 else ["::1"]), self.cache_ttl
         if host in self.overrides:
             out: list[str] = []
             for target in self.overrides[host]:
