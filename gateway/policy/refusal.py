@@ -93,6 +93,16 @@ def _advice(decision: Decision, facts: RequestFacts) -> tuple[str, str, str]:
             "leak the credential",
             "",
         )
+    if reason == "private-address":
+        return (
+            f"{facts.host} resolved to a loopback, private, link-local (metadata) or otherwise "
+            "special address, and no rule names that address",
+            "If this host really is internal and should be reachable, an operator can add "
+            "private_addresses: allow to that rule (or a rule naming the address, IP or CIDR)",
+            _hosts_snippet(
+                rule or facts.host, "{ private_addresses: allow }  # add to the existing rule"
+            ),
+        )
     if reason in ("host-mismatch", "sni-mismatch"):
         what = "Host header" if reason == "host-mismatch" else "TLS server name (SNI)"
         return (
