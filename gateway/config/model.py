@@ -175,7 +175,8 @@ class HostRuleConfig(Strict):
     )
     private_addresses: Literal["refuse", "allow"] = Field(
         "refuse",
-        description="allow = this name may resolve to loopback/private/link-local addresses",
+        description="allow = this host may be dialled at a loopback, private, link-local "
+        "(metadata) or other special address; refused by default (README: Private addresses)",
     )
 
     @field_validator("dns_types")
@@ -249,7 +250,8 @@ class UpstreamConfig(Strict):
     )
     nameservers: list[str] = Field(
         default_factory=list,
-        description='"ip:port" DNS servers the gateway asks instead of the system resolver',
+        description='"ip:port" DNS servers the gateway (and its DNS listener) asks instead of '
+        "the system resolver, in turn (split DNS; tests)",
     )
 
     @field_validator("nameservers")
