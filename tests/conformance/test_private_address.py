@@ -77,7 +77,7 @@ egress:
   default: {default}
   hosts:
     "*.allowed.test": {{}}
-    "api.oauth.test": {{ headers: {{ Authorization: "Bearer {{tok}}" }} }}
+    "api.oauth.test": {{ headers: {{ Authorization: "Bearer {{tok}}" }}, plain_http: true }}
     "localhost:{ok_localhost}": {{}}
     "127.0.0.1:{ok_literal}": {{}}
     "127.0.0.8/29": {{}}
@@ -86,11 +86,12 @@ egress:
 services:
   trapped: {{ listen: {svc_trap}, upstream: "http://internal.allowed.test:{trap}" }}
   model: {{ listen: {svc_ok}, upstream: "http://localhost:{ok_localhost}" }}
+  oauthed: {{ listen: {svc_oauth}, upstream: "http://api.oauth.test" }}
 upstream:
   nameservers: ["127.0.0.1:{dns}"]
   resolve:
     "resolved.example.test:80": "127.0.0.1:{ok_resolve}"
-    "api.oauth.test:443": "127.0.0.1:{ok_resolve}"
+    "api.oauth.test:80": "127.0.0.1:{ok_resolve}"
 audit:
   path: audit.jsonl
 """
@@ -144,7 +145,7 @@ async def run_world(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
     ports = {"dns": await dns.start(), "trap": await trap.start()}
     for name, rec in ok.items():
         ports[f"ok_{name}"] = await rec.start()
-    ports.update(svc_trap=free_port(), svc_ok=free_port())
+    ports.update(svc_trap=free_port(), svc_ok=free_port(), svc_oauth=free_port())
     config = tmp_path / "keyward.yaml"
     config.write_text(RUN_CONFIG.format(default=request.param, **ports))
     try:
@@ -207,7 +208,7 @@ async def test_wildcard_name_to_loopback_service_plane(run_world: RunWorld) -> N
 
 async def test_oauth_token_endpoint_name_to_loopback(run_world: RunWorld) -> None:
     """The token minter dials through the same guard: the client secret never leaves."""
-    _, out, err = await run_world.curl("https://api.oauth.test/")
+    _, out, err = await run_world.curl(f"http://127.0.0.1:{run_world.ports['svc_oauth']}/")
     assert status_of(out)[0] == "502", err
     assert "private-address" in err or "private-address" in json.dumps(run_world.audit())
     assert run_world.trap.connects == []

@@ -158,9 +158,6 @@ class Destinations:
         self.names: dict[str, dict[tuple[str, int], tuple[str, int]]] = {}
         # Per client connection: dial address -> the checked address to connect to instead.
         self.checked: dict[str, dict[tuple[str, int], tuple[str, int]]] = {}
-        # Per server connection: the address it was created with, put back once connected so
-        # mitmproxy's reuse (which compares addresses) still finds it.
-        self.dialled: dict[str, tuple[str, int]] = {}
         self.refused: set[str] = set()  # already audited by server_connect
         self.explained: set[str] = set()  # denied CONNECTs completed to explain the refusal
 
@@ -172,7 +169,7 @@ class Destinations:
         if name is not None:
             self.names.setdefault(client.id, {})[key] = (name, address[1])
 
-    def route(self, flow: http.HTTPFlow, name: str) -> None:
+    def route(self, flow: http.HTTPFlow, name: str, port: int) -> None:
         """Approve an allowed request's dial and point it where `upstream.resolve` says.
 
         The request's host:port is rewritten (the Host header is kept) rather than only the
@@ -185,14 +182,27 @@ class Destinations:
             key = (req.host, req.port)
         target = self.ctx.connect_target(*key)
         self.approve(flow.client_conn, target)
-        self.names.setdefault(flow.client_conn.id, {})[target] = (name, key[1])
+        self.names.setdefault(flow.client_conn.id, {})[target] = (name, port)
         if target != (req.host, req.port):
             req.data.host, req.data.port = target
 
+    async def check_request(self, flow: http.HTTPFlow) -> None:
+        """Resolve and check a routed request's dial address before any connection is asked
+        for, so a refusal is still a 403; then point the request at the checked address, as
+        `route` does (the Host header and SNI keep the name, and mitmproxy's reuse, which
+        compares addresses, finds the connection again). AddressRefused, ResolveError."""
+        req, client = flow.request, flow.client_conn
+        address = (req.host, req.port)
+        name, port = self.names[client.id][address]
+        checked = (await self.ctx.dial_addresses(name, port, via=self._target(address)))[0]
+        if checked != address:
+            self.approve(client, checked)
+            self.names[client.id][checked] = (name, port)
+            req.data.host, req.data.port = checked
+
     async def check(self, client: connection.Client, address: tuple[str, int]) -> None:
-        """Resolve and check an approved dial address now, so a refusal can still be answered
-        with a 403; `server_connect` then dials the checked address (AddressRefused,
-        ResolveError)."""
+        """Resolve and check a connection-level dial (TLS passed through) before deciding to
+        pass it through; `server_connect` dials what was checked."""
         name, port = self.names[client.id][address]
         addrs = await self.ctx.dial_addresses(name, port, via=self._target(address))
         self.checked.setdefault(client.id, {})[address] = addrs[0]
@@ -251,17 +261,8 @@ class Destinations:
         # mitmproxy defaulted the SNI to the dialled address; present the verified name
         if data.server.tls and data.server.sni in (None, address[0]):
             data.server.sni = name
-        if checked != address:
-            self.dialled[data.server.id] = address
+        if checked != address:  # a connection no request routed (passthrough, raw TCP)
             data.server.address = checked
-
-    def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
-        original = self.dialled.pop(data.server.id, None)
-        if original is not None:
-            data.server.address = original
-
-    def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
-        self.dialled.pop(data.server.id, None)
 
     def _refuse(
         self,
@@ -519,9 +520,9 @@ class PolicyGate:
             )
         elif decision.allowed:
             prepare_outbound(req, host, port)
-            self.dest.route(flow, host)
+            self.dest.route(flow, host, port)
             try:
-                await self.dest.check(flow.client_conn, (req.host, req.port))
+                await self.dest.check_request(flow)
             except AddressRefused as e:
                 decision = Decision(
                     Verdict.DENY, decision.rule, e.reason, normalised_path=decision.normalised_path
