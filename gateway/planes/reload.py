@@ -21,12 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.cli.errors import KeywardError
-from gateway.config.compile import build_policy
+from gateway.config.compile import build_policy, parse_nameservers, parse_resolve
 from gateway.config.loader import LoadedConfig, load_config
 from gateway.credentials.placeholders import load_seed
 from gateway.credentials.sources import load_secrets, secret_files
 from gateway.credentials.store import SecretStore
-from gateway.planes.context import GatewayContext, build_placeholders, parse_resolve
+from gateway.dns.resolver import Resolver
+from gateway.planes.context import GatewayContext, build_placeholders
 from gateway.policy.core import Placeholder, Policy
 
 log = logging.getLogger("keyward.reload")
@@ -107,7 +108,9 @@ class Reloader:
             ctx.config = new.config
             ctx.secrets = new.secrets
             ctx.placeholders = new.placeholders
-            ctx.resolve_overrides = parse_resolve(new.config.config.upstream.resolve)
+            upstream = new.config.config.upstream
+            ctx.resolve_overrides = parse_resolve(upstream.resolve)
+            ctx.resolver = Resolver(upstream=parse_nameservers(upstream.nameservers))
             ctx.policy = new.policy
             ctx.__dict__.pop("oauth_names", None)  # cached per store
             ctx.audit.reopen()
