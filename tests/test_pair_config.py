@@ -26,6 +26,7 @@ from gateway.engine.pair import (
     check_pair_name,
     dotenv_text,
     gateway_config,
+    holder_config,
     parse_trust_env,
 )
 from gateway.engine.verify import build_spec, resolve_targets
@@ -96,12 +97,13 @@ def test_names_and_labels() -> None:
     n = PairNames("dev")
     assert (n.gateway, n.agent) == ("keyward-dev-gateway", "keyward-dev-agent")
     assert (n.state_volume, n.trust_volume) == ("keyward-dev-state", "keyward-dev-trust")
+    assert n.holder == "keyward-dev-pod"
     o = opts()
-    for body in (gateway_config(o), agent_config(o, "gwid", [])):
+    bodies = (holder_config(o), gateway_config(o, "hid"), agent_config(o, "hid", []))
+    for body, role in zip(bodies, ("holder", "gateway", "agent"), strict=True):
         assert body["Labels"][LABEL_PAIR] == "t1"
         assert body["Labels"]["keyward.test"] == "1"
-    assert gateway_config(o)["Labels"]["keyward.role"] == "gateway"
-    assert agent_config(o, "gwid", [])["Labels"]["keyward.role"] == "agent"
+        assert body["Labels"]["keyward.role"] == role
 
 
 @pytest.mark.parametrize("bad", ["", "UPPER", "has space", "../x", "a" * 60])
@@ -111,8 +113,9 @@ def test_bad_pair_names_refused(bad: str) -> None:
 
 
 def test_gateway_hardening() -> None:
-    body = gateway_config(opts(extra_hosts=["db.example.test:198.51.100.9"], dns=["192.0.2.53"]))
+    body = gateway_config(opts(), "hid")
     host = body["HostConfig"]
+    assert host["NetworkMode"] == "container:hid"
     assert host["CapDrop"] == ["ALL"]
     assert set(host["CapAdd"]) == set(GATEWAY_CAPS)
     assert not {"SYS_ADMIN", "NET_RAW", "SYS_PTRACE", "ALL"} & set(host["CapAdd"])
@@ -121,16 +124,29 @@ def test_gateway_hardening() -> None:
     assert "/tmp" in host["Tmpfs"]
     assert host["PidsLimit"] > 0 and host["Memory"] > 0
     assert host.get("Privileged") is not True
-    assert host["ExtraHosts"] == ["db.example.test:198.51.100.9"]
-    assert host["Dns"] == ["192.0.2.53"]
     assert body["User"] == "0:0"  # serve drops itself after applying rules
     cmd = body["Cmd"]
     assert cmd[0] == "serve" and "--ready-file" in cmd and "--trust-dir" in cmd
     assert "ExposedPorts" not in body
 
 
-def test_gateway_networks_and_published_services() -> None:
-    body = gateway_config(opts(networks=["net-a", "net-b"], publish_services=True), [8701])
+def test_holder_owns_the_namespace_and_does_nothing() -> None:
+    o = opts(extra_hosts=["db.example.test:198.51.100.9"], dns=["192.0.2.53"])
+    body = holder_config(o, kind="podman")
+    host = body["HostConfig"]
+    assert host["ExtraHosts"] == ["db.example.test:198.51.100.9"]
+    assert host["Dns"] == ["192.0.2.53"]
+    assert body["Entrypoint"] == ["sleep", "infinity"] and body["User"] == "65534:65534"
+    assert host["CapDrop"] == ["ALL"] and "CapAdd" not in host and host["ReadonlyRootfs"]
+    assert host["RestartPolicy"] == {"Name": "always"}  # podman-restart.service starts these
+    assert holder_config(o)["HostConfig"]["RestartPolicy"] == {"Name": "unless-stopped"}
+    for member in (gateway_config(o, "h"), agent_config(o, "h", [])):
+        for key in ("ExtraHosts", "Dns", "PortBindings", "NetworkingConfig"):
+            assert key not in member["HostConfig"] and key not in member
+
+
+def test_holder_networks_and_published_services() -> None:
+    body = holder_config(opts(networks=["net-a", "net-b"], publish_services=True), [8701])
     assert body["HostConfig"]["NetworkMode"] == "net-a"
     assert list(body["NetworkingConfig"]["EndpointsConfig"]) == ["net-a"]
     assert body["HostConfig"]["PortBindings"] == {
@@ -156,8 +172,12 @@ def test_agent_hardening_and_namespace(tmp_path: Path) -> None:
     for key in ("ExtraHosts", "Dns", "PortBindings"):
         assert key not in host
     assert "Hostname" not in body
-    assert body["Cmd"] == ["sh", "-c", "while :; do sleep 3600; done"]
-    assert agent_config(opts(command=["claude"]), "x", [])["Cmd"] == ["claude"]
+    # the command runs behind the guard that waits for the gateway's stamp
+    argv = body["Entrypoint"] + body["Cmd"]
+    assert argv[:2] == ["/bin/sh", "-c"] and "readlink /proc/self/ns/net" in argv[2]
+    assert argv[4] == f"{AGENT_TRUST}/ready"
+    assert argv[-3:] == ["sh", "-c", "while :; do sleep 3600; done"]
+    assert agent_config(opts(command=["claude"]), "x", [])["Cmd"][-1] == "claude"
 
 
 def test_parse_trust_env() -> None:
@@ -197,7 +217,13 @@ def test_bundle_tar_modes(cfg: Path) -> None:
 def test_secrets_never_in_container_configs(cfg: Path, tmp_path: Path) -> None:
     bundle = _bundle(cfg)
     o = opts(workspace=tmp_path, command=["sh", "-c", "env"])
-    blob = json.dumps([gateway_config(o, bundle.service_ports), agent_config(o, "gw", ["A=b"])])
+    blob = json.dumps(
+        [
+            holder_config(o, bundle.service_ports),
+            gateway_config(o, "h"),
+            agent_config(o, "h", ["A=b"]),
+        ]
+    )
     for secret in ALL_SECRETS:
         assert secret not in blob
 
@@ -291,6 +317,13 @@ def test_engine_errors_become_one_sentence_that_says_what_to_do() -> None:
 
     stopped = engine_advice(Conflict(409, "container 4f2a is not running"), "foo")
     assert "keyward restart --name foo" in stopped and "not running" in stopped
+    podman = engine_advice(
+        ServerError(
+            500, "can only create exec sessions on running containers: container state improper"
+        ),
+        "foo",
+    )
+    assert "keyward restart --name foo" in podman
     gone = engine_advice(NotFound(404, "no such container: 4f2a"), "default")
     assert "keyward up" in gone and "--name" not in gone
     dead = engine_advice(EngineUnavailable(0, "/run/x.sock: refused"), "foo")
@@ -298,3 +331,99 @@ def test_engine_errors_become_one_sentence_that_says_what_to_do() -> None:
     other = engine_advice(ServerError(500, "runc failed\nlots of detail"), "foo")
     for msg in (stopped, gone, dead, other):
         assert "\n" not in msg
+
+
+def test_agent_guard_runs_only_with_this_namespaces_stamp(tmp_path: Path) -> None:
+    """The agent-side wait: a stamp from another namespace (engine restart) is not "ready"."""
+    import os
+    import subprocess
+
+    from gateway.engine.pair import AGENT_GUARD
+
+    ready = tmp_path / "ready"
+
+    def guard(waits: int) -> subprocess.CompletedProcess[str]:
+        argv = ["sh", "-c", AGENT_GUARD, "g", str(ready), str(waits), "echo", "ran"]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+
+    missing = guard(0)
+    assert (
+        missing.returncode == 124 and "not ready" in missing.stderr and "ran" not in missing.stdout
+    )
+    ready.write_text("net:[1]\n")  # an earlier namespace
+    assert guard(1).returncode == 124
+    ready.write_text(os.readlink("/proc/self/ns/net") + "\n")
+    ok = guard(0)
+    assert ok.returncode == 0 and ok.stdout == "ran\n"
+
+
+def _podman_info(version: str, rootless: bool, cgroup: str, controllers: list[str]) -> dict:  # type: ignore[type-arg]
+    return {
+        "host": {
+            "security": {"rootless": rootless},
+            "cgroupVersion": cgroup,
+            "cgroupControllers": controllers,
+        },
+        "version": {"Version": version},
+    }
+
+
+def test_user_namespace_and_unapplied_limits_per_engine() -> None:
+    from gateway.engine.pair import engine_user_setup
+
+    o = opts()
+    # rootless Podman on cgroup v1 (what this kind of machine has): keep-id, limits reported
+    userns, notes = engine_user_setup("podman", _podman_info("4.3.1", True, "v1", []), o)
+    assert userns == "keep-id"
+    assert len(notes) == 2 and "memory limit (rootless on cgroup v1)" in notes[0]
+    assert "pids limit" in notes[1] and "gateway and agent" in notes[1]
+    # rootful Podman 4.3 has no keep-id (rootful needs 4.5): plain uid:gid, nothing dropped
+    full = ["cpu", "memory", "pids"]
+    assert engine_user_setup("podman", _podman_info("4.3.1", False, "v1", full), o) == (None, [])
+    assert engine_user_setup("podman", _podman_info("4.5.0", False, "v2", full), o)[0] == "keep-id"
+    # rootless on cgroup v2 without delegated pids
+    _, notes = engine_user_setup("podman", _podman_info("5.0.1", True, "v2", ["memory"]), o)
+    assert len(notes) == 1 and "pids" in notes[0]
+    # Docker says which limits its kernel supports
+    assert engine_user_setup("docker", {"MemoryLimit": True, "PidsLimit": True}, o) == (None, [])
+    _, notes = engine_user_setup("docker", {"MemoryLimit": False, "PidsLimit": True}, o)
+    assert len(notes) == 1 and "memory" in notes[0]
+    # keep-id ends up on the agent only
+    keep = opts(userns="keep-id")
+    assert agent_config(keep, "h", [])["HostConfig"]["UsernsMode"] == "keep-id"
+    assert "UsernsMode" not in gateway_config(keep, "h")["HostConfig"]
+
+
+def test_default_agent_user_is_the_invoking_user() -> None:
+    from gateway.engine.pair import default_agent_user
+
+    assert default_agent_user({}, 1234, 567) == "1234:567"
+    assert default_agent_user({"SUDO_UID": "1234", "SUDO_GID": "567"}, 0, 0) == "1234:567"
+    assert default_agent_user({}, 0, 0) == "1000:1000"
+    assert default_agent_user({"SUDO_UID": "0", "SUDO_GID": "0"}, 0, 0) == "1000:1000"
+
+
+def test_host_gateway_names_map_only_rules_that_name_them() -> None:
+    from gateway.engine.pair import host_gateway_resolve
+
+    rules = ["api.example.test", "host.docker.internal:11434", "host.containers.internal"]
+    got = host_gateway_resolve(rules, {"host.containers.internal:443": "192.0.2.9:443"}, "10.1.0.1")
+    assert got == {
+        "host.docker.internal:11434": "10.1.0.1:11434",
+        "host.containers.internal:80": "10.1.0.1:80",
+    }
+    assert host_gateway_resolve(["api.example.test"], {}, "10.1.0.1") == {}
+
+
+def test_bundle_maps_the_host_gateway_for_the_gateway(cfg: Path) -> None:
+    text = cfg.read_text().replace(
+        "egress:\n  default: deny\n  hosts:\n",
+        'egress:\n  default: deny\n  hosts:\n    "host.docker.internal:11434": {}\n',
+    )
+    cfg.write_text(text)
+    loaded = load_config(cfg)
+    store = load_secrets(loaded.config.secrets, config_dir=cfg.parent)
+    bundle = build_gateway_bundle(loaded, store, host_gateway="10.89.0.1")
+    shipped = bundle.files["keyward.yaml"][0].decode()
+    assert "host.docker.internal:11434: 10.89.0.1:11434" in shipped
+    assert "api.example.test:443: 198.51.100.7:443" in shipped

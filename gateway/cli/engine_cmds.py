@@ -75,15 +75,25 @@ def _not_found(e: EngineNotFound, as_json: bool) -> int:
 
 def cmd_engine(args: argparse.Namespace) -> int:
     try:
-        found = find_engine(explicit=args.engine_socket)
+        found = find_engine(explicit=args.engine_socket, fallback=True)
     except EngineNotFound as e:
         return _not_found(e, args.json)
+    if found.service is not None and args.keep:
+        found.service.keep = True
     try:
         facts = asyncio.run(describe(found))
     except EngineError as e:
         raise EngineError(
             e.status, f"{found.socket_path} (found by {found.how}) did not answer: {e.message}"
         ) from None
+    finally:
+        found.close()
+    if found.service is not None:
+        facts["service"] = {
+            "pid": found.service.pid,
+            "socket": str(found.service.socket_path),
+            "kept": found.service.keep,
+        }
     if args.json:
         print(json.dumps(facts, indent=2))
         return EXIT_OK
@@ -101,6 +111,14 @@ def cmd_engine(args: argparse.Namespace) -> int:
     table.add_row("engine version", str(facts["engine_version"] or "?"))
     table.add_row("API version", f"{api} ({span})")
     table.add_row("rootless", "yes" if facts["rootless"] else "no")
+    if found.service is not None:
+        what = (
+            f"kept running: export CONTAINER_HOST=unix://{found.service.socket_path} "
+            f"(stop: kill {found.service.pid})"
+            if found.service.keep
+            else "no API socket answered: started for this command and stopped (--keep keeps it)"
+        )
+        table.add_row("podman service", what)
     make_console().print(table)
     return EXIT_OK
 
@@ -111,4 +129,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     add_engine_socket_option(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="if keyward had to start a Podman API service, leave it running and say where",
+    )
     p.set_defaults(func=cmd_engine)

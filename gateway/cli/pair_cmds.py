@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
+import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,9 +21,9 @@ from gateway.cli.config_cmds import add_config_option, load_from_args
 from gateway.cli.console import console as make_console
 from gateway.cli.engine_cmds import add_engine_socket_option
 from gateway.cli.errors import EXIT_OK, KeywardError, UsageError
-from gateway.engine.client import EngineClient
+from gateway.engine.client import EngineClient, ExecStream
 from gateway.engine.discovery import find_engine
-from gateway.engine.errors import Conflict, EngineError, EngineUnavailable, NotFound
+from gateway.engine.errors import EngineError, EngineUnavailable, NotFound
 from gateway.engine.stream import Stream
 
 T = TypeVar("T")
@@ -36,7 +39,7 @@ def add_name_option(p: argparse.ArgumentParser) -> None:
 def run_with_engine(args: argparse.Namespace, fn: Callable[[EngineClient], Awaitable[T]]) -> T:
     """Find the engine (an explicit --engine-socket that is dead is an error) and run `fn`;
     a raw engine error becomes one sentence that says what to do."""
-    found = find_engine(explicit=getattr(args, "engine_socket", None))
+    found = find_engine(explicit=getattr(args, "engine_socket", None), fallback=True)
 
     async def go() -> T:
         async with EngineClient(found.socket_path) as client:
@@ -46,6 +49,8 @@ def run_with_engine(args: argparse.Namespace, fn: Callable[[EngineClient], Await
         return asyncio.run(go())
     except EngineError as e:
         raise KeywardError(engine_advice(e, getattr(args, "name", None) or "default")) from None
+    finally:
+        found.close()  # the API service keyward started for this command, if any
 
 
 def engine_advice(e: EngineError, pair: str) -> str:
@@ -55,7 +60,7 @@ def engine_advice(e: EngineError, pair: str) -> str:
     if isinstance(e, EngineUnavailable):
         return f"the container engine stopped answering {said}; check that it runs (keyward engine)"
     text = f"{e.message} {e.cause or ''}".lower()
-    if isinstance(e, Conflict) and "not running" in text:
+    if "not running" in text or "state improper" in text:
         return (
             f"a container of pair {pair!r} is not running {said}; keyward status{opt} shows "
             f"which and why, keyward restart{opt} starts it again"
@@ -77,7 +82,7 @@ def _command(args: argparse.Namespace) -> list[str]:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from gateway.credentials.sources import load_secrets
-    from gateway.engine.pair import PairOptions, check_pair_name, up
+    from gateway.engine.pair import PairOptions, check_pair_name, default_agent_user, up
 
     check_pair_name(args.name)
     loaded = load_from_args(args)
@@ -92,7 +97,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         workspace=Path(args.workspace) if args.workspace else None,
         networks=tuple(args.network or ()),
         command=_command(args),
-        agent_user=args.agent_user,
+        agent_user=args.agent_user or default_agent_user(os.environ, os.getuid(), os.getgid()),
         agent_read_only=args.agent_read_only,
         extra_hosts=tuple(args.add_host or ()),
         ready_timeout=args.timeout,
@@ -119,51 +124,82 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_down(args: argparse.Namespace) -> int:
     from gateway.engine.pair import down
 
-    removed = run_with_engine(args, lambda c: down(c, args.name, keep_state=args.keep_state))
+    async def go(client: EngineClient) -> tuple[list[str], int]:
+        removed = await down(client, args.name, keep_state=args.keep_state)
+        running = len(await client.container_list(all=False)) if args.stop_machine else 0
+        return removed, running
+
+    removed, running = run_with_engine(args, go)
     for line in removed:
         print(f"removed {line}")
     if not removed:
         print(f"nothing labelled keyward.pair={args.name}")
+    if args.stop_machine:
+        from gateway.engine.machine import stop_machine_if_idle
+
+        if sys.platform != "darwin":
+            print("--stop-machine: podman machines are a macOS thing; nothing to stop here")
+        else:
+            try:
+                print(stop_machine_if_idle(running))
+            except RuntimeError as e:
+                raise KeywardError(str(e)) from None
     return EXIT_OK
 
 
+EXIT_DEGRADED = 3
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    from gateway.engine.pair import find_pair, read_audit, ready_file_present
+    """Exit 0 healthy, 3 degraded (with the reasons), 1 when there is no such pair."""
+    from gateway.engine.pair import pair_health, read_audit
 
-    async def go(client: EngineClient) -> tuple[list[list[str]], Counter[str]]:
-        pair = await find_pair(client, args.name)
-        rows = []
+    async def go(client: EngineClient) -> tuple[Any, Counter[str]]:
+        health = await pair_health(client, args.name)
         counts: Counter[str] = Counter()
-        for role in ("gateway", "agent"):
-            c = pair.get(role)
-            if c is None:
-                rows.append([role, "-", "missing", "-"])
-                continue
-            running = c.get("State") == "running"
-            health = "-"
-            if role == "gateway" and running:
-                health = "ready" if await ready_file_present(client, c["Id"]) else "not ready"
-                records = await read_audit(client, c["Id"])
-                counts.update(str(r.get("decision", "?")) for r in records)
-            rows.append([role, str(c["Id"])[:12], str(c.get("Status") or c.get("State")), health])
-        return rows, counts
+        gw = health.members["gateway"]
+        if gw.state == "running":
+            counts.update(str(r.get("decision", "?")) for r in await read_audit(client, gw.id))
+        return health, counts
 
-    rows, counts = run_with_engine(args, go)
+    health, counts = run_with_engine(args, go)
     if args.json:
-        import json
-
-        members = [dict(zip(("role", "id", "state", "health"), r, strict=True)) for r in rows]
-        print(json.dumps({"pair": args.name, "members": members, "audit": dict(counts)}))
-        return EXIT_OK
+        print(json.dumps({**health.as_json(), "audit": dict(counts)}, indent=2))
+        return EXIT_OK if health.healthy else EXIT_DEGRADED
     table = Table(title=f"keyward pair {args.name}", title_justify="left")
     for col in ("role", "id", "state", "health"):
         table.add_column(col)
-    for r in rows:
-        table.add_row(*r)
+    for member in health.as_json()["members"]:
+        table.add_row(member["role"], member["id"][:12] or "-", member["state"], member["health"])
     con = make_console()
     con.print(table)
     audit = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "no requests yet"
     con.print(f"audit: {audit}")
+    if health.healthy:
+        con.print("healthy")
+        return EXIT_OK
+    opt = "" if args.name == "default" else f" --name {args.name}"
+    for p in health.problems:
+        con.print(f"degraded: {p}", highlight=False)
+    con.print(f"keyward restart{opt} brings it back", highlight=False)
+    return EXIT_DEGRADED
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    from gateway.engine.pair import restart
+
+    err = Console(stderr=True)
+    t0 = time.monotonic()
+
+    async def go(client: EngineClient) -> list[str]:
+        with err.status("restarting") as status:
+            return await restart(
+                client, args.name, args.member, ready_timeout=args.timeout, say=status.update
+            )
+
+    done = run_with_engine(args, go)
+    err.print(f"pair [bold]{args.name}[/]: restarted {', '.join(done)} in "
+              f"{time.monotonic() - t0:.1f} s")  # fmt: skip
     return EXIT_OK
 
 
@@ -182,22 +218,47 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
-    from gateway.engine.pair import container_of, stream_exec
+    """Like `docker exec [-i] [-t]`: stdin copied as it arrives, a TTY with the local window
+    size (and its changes), the command's exit code."""
+    from gateway.cli.terminal import on_resize, quietly, raw_terminal, read_stdin, terminal_size
+    from gateway.engine.pair import EXEC_WAITS, container_of, guarded, stream_exec
 
     cmd = _command(args)
     if not cmd:
         raise UsageError("exec: give a command after --")
+    tty = bool(args.tty)
+    if tty and not sys.stdin.isatty():
+        raise UsageError("exec -t: stdin is not a terminal (leave out -t when piping)")
 
     def write(stream: Stream, data: bytes) -> None:
         out = sys.stderr if stream == Stream.STDERR else sys.stdout
         out.buffer.write(data)
         out.flush()
 
+    def resizing(ex: ExecStream) -> Any:
+        @contextlib.asynccontextmanager
+        async def ctx() -> AsyncIterator[None]:
+            await quietly(ex.resize(*terminal_size()))  # before the first output is read
+            with on_resize(ex.resize):
+                yield
+
+        return ctx()
+
     async def go(client: EngineClient) -> int:
         cid = await container_of(client, args.name, "agent")
-        return await stream_exec(client, cid, cmd, write)
+        # the same guard as the agent's own command: nothing runs before the rules are in place
+        return await stream_exec(
+            client,
+            cid,
+            guarded(cmd, EXEC_WAITS),
+            write,
+            stdin=read_stdin() if args.interactive else None,
+            tty=tty,
+            on_start=resizing if tty else None,
+        )
 
-    return run_with_engine(args, go)
+    with raw_terminal(sys.stdin.fileno()) if tty and args.interactive else contextlib.nullcontext():
+        return run_with_engine(args, go)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -208,7 +269,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_name_option(p)
     p.add_argument("--gateway-image", default=DEFAULT_GATEWAY_IMAGE, metavar="IMG")
     p.add_argument("--agent-image", default=DEFAULT_AGENT_IMAGE, metavar="IMG")
-    p.add_argument("--agent-user", default=DEFAULT_AGENT_USER, metavar="UID:GID")
+    p.add_argument(
+        "--agent-user",
+        metavar="UID:GID",
+        help="the agent's user (default: yours, so workspace files stay yours; under sudo the "
+        f"user behind it; as plain root {DEFAULT_AGENT_USER})",
+    )
     p.add_argument("--agent-read-only", action="store_true", help="read-only agent root")
     p.add_argument("--workspace", metavar="DIR", help="bind-mounted at /workspace in the agent")
     p.add_argument(
@@ -219,15 +285,30 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD... for the agent")
     p.set_defaults(func=cmd_up)
 
-    p = sub.add_parser("down", help="remove a pair (agent, gateway, volumes, networks)")
+    p = sub.add_parser("down", help="remove a pair (containers, volumes, networks) by its label")
     add_name_option(p)
     p.add_argument("--keep-state", action="store_true", help="keep the state volume (CA key)")
+    p.add_argument(
+        "--stop-machine",
+        action="store_true",
+        help="macOS: then stop the podman machine, unless other containers still run in it",
+    )
     p.set_defaults(func=cmd_down)
 
-    p = sub.add_parser("status", help="a pair's containers, readiness and audit counts")
+    p = sub.add_parser(
+        "status", help="a pair's containers, readiness, audit counts; exit 3 when degraded"
+    )
     add_name_option(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser(
+        "restart", help="restart a pair's member in the order that keeps the agent guarded"
+    )
+    add_name_option(p)
+    p.add_argument("member", nargs="?", choices=("gateway", "agent"), help="default: both")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the gateway")
+    p.set_defaults(func=cmd_restart)
 
     p = sub.add_parser("logs", help="a pair's gateway or agent logs")
     add_name_option(p)
@@ -237,5 +318,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = sub.add_parser("exec", help="run a command in a pair's agent (exit code passed on)")
     add_name_option(p)
+    p.add_argument("-i", "--interactive", action="store_true", help="copy stdin to the command")
+    p.add_argument("-t", "--tty", action="store_true", help="a terminal for the command")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD...")
     p.set_defaults(func=cmd_exec)

@@ -44,6 +44,7 @@ _MAX_ERROR_BODY = 65536
 EngineKind = Literal["docker", "podman"]
 ProgressCallback = Callable[[dict[str, Any]], object]
 Filters = Mapping[str, Sequence[str] | str]
+Stdin = bytes | AsyncIterable[bytes]
 BuildContext = bytes | AsyncIterable[bytes]
 
 
@@ -156,10 +157,12 @@ class ExecStream:
         exec_id: str,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
-        stdin: bytes | None,
+        stdin: Stdin | None,
+        tty: bool = False,
     ) -> None:
         self._client = client
         self.exec_id = exec_id
+        self.tty = tty
         self._reader = reader
         self._writer = writer
         self._stdin_task: asyncio.Task[None] | None = None
@@ -167,11 +170,17 @@ class ExecStream:
             self._stdin_task = asyncio.ensure_future(self._send_stdin(stdin))
         self.exit_code: int | None = None
 
-    async def _send_stdin(self, data: bytes) -> None:
+    async def _send_stdin(self, data: Stdin) -> None:
+        """Copy stdin as it arrives (bytes, or chunks from an async iterable), then half-close."""
         try:
-            if data:
-                self._writer.write(data)
-                await self._writer.drain()
+            if isinstance(data, bytes):
+                if data:
+                    self._writer.write(data)
+                    await self._writer.drain()
+            else:
+                async for chunk in data:
+                    self._writer.write(chunk)
+                    await self._writer.drain()
             if self._writer.can_write_eof():
                 self._writer.write_eof()  # half-close: the engine closes the process's stdin
         except (ConnectionError, OSError):
@@ -197,6 +206,10 @@ class ExecStream:
         with contextlib.suppress(ConnectionError, OSError):
             await self._writer.wait_closed()
 
+    async def resize(self, height: int, width: int) -> None:
+        """Tell the engine the terminal's size (TTY execs; like `docker exec -t` on SIGWINCH)."""
+        await self._client.exec_resize(self.exec_id, height, width)
+
     async def __aiter__(self) -> AsyncIterator[tuple[Stream, bytes]]:
         demux = FrameDemuxer()
         try:
@@ -204,6 +217,9 @@ class ExecStream:
                 data = await self._reader.read(_READ_CHUNK)
                 if not data:
                     break
+                if self.tty:  # one raw stream, no frames
+                    yield Stream.STDOUT, data
+                    continue
                 for stream, payload in demux.feed(data):
                     if stream == Stream.SYSTEMERR:
                         raise EngineError(
@@ -394,15 +410,18 @@ class EngineClient:
     async def info(self) -> dict[str, Any]:
         return await self._json("GET", "/info")
 
-    async def is_rootless(self) -> bool:
-        """Podman: libpod info `host.security.rootless`; Docker: `name=rootless` security option."""
+    async def engine_info(self) -> dict[str, Any]:
+        """Podman's libpod `/info` (host.security, cgroups, version) or Docker's `/info`."""
         ping = self._ping or await self.ping()
         if ping.kind == "podman" and ping.libpod_api_version:
-            info = await self._json(
+            return await self._json(
                 "GET", f"/v{ping.libpod_api_version}/libpod/info", versioned=False
             )
-            return rootless_from_info(info)
-        return rootless_from_info(await self.info())
+        return await self.info()
+
+    async def is_rootless(self) -> bool:
+        """Podman: libpod info `host.security.rootless`; Docker: `name=rootless` security option."""
+        return rootless_from_info(await self.engine_info())
 
     # -- images --------------------------------------------------------------------------------
 
@@ -679,12 +698,13 @@ class EngineClient:
         env: Mapping[str, str] | None = None,
         stdin: bool = False,
         workdir: str | None = None,
+        tty: bool = False,
     ) -> str:
         body: dict[str, Any] = {
             "AttachStdin": stdin,
             "AttachStdout": True,
             "AttachStderr": True,
-            "Tty": False,
+            "Tty": tty,
             "Cmd": list(argv),
         }
         if user is not None:
@@ -695,6 +715,11 @@ class EngineClient:
             body["WorkingDir"] = workdir
         data = await self._json("POST", f"/containers/{container}/exec", json_body=body)
         return str(data["Id"])
+
+    async def exec_resize(self, exec_id: str, height: int, width: int) -> None:
+        await self._none(
+            "POST", f"/exec/{exec_id}/resize", params={"h": str(height), "w": str(width)}
+        )
 
     async def exec_inspect(self, exec_id: str) -> dict[str, Any]:
         return await self._json("GET", f"/exec/{exec_id}/json")
@@ -764,17 +789,17 @@ class EngineClient:
         *,
         user: str | None = None,
         env: Mapping[str, str] | None = None,
-        stdin: bytes | None = None,
+        stdin: Stdin | None = None,
         workdir: str | None = None,
+        tty: bool = False,
     ) -> ExecStream:
-        """Start `argv` in the container; iterate the result for output, then `.exit_code`."""
+        """Start `argv` in the container; iterate the result for output, then `.exit_code`.
+        `stdin` is copied as it arrives; `tty=True` gives one raw output stream."""
         exec_id = await self.exec_create(
-            container, argv, user=user, env=env, stdin=stdin is not None, workdir=workdir
+            container, argv, user=user, env=env, stdin=stdin is not None, workdir=workdir, tty=tty
         )
-        reader, writer = await self._hijack(
-            f"/exec/{exec_id}/start", {"Detach": False, "Tty": False}
-        )
-        return ExecStream(self, exec_id, reader, writer, stdin)
+        reader, writer = await self._hijack(f"/exec/{exec_id}/start", {"Detach": False, "Tty": tty})
+        return ExecStream(self, exec_id, reader, writer, stdin, tty)
 
     async def exec_run(
         self,

@@ -13,15 +13,16 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import socket
 import stat
-import subprocess
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.engine.errors import Attempt, EngineNotFound
+from gateway.engine.service import PrivateService, ServiceError, start_private_service
 
 CONNECT_TIMEOUT = 1.0
 # A socket that accepts but never answers /_ping (a wedged daemon, a stuck VM forwarder) must not
@@ -30,22 +31,22 @@ PING_TIMEOUT = 5.0
 # sockaddr_un.sun_path is 108 bytes on Linux, 104 on macOS, including the terminating NUL.
 MAX_SOCKET_PATH = {"darwin": 103}.get(sys.platform, 107)
 ENV_EXPLICIT = "KEYWARD_ENGINE_SOCKET"
-PODMAN_MACHINE_CMD = (
-    "podman",
-    "machine",
-    "inspect",
-    "--format",
-    "{{.ConnectionInfo.PodmanSocket.Path}}",
-)
+PODMAN_MACHINE_CMD = ("podman", "machine", "inspect")
 
 
 @dataclass(frozen=True)
 class Discovery:
-    """The socket to use, how it was found, and everything looked at before it."""
+    """The socket to use, how it was found, and everything looked at before it; `service` is
+    the API service keyward started for it (stop it when done), if it had to."""
 
     socket_path: Path
     how: str
     tried: tuple[Attempt, ...]
+    service: PrivateService | None = None
+
+    def close(self) -> None:
+        if self.service is not None:
+            self.service.stop()
 
 
 class _Settled(Exception):
@@ -124,20 +125,11 @@ def _ping(sock: socket.socket, timeout: float) -> str | None:
     return None
 
 
-def run_podman_machine_inspect() -> str:
-    """Ask the podman CLI where its macOS machine's API socket is (stdout, may be empty)."""
-    try:
-        done = subprocess.run(
-            PODMAN_MACHINE_CMD, capture_output=True, text=True, timeout=10, check=False
-        )
-    except FileNotFoundError:
-        raise RuntimeError("podman is not installed") from None
-    except subprocess.TimeoutExpired:
-        raise RuntimeError("podman machine inspect timed out") from None
-    if done.returncode != 0:
-        msg = (done.stderr or done.stdout).strip().splitlines()
-        raise RuntimeError(f"podman machine inspect failed: {msg[-1] if msg else done.returncode}")
-    return done.stdout
+def _ready_machine_socket() -> str:
+    """macOS: the podman machine made ready (started once if stopped), then its socket."""
+    from gateway.engine.machine import machine_socket_text
+
+    return machine_socket_text()
 
 
 class _Finder:
@@ -299,6 +291,7 @@ class _Finder:
                 f"engine socket from {last.source} is not usable "
                 "(an explicit setting is never replaced by another engine)",
                 self.tried,
+                authoritative=True,
             ) from None
         if found:
             return found
@@ -324,11 +317,15 @@ def find_engine(
     uid: int | None = None,
     run_podman_machine: Callable[[], str] | None = None,
     fs_root: Path | None = None,
+    fallback: bool = False,
+    podman: str | None = None,
 ) -> Discovery:
     """Find a connectable engine socket or raise `EngineNotFound` listing every place tried.
 
     `environ`, `home`, `platform`, `uid`, `fs_root` (prefix for system paths) and
     `run_podman_machine` exist so tests can describe any machine; defaults are this one.
+    `fallback`: when no socket answers and no setting decided, start a private Podman API
+    service (`podman`: its binary, default from PATH) instead of failing.
     """
     env = os.environ if environ is None else environ
     if home is None:
@@ -343,6 +340,18 @@ def find_engine(
         platform=platform,
         uid=uid if uid is not None else 0,
         fs_root=fs_root or Path("/"),
-        run_podman_machine=run_podman_machine or run_podman_machine_inspect,
+        run_podman_machine=run_podman_machine or _ready_machine_socket,
     )
-    return finder.find(explicit)
+    try:
+        return finder.find(explicit)
+    except EngineNotFound as e:
+        exe = podman or shutil.which("podman", path=env.get("PATH"))
+        if not fallback or e.authoritative or exe is None:
+            raise
+        try:
+            service = start_private_service(podman=exe)
+        except ServiceError as err:
+            tried = (*e.tried, Attempt("fallback", "podman system service", str(err)))
+            raise EngineNotFound(e.summary, tried) from None
+        how = f"started: podman system service (pid {service.pid}, private socket)"
+        return Discovery(service.socket_path, how, e.tried, service)

@@ -74,9 +74,12 @@ class EngineNotFound(KeywardError):
     """No usable engine socket; carries every candidate tried, because "not found" alone is
     useless to someone whose engine lives somewhere unusual."""
 
-    def __init__(self, summary: str, tried: Sequence[Attempt]) -> None:
+    def __init__(
+        self, summary: str, tried: Sequence[Attempt], *, authoritative: bool = False
+    ) -> None:
         self.summary = summary
         self.tried = tuple(tried)
+        self.authoritative = authoritative  # a user setting failed: nothing else may be used
         lines = "".join(f"\n  {a.line()}" for a in self.tried)
         super().__init__(f"{summary}{lines}")
 
@@ -87,6 +90,7 @@ _PODMAN_CAUSES: tuple[tuple[str, type[EngineError]], ...] = (
     ("already in use", Conflict),
     ("already exists", Conflict),
     ("is running", Conflict),
+    ("state improper", Conflict),
     ("is paused", Conflict),
     ("being used", Conflict),
     ("in use", Conflict),

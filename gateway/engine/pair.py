@@ -19,7 +19,8 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,13 @@ from gateway.config.loader import LoadedConfig, load_config
 from gateway.config.rewrite import shipped_config
 from gateway.credentials.sources import load_secrets
 from gateway.credentials.store import SecretStore
-from gateway.engine.client import EngineClient
+from gateway.engine.client import (
+    EngineClient,
+    ExecStream,
+    Stdin,
+    parse_version,
+    rootless_from_info,
+)
 from gateway.engine.errors import Conflict, EngineError, NotFound
 from gateway.engine.hostnet import forward_drop_problems
 from gateway.engine.stream import Stream
@@ -42,7 +49,10 @@ LABEL_UP = "keyward.up"
 DEFAULT_NAME = "default"
 DEFAULT_GATEWAY_IMAGE = "localhost/keyward-gateway:dev"
 DEFAULT_AGENT_IMAGE = "localhost/keyward-agent:dev"
+# The agent's user when keyward runs as root outside sudo (no user to mirror).
 DEFAULT_AGENT_USER = "1000:1000"
+# Rootful Podman maps keep-id from this version on (rootless has it throughout).
+KEEP_ID_ROOTFUL = (4, 5)
 DEFAULT_AGENT_CMD = ("sh", "-c", "while :; do sleep 3600; done")
 
 # Paths inside the gateway container.
@@ -68,6 +78,14 @@ GATEWAY_MEMORY = 512 * 1024 * 1024
 GATEWAY_PIDS = 256
 AGENT_PIDS = 4096
 READY_TIMEOUT = 60.0
+HOLDER_CMD = ("sleep", "infinity")
+HOLDER_PIDS = 8
+HOLDER_MEMORY = 32 * 1024 * 1024
+# The agent's command waits this many 0.2 s polls (about a minute) for the gateway, then exits
+# 124; its restart policy starts it (and the wait) again.
+AGENT_START_WAITS = 300
+# `keyward exec` waits less: a user is watching.
+EXEC_WAITS = 50
 
 
 class PairError(KeywardError):
@@ -93,6 +111,10 @@ class PairNames:
         return f"keyward-{self.pair}-agent"
 
     @property
+    def holder(self) -> str:
+        return f"keyward-{self.pair}-pod"
+
+    @property
     def state_volume(self) -> str:
         return f"keyward-{self.pair}-state"
 
@@ -106,7 +128,7 @@ class PairNames:
 
     @property
     def containers(self) -> tuple[str, ...]:
-        return (self.gateway, self.agent)
+        return (self.holder, self.gateway, self.agent)
 
     @property
     def volumes(self) -> tuple[str, ...]:
@@ -123,6 +145,7 @@ class PairOptions:
     publish_services: bool = False
     command: Sequence[str] = ()
     agent_user: str = DEFAULT_AGENT_USER
+    userns: str | None = None  # "keep-id" on Podman where it exists
     agent_read_only: bool = False
     extra_hosts: Sequence[str] = ()
     dns: Sequence[str] = ()
@@ -132,6 +155,59 @@ class PairOptions:
     agent_memory: int | None = None
     agent_pids: int = AGENT_PIDS
     ready_timeout: float = READY_TIMEOUT
+
+
+def default_agent_user(environ: Mapping[str, str], uid: int, gid: int) -> str:
+    """The invoking user's uid:gid, so files the agent writes in the workspace are the user's:
+    under sudo the user behind it; as plain root (no user to mirror) 1000:1000."""
+    if uid != 0:
+        return f"{uid}:{gid}"
+    sudo_uid, sudo_gid = environ.get("SUDO_UID", ""), environ.get("SUDO_GID", "")
+    if sudo_uid.isdigit() and sudo_gid.isdigit() and sudo_uid != "0":
+        return f"{sudo_uid}:{sudo_gid}"
+    return DEFAULT_AGENT_USER
+
+
+def engine_user_setup(
+    kind: str, info: Mapping[str, Any], opts: PairOptions
+) -> tuple[str | None, list[str]]:
+    """(the agent's user namespace mode, what `up` must report the engine cannot apply).
+
+    Podman: `keep-id` rootless and rootful >= 4.5 (the agent's uid is the user's uid on the
+    host); older rootful Podman runs the agent as uid:gid directly, which owns files the same
+    way. Memory and pids limits need the cgroup controllers: rootless on cgroup v1 has none."""
+    host = info.get("host") if isinstance(info.get("host"), Mapping) else {}
+    rootless = rootless_from_info(info)
+    notes: list[str] = []
+    userns: str | None = None
+    if kind == "podman":
+        version = parse_version(str((info.get("version") or {}).get("Version") or "0"))
+        if rootless or version >= KEEP_ID_ROOTFUL:
+            userns = "keep-id"
+        controllers = set(host.get("cgroupControllers") or [])
+        if rootless and str(host.get("cgroupVersion")) == "v1":
+            controllers = set()
+        elif not controllers:
+            controllers = {"memory", "pids"}  # rootful: the engine manages them itself
+    else:
+        controllers = set()
+        if info.get("MemoryLimit", True):
+            controllers.add("memory")
+        if info.get("PidsLimit", True):
+            controllers.add("pids")
+    limits = {
+        "memory": [("gateway", opts.gateway_memory), ("agent", opts.agent_memory)],
+        "pids": [("gateway", opts.gateway_pids), ("agent", opts.agent_pids)],
+    }
+    why = "rootless on cgroup v1" if rootless else "no cgroup controller for it"
+    for controller, wanted in limits.items():
+        who = [role for role, value in wanted if value]
+        if who and controller not in controllers:
+            notes.append(
+                f"the engine cannot apply the {controller} limit ({why}): the "
+                f"{' and '.join(who)} run without one"
+            )
+    return userns, notes
 
 
 def check_pair_name(name: str) -> str:
@@ -178,12 +254,63 @@ class GatewayBundle:
         return buf.getvalue()
 
 
-def build_gateway_bundle(loaded: LoadedConfig, store: SecretStore) -> GatewayBundle:
+# The names engines give the host; keyward maps them for the gateway (see host_gateway_resolve).
+HOST_NAMES = ("host.containers.internal", "host.docker.internal")
+
+
+def host_gateway_resolve(
+    rule_keys: Sequence[str], existing: Mapping[str, str], address: str
+) -> dict[str, str]:
+    """`upstream.resolve` entries sending each policy rule that names the host to `address`.
+
+    Through these, the gateway's DNS answers the name (only when the policy allows it, like any
+    name) and its transparent planes accept a connection to `address` as that name, whatever the
+    agent resolved it with. A rule with a port maps that port; a bare name maps 80 and 443."""
+    out: dict[str, str] = {}
+    for key in rule_keys:
+        host, sep, port = str(key).lower().rpartition(":")
+        if not (sep and port.isdigit()):
+            host, port = str(key).lower(), ""
+        if host.rstrip(".") not in HOST_NAMES:
+            continue
+        for p in [port] if port else ["80", "443"]:
+            entry = f"{host.rstrip('.')}:{p}"
+            if entry not in existing:
+                out[entry] = f"{address}:{p}"
+    return out
+
+
+async def host_address(client: EngineClient, opts: PairOptions, kind: str) -> str | None:
+    """The host's address as seen from the pair's network: that network's gateway (the host
+    side of its bridge). Unlike `host-gateway` (Docker's default bridge address, Podman >= 4.7)
+    it is reachable from an internal network too, and it exists on every engine version."""
+    net = opts.networks[0] if opts.networks else ("podman" if kind == "podman" else "bridge")
+    try:
+        data = await client.network_inspect(net)
+    except EngineError:
+        return None
+    gateways = [
+        str(c["Gateway"]) for c in (data.get("IPAM") or {}).get("Config") or [] if c.get("Gateway")
+    ]
+    v4 = [g for g in gateways if ":" not in g]
+    return (v4 or gateways or [None])[0]
+
+
+def build_gateway_bundle(
+    loaded: LoadedConfig, store: SecretStore, *, host_gateway: str | None = None
+) -> GatewayBundle:
     """The rewritten keyward.yaml (every source = env from `.env`), the `.env` (0600) with the
-    host-resolved values, and a copy of `upstream.ca_bundle`. Validated with the real loader."""
+    host-resolved values, and a copy of `upstream.ca_bundle`. Validated with the real loader.
+    `host_gateway`: the host's address, for rules naming host.docker.internal & co."""
     raw, values = shipped_config(loaded, store, lambda key: {"env": key})
     files: dict[str, tuple[bytes, int]] = {}
     upstream = raw.get("upstream") or {}
+    if host_gateway:
+        rules = list((raw.get("egress") or {}).get("hosts") or {})
+        extra = host_gateway_resolve(rules, upstream.get("resolve") or {}, host_gateway)
+        if extra:
+            upstream["resolve"] = {**(upstream.get("resolve") or {}), **extra}
+            raw["upstream"] = upstream
     ca_bundle = upstream.get("ca_bundle")
     if ca_bundle:
         path = Path(ca_bundle).expanduser()
@@ -242,23 +369,27 @@ def gateway_command(opts: PairOptions) -> list[str]:
     ]  # fmt: skip
 
 
-def gateway_config(opts: PairOptions, service_ports: Sequence[int] = ()) -> dict[str, Any]:
-    """Docker-API create body for the gateway: root only until `serve` drops itself."""
-    names = PairNames(opts.name)
+def restart_policy(kind: str) -> dict[str, str]:
+    """Bring the pair back after an engine restart. Podman: `always`, the policy its
+    podman-restart.service starts at boot; Docker: `unless-stopped`, so a member a user stopped
+    on purpose stays stopped. The order that keeps the agent guarded does not come from the
+    engine (it starts members in any order): the agent waits for the gateway's stamp."""
+    return {"Name": "always" if kind == "podman" else "unless-stopped"}
+
+
+def holder_config(
+    opts: PairOptions, service_ports: Sequence[int] = (), kind: str = "docker"
+) -> dict[str, Any]:
+    """The namespace owner: a process that does nothing (Kubernetes' pause container), from the
+    gateway image so no other image is needed. It carries everything that belongs to the
+    namespace (networks, published ports, /etc/hosts entries, DNS), as joiners may set none."""
     host: dict[str, Any] = {
         "CapDrop": ["ALL"],
-        "CapAdd": list(GATEWAY_CAPS),
         "SecurityOpt": ["no-new-privileges"],
         "ReadonlyRootfs": True,
-        "Tmpfs": {"/tmp": "rw,nosuid,nodev,size=64m"},
-        "PidsLimit": opts.gateway_pids,
-        "Memory": opts.gateway_memory,
-        "Binds": [
-            f"{names.state_volume}:{GW_STATE}:rw",
-            f"{names.trust_volume}:{GW_TRUST}:rw",
-            f"{names.config_volume}:{GW_CONFIG_DIR}:rw",
-        ],
-        "RestartPolicy": {"Name": "no"},
+        "PidsLimit": HOLDER_PIDS,
+        "Memory": HOLDER_MEMORY,
+        "RestartPolicy": restart_policy(kind),
     }
     if opts.extra_hosts:
         host["ExtraHosts"] = list(opts.extra_hosts)
@@ -266,9 +397,11 @@ def gateway_config(opts: PairOptions, service_ports: Sequence[int] = ()) -> dict
         host["Dns"] = list(opts.dns)
     body: dict[str, Any] = {
         "Image": opts.gateway_image,
-        "Cmd": gateway_command(opts),
-        "User": "0:0",
-        "Labels": pair_labels(opts, "gateway"),
+        "Entrypoint": list(HOLDER_CMD),
+        "Cmd": [],
+        "User": "65534:65534",
+        "StopSignal": "SIGKILL",  # sleep as pid 1 ignores SIGTERM; it holds no state
+        "Labels": pair_labels(opts, "holder"),
         "HostConfig": host,
     }
     if opts.networks:
@@ -282,6 +415,61 @@ def gateway_config(opts: PairOptions, service_ports: Sequence[int] = ()) -> dict
     return body
 
 
+def gateway_config(opts: PairOptions, holder_id: str, kind: str = "docker") -> dict[str, Any]:
+    """Docker-API create body for the gateway: root only until `serve` drops itself; joins the
+    holder's namespace, so it can restart without taking the namespace (or its rules) away."""
+    names = PairNames(opts.name)
+    host: dict[str, Any] = {
+        "NetworkMode": f"container:{holder_id}",
+        "CapDrop": ["ALL"],
+        "CapAdd": list(GATEWAY_CAPS),
+        "SecurityOpt": ["no-new-privileges"],
+        "ReadonlyRootfs": True,
+        "Tmpfs": {"/tmp": "rw,nosuid,nodev,size=64m"},
+        "PidsLimit": opts.gateway_pids,
+        "Memory": opts.gateway_memory,
+        "Binds": [
+            f"{names.state_volume}:{GW_STATE}:rw",
+            f"{names.trust_volume}:{GW_TRUST}:rw",
+            f"{names.config_volume}:{GW_CONFIG_DIR}:rw",
+        ],
+        "RestartPolicy": restart_policy(kind),
+    }
+    return {
+        "Image": opts.gateway_image,
+        "Cmd": gateway_command(opts),
+        "User": "0:0",
+        "Labels": pair_labels(opts, "gateway"),
+        "HostConfig": host,
+    }
+
+
+# Runs before anything else in every agent process keyward starts (the container's command and
+# `keyward exec`): wait until the gateway's ready file holds this very network namespace, which
+# the gateway writes only after its rules are in it. A file from an earlier namespace (engine
+# restart, pod recreated) does not count. POSIX sh; needs sh, readlink, cat and sleep.
+AGENT_GUARD = (
+    "f=$1; n=$2; shift 2; i=0; me=$(readlink /proc/self/ns/net); "
+    'until [ -r "$f" ] && [ "$(cat "$f" 2>/dev/null)" = "$me" ]; do '
+    'i=$((i + 1)); if [ "$i" -gt "$n" ]; then '
+    'echo "keyward: the gateway of this pod is not ready; not starting $1" >&2; exit 124; fi; '
+    'sleep 0.2 2>/dev/null || sleep 1; done; exec "$@"'
+)
+
+
+def guarded(argv: Sequence[str], waits: int) -> list[str]:
+    """`argv` behind AGENT_GUARD, polling at most `waits` times (0: check once)."""
+    return [
+        "/bin/sh",
+        "-c",
+        AGENT_GUARD,
+        "keyward-guard",
+        f"{AGENT_TRUST}/ready",
+        str(waits),
+        *argv,
+    ]
+
+
 def parse_trust_env(text: str) -> list[str]:
     """`KEY=VALUE` lines of trust.env (CA variables + placeholders), comments dropped."""
     out = []
@@ -292,28 +480,35 @@ def parse_trust_env(text: str) -> list[str]:
     return out
 
 
-def agent_config(opts: PairOptions, gateway_id: str, trust_env: Sequence[str]) -> dict[str, Any]:
-    """Docker-API create body for the agent: joins the gateway's namespace, owns nothing."""
+def agent_config(
+    opts: PairOptions, holder_id: str, trust_env: Sequence[str], kind: str = "docker"
+) -> dict[str, Any]:
+    """Docker-API create body for the agent: joins the holder's namespace, owns nothing, and
+    starts its command only once the gateway's rules are in that namespace."""
     names = PairNames(opts.name)
     binds = [f"{names.trust_volume}:{AGENT_TRUST}:ro"]
     if opts.workspace is not None:
         binds.append(f"{Path(opts.workspace).resolve()}:{AGENT_WORKSPACE}:rw")
     host: dict[str, Any] = {
-        "NetworkMode": f"container:{gateway_id}",
+        "NetworkMode": f"container:{holder_id}",
         "CapDrop": ["ALL"],
         "SecurityOpt": ["no-new-privileges"],
         "ReadonlyRootfs": bool(opts.agent_read_only),
         "PidsLimit": opts.agent_pids,
         "Binds": binds,
-        "RestartPolicy": {"Name": "no"},
+        "RestartPolicy": restart_policy(kind),
     }
     if opts.agent_read_only:
         host["Tmpfs"] = {"/tmp": "rw,nosuid,nodev,size=256m"}
     if opts.agent_memory:
         host["Memory"] = opts.agent_memory
+    if opts.userns:
+        host["UsernsMode"] = opts.userns
+    cmd = guarded(list(opts.command or DEFAULT_AGENT_CMD), AGENT_START_WAITS)
     return {
         "Image": opts.agent_image,
-        "Cmd": list(opts.command or DEFAULT_AGENT_CMD),
+        "Entrypoint": cmd[:1],
+        "Cmd": cmd[1:],
         "User": opts.agent_user,
         "Env": list(trust_env),
         "Labels": pair_labels(opts, "agent"),
@@ -337,6 +532,7 @@ class PairInfo:
     agent_id: str
     ready_seconds: float
     warnings: list[str] = field(default_factory=list)
+    holder_id: str = ""
 
 
 async def internal_podman_networks(
@@ -370,24 +566,48 @@ async def gateway_logs(client: EngineClient, container: str, tail: int = 50) -> 
     return out.decode(errors="replace")
 
 
+async def gateway_ready(client: EngineClient, gateway: str, holder: str | None = None) -> bool:
+    """The gateway listens and its rules are in the pair's namespace: its ready stamp names the
+    namespace it is in, which is the holder's (a gateway stranded in an old namespace has a
+    stamp that is true there, and useless to an agent in the new one)."""
+    stamp = await read_stamp(client, gateway)
+    if not stamp:
+        return False
+    for owner in [gateway] if holder is None else [gateway, holder]:
+        if await _netns(client, owner) != stamp:
+            return False
+    return True
+
+
+async def read_stamp(client: EngineClient, gateway: str) -> str | None:
+    """The gateway's ready stamp (`net:[inode]`), or None while it is not ready."""
+    with contextlib.suppress(EngineError):
+        r = await client.exec_run(gateway, ["cat", GW_READY])
+        if r.exit_code == 0:
+            return r.stdout.decode(errors="replace").strip() or None
+    return None
+
+
 async def wait_ready(
-    client: EngineClient, container: str, timeout: float, tick: Say = _quiet
+    client: EngineClient,
+    container: str,
+    timeout: float,
+    tick: Say = _quiet,
+    holder: str | None = None,
 ) -> float:
-    """Poll for the ready file with our own probe (Podman healthchecks need systemd)."""
+    """Poll for the ready stamp with our own probe (Podman healthchecks need systemd)."""
     loop = asyncio.get_running_loop()
     start = loop.time()
     delay = 0.05
     while True:
         state = (await client.container_inspect(container)).get("State", {})
-        if not state.get("Running"):
+        if not state.get("Running") and not state.get("Restarting"):
             logs = await gateway_logs(client, container)
             raise PairError(
                 f"gateway exited during start-up (status {state.get('ExitCode')}):\n{logs.strip()}"
             )
-        with contextlib.suppress(EngineError):
-            r = await client.exec_run(container, ["test", "-e", GW_READY])
-            if r.exit_code == 0:
-                return loop.time() - start
+        if state.get("Running") and await gateway_ready(client, container, holder):
+            return loop.time() - start
         elapsed = loop.time() - start
         if elapsed > timeout:
             logs = await gateway_logs(client, container)
@@ -512,42 +732,60 @@ async def up(
     opts: PairOptions,
     say: Say = _quiet,
 ) -> PairInfo:
-    """Create and start the pair; on any failure remove exactly what this call created."""
+    """Create and start the pair; on any failure remove exactly what this call created.
+
+    The holder is created first: its name is the claim a concurrent `up` loses on before it
+    has made anything."""
     check_pair_name(opts.name)
     names = PairNames(opts.name)
-    bundle = build_gateway_bundle(loaded, store)
+    build_gateway_bundle(loaded, store)  # a config that cannot be shipped fails before the engine
     await check_names_free(client, opts.name)
+    kind = (await client.ping()).kind
     warnings: list[str] = []
-    if (await client.ping()).kind == "podman":
+    host_ip = await host_address(client, opts, kind)
+    if host_ip is None:
+        warnings.append(f"no host address known for the pair's network: {', '.join(HOST_NAMES)} "
+                        "will not resolve for the agent")  # fmt: skip
+    bundle = build_gateway_bundle(loaded, store, host_gateway=host_ip)
+    userns, notes = engine_user_setup(kind, await client.engine_info(), opts)
+    warnings += notes
+    if userns and not opts.userns:
+        opts = replace(opts, userns=userns)
+    if kind == "podman":
         warnings += forward_drop_problems(await internal_podman_networks(client, opts.networks))
     for image in (opts.gateway_image, opts.agent_image):
         await ensure_image(client, image, say)
     made = _Made(secrets.token_hex(8))
     try:
+        say("creating the pod")
+        holder = await _create_container(
+            client, names.holder, holder_config(opts, bundle.service_ports, kind), opts, made
+        )
         for vol in names.volumes:
             # a state volume kept by `down --keep-state` is reused: the same CA and placeholders
             await _ensure_volume(client, vol, opts, made)
+        for net in opts.networks[1:]:
+            await client.network_connect(net, holder)
+        await client.container_start(holder)
         say("creating the gateway")
         gw = await _create_container(
-            client, names.gateway, gateway_config(opts, bundle.service_ports), opts, made
+            client, names.gateway, gateway_config(opts, holder, kind), opts, made
         )
         await client.put_archive(gw, GW_CONFIG_DIR, bundle.tar())
-        for net in opts.networks[1:]:
-            await client.network_connect(net, gw)
         say("starting the gateway")
         await client.container_start(gw)
-        ready = await wait_ready(client, gw, opts.ready_timeout, say)
+        ready = await wait_ready(client, gw, opts.ready_timeout, say, holder)
         trust = parse_trust_env(await exec_text(client, gw, ["cat", f"{GW_TRUST}/trust.env"]))
         say("starting the agent")
         agent = await _create_container(
-            client, names.agent, agent_config(opts, gw, trust), opts, made
+            client, names.agent, agent_config(opts, holder, trust, kind), opts, made
         )
         await client.container_start(agent)
     except BaseException:
         with contextlib.suppress(Exception):
             await asyncio.shield(undo(client, made))
         raise
-    return PairInfo(opts.name, gw, agent, ready, warnings)
+    return PairInfo(opts.name, gw, agent, ready, warnings, holder)
 
 
 async def _remove_volume(client: EngineClient, vol: str) -> bool:
@@ -630,11 +868,151 @@ async def read_audit(client: EngineClient, gateway: str) -> list[dict[str, Any]]
     return out
 
 
-async def ready_file_present(client: EngineClient, gateway: str) -> bool:
-    try:
-        return (await client.exec_run(gateway, ["test", "-e", GW_READY])).exit_code == 0
-    except EngineError:
-        return False
+ROLES = ("holder", "gateway", "agent")
+
+
+@dataclass
+class Member:
+    role: str
+    id: str = ""
+    state: str = "missing"
+    netns: str | None = None
+
+
+@dataclass
+class PairHealth:
+    """What `status` reports: each member, and why the pair is degraded (empty = healthy)."""
+
+    name: str
+    members: dict[str, Member]
+    ready: bool
+    problems: list[str]
+
+    @property
+    def healthy(self) -> bool:
+        return not self.problems
+
+    def health_of(self, role: str) -> str:
+        """The health column: only the gateway has a readiness of its own."""
+        if role != "gateway" or self.members[role].state != "running":
+            return "-"
+        return "ready" if self.ready else "not ready"
+
+    def as_json(self) -> dict[str, Any]:
+        ordered = sorted(self.members.items(), key=lambda kv: _STATUS_ORDER[kv[0]])
+        return {
+            "pair": self.name,
+            "healthy": self.healthy,
+            "problems": self.problems,
+            "members": [
+                {
+                    "role": r,
+                    "id": m.id,
+                    "state": m.state,
+                    "health": self.health_of(r),
+                    "netns": m.netns,
+                }
+                for r, m in ordered
+            ],
+        }
+
+
+# Listing order in `status`: the gateway first, the holder last.
+_STATUS_ORDER = {"gateway": 0, "agent": 1, "holder": 2}
+
+
+async def _netns(client: EngineClient, container: str) -> str | None:
+    with contextlib.suppress(EngineError):
+        r = await client.exec_run(container, ["readlink", "/proc/self/ns/net"])
+        if r.exit_code == 0:
+            return r.stdout.decode(errors="replace").strip()
+    return None
+
+
+async def pair_health(client: EngineClient, name: str) -> PairHealth:
+    """The truth about a pair: every member running, the agent and gateway in the holder's
+    namespace, and the gateway's ready stamp naming that namespace."""
+    found = await find_pair(client, name)
+    if not found:
+        raise PairError(f"no pair {name!r} (keyward up --name {name})")
+    members: dict[str, Member] = {}
+    problems: list[str] = []
+    for role in ROLES:
+        c = found.get(role)
+        m = Member(role)
+        members[role] = m
+        if c is None:
+            problems.append(f"{role} container missing (keyward down, then up)")
+            continue
+        m.id = str(c["Id"])
+        m.state = str(c.get("State") or "?")
+        if m.state != "running":
+            problems.append(f"{role} is {m.state}")
+            continue
+        m.netns = await _netns(client, m.id)
+    holder_ns = members["holder"].netns
+    for role in ("gateway", "agent"):
+        m = members[role]
+        if m.state == "running" and holder_ns and m.netns != holder_ns:
+            problems.append(f"{role} is not in the pair's network namespace")
+    gw = members["gateway"]
+    stamp = await read_stamp(client, gw.id) if gw.state == "running" else None
+    ready = stamp is not None and stamp == gw.netns and stamp == (holder_ns or stamp)
+    if gw.state == "running" and not ready:
+        problems.append("gateway readiness failing (no ready stamp for this namespace)")
+    return PairHealth(name, members, ready, problems)
+
+
+async def _restart_one(client: EngineClient, cid: str, timeout: int) -> None:
+    with contextlib.suppress(Conflict, NotFound):
+        await client.container_stop(cid, timeout=timeout)
+    await client.container_start(cid)
+
+
+async def restart(
+    client: EngineClient,
+    name: str,
+    member: str | None = None,
+    *,
+    ready_timeout: float = READY_TIMEOUT,
+    say: Say = _quiet,
+) -> list[str]:
+    """Restart a member (or the whole pair) in the order that keeps the agent guarded: holder
+    (a new namespace) before the gateway, gateway ready before the agent. A dead holder means
+    both members are stranded, so both restart whatever was asked."""
+    found = await find_pair(client, name)
+    missing = [r for r in ROLES if r not in found]
+    if missing:
+        raise PairError(
+            f"pair {name!r} has no {', '.join(missing)} container; keyward down --name {name} "
+            "and keyward up again"
+        )
+    ids = {r: str(found[r]["Id"]) for r in ROLES}
+    done: list[str] = []
+    holder_ok = found["holder"].get("State") == "running"
+    if not holder_ok:
+        say("starting the pod (a new network namespace)")
+        for role in ("agent", "gateway"):  # joiners of the old namespace first
+            with contextlib.suppress(Conflict, NotFound):
+                await client.container_stop(ids[role], timeout=5)
+        await client.container_start(ids["holder"])
+        done.append("holder")
+        member = None
+    if member in (None, "gateway"):
+        say("restarting the gateway")
+        await _restart_one(client, ids["gateway"], 10)
+        await wait_ready(client, ids["gateway"], ready_timeout, say, ids["holder"])
+        done.append("gateway")
+    if member in (None, "agent"):
+        if not await gateway_ready(client, ids["gateway"], ids["holder"]):
+            raise PairError(
+                f"the gateway of pair {name!r} is not ready, so the agent stays down; "
+                f"keyward restart --name {name} gateway"
+            )
+        say("restarting the agent")
+        await _restart_one(client, ids["agent"], 10)
+        done.append("agent")
+    return done
 
 
 async def stream_exec(
@@ -642,9 +1020,16 @@ async def stream_exec(
     container: str,
     argv: Sequence[str],
     write: Callable[[Stream, bytes], object],
-    stdin: bytes | None = None,
+    stdin: Stdin | None = None,
+    *,
+    tty: bool = False,
+    on_start: Callable[[ExecStream], AbstractAsyncContextManager[object]] | None = None,
 ) -> int:
-    async with await client.exec_stream(container, argv, stdin=stdin) as ex:
-        async for stream, data in ex:
-            write(stream, data)
+    """Run `argv`, copying stdin in and output out as it flows; the process's exit code.
+    `on_start` wraps the streaming (a TTY's resize handling)."""
+    async with await client.exec_stream(container, argv, stdin=stdin, tty=tty) as ex:
+        ctx = on_start(ex) if on_start is not None else contextlib.nullcontext()
+        async with ctx:
+            async for stream, data in ex:
+                write(stream, data)
     return int(ex.exit_code if ex.exit_code is not None else 1)

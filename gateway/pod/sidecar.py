@@ -112,6 +112,16 @@ def write_agent_trust(ctx: GatewayContext, out: Path, mount: str) -> None:
             f.write(f"{ph.env}={ph.value}\n")
 
 
+def ready_stamp() -> str:
+    """The ready file's content: this network namespace's identity (`net:[inode]`). A waiting
+    agent compares it with its own, so a file left from an earlier namespace (the engine
+    restarted, the pod was recreated, rules gone) never lets it start unguarded."""
+    try:
+        return os.readlink("/proc/self/ns/net") + "\n"
+    except OSError:
+        return "ready\n"
+
+
 @dataclass
 class Sidecar:
     ctx: GatewayContext
@@ -128,6 +138,9 @@ class Sidecar:
     @classmethod
     def prepare(cls, loaded: LoadedConfig, opts: ServeOptions) -> Sidecar:
         """The privileged part: secrets, CA, rules, then the irreversible drop."""
+        if opts.ready_file is not None:  # a previous run's file must not announce this one
+            with contextlib.suppress(FileNotFoundError):
+                opts.ready_file.unlink()
         make_undumpable()
         if not opts.agent_masked:
             refuse_exposed_secret_files(loaded, opts.agent_uid, opts.agent_gid)
@@ -202,7 +215,7 @@ class Sidecar:
         self._start_reloader()
         self.ready = True
         if self.opts.ready_file is not None:
-            self.opts.ready_file.write_text("ready\n")
+            self.opts.ready_file.write_text(ready_stamp())
         log.info("ready: transparent %d, explicit %d, dns %d", p.transparent, p.explicit, p.dns)
 
     async def _start_control(self, path: Path | None) -> None:
