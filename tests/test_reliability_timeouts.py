@@ -108,3 +108,18 @@ async def test_mitm_upstream_errors_are_keyward_json_without_internal_addresses(
     assert str(closed) not in body and "127.0.0.1" not in body and "<html" not in body
     rec = by_path(world, "/down")
     assert rec["status"] == 502 and rec["reason"] == "upstream-error"
+
+
+async def test_transparent_route_honours_the_port_of_a_resolve_target(world: World) -> None:
+    """A transparent connection is seen as the dialled IP; the rule and `upstream.resolve` are
+    keyed by the verified name, and the resolve target's port must be the one dialled."""
+    from mitmproxy.test import tflow
+
+    from gateway.planes.mitm.addons import Destinations
+
+    async with running(world) as gw:
+        dest = Destinations(gw.ctx, None)
+        flow = tflow.tflow()
+        flow.request.host, flow.request.port = "127.0.0.1", 443  # what the agent dialled
+        dest.route(flow, "api.example.test", 443)
+        assert (flow.request.host, flow.request.port) == ("127.0.0.1", world.upstream.port)

@@ -176,10 +176,12 @@ class Destinations:
         server address: mitmproxy reuses a connection only when they are equal, so rewriting
         just the address opened a new upstream connection per request, and stalled."""
         req = flow.request
+        # the verified name and port, not the request's host: on the transparent plane that
+        # is the dialled IP, and `upstream.resolve` (target port included) is keyed by name
         try:
-            key = (normalise_host(req.host), req.port)
+            key = (normalise_host(name), port)
         except ValueError:
-            key = (req.host, req.port)
+            key = (name, port)
         target = self.ctx.connect_target(*key)
         self.approve(flow.client_conn, target)
         self.names.setdefault(flow.client_conn.id, {})[target] = (name, port)
