@@ -472,8 +472,10 @@ def test_keyward_check_reports_missing_secrets_one_line_each(tmp_path: Path) -> 
         env=env,
     )
     assert proc.returncode == 2
-    assert proc.stderr.splitlines()[-2:] == [
-        "keyward: secret 'openai': env OPENAI_KEY_T1 is not set",
-        "secret 'other': command false exited with status 1 (its output is not shown)",
+    lines = proc.stderr.splitlines()
+    assert lines[-3:-1] == [
+        "keyward: keyward.yaml:3: secret 'openai': env OPENAI_KEY_T1 is not set",
+        "keyward.yaml:4: secret 'other': command false exited with status 1 (its output is not shown)",
     ]
+    assert lines[-1].startswith("hint: export OPENAI_KEY_T1 ") and "--skip-secrets" in lines[-1]
     assert VALUE not in proc.stdout + proc.stderr
