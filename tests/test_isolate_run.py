@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from gateway.pod.netns import NetNamespace, VethLink, ip
+from tests.support.upstream import start_in_namespace
 
 pytestmark = pytest.mark.root
 
@@ -85,17 +85,7 @@ def upstream(root_ok: None, tmp_path: Path) -> Iterator[HostSideUpstream]:
             ip("route", "add", f"{api}/32", "via", LINK_UP, "dev", link.left_name)
             ip("route", "add", f"{LINK_HOST}/32", "dev", link.right_name, netns=ns.name)
             ip("route", "add", "default", "via", LINK_HOST, netns=ns.name)
-            proc = ns.exec(
-                [sys.executable, str(ROOT / "tests/support/upstream_main.py"), "--dir",
-                 str(up_dir), "--host", api, "--names", "api.example.test"],
-            )  # fmt: skip
-            deadline = time.monotonic() + 20
-            while not (up_dir / "ready").exists():
-                assert proc.poll() is None and time.monotonic() < deadline, "upstream did not start"
-                time.sleep(0.05)
-            for p in (up_dir, up_dir / "pki"):
-                p.chmod(0o755)
-            (up_dir / "pki" / "test-ca.pem").chmod(0o644)
+            proc = start_in_namespace(ns, up_dir, [api], ["api.example.test"])
             try:
                 yield HostSideUpstream(ns, api, up_dir)
             finally:

@@ -26,6 +26,7 @@ from gateway.pod.contract import DEFAULT_PROBES, check_script
 from gateway.pod.isolate import IsolatedPod
 from gateway.pod.netns import Topology
 from gateway.tls.ca import CertificateAuthority
+from tests.support.upstream import start_in_namespace
 
 pytestmark = pytest.mark.root
 
@@ -85,18 +86,10 @@ def world(root_ok: None) -> Iterator[PodWorld]:
     up_dir = base / "upstream"
     up_dir.mkdir()
     with Topology() as topo:
-        topo.upstream.exec(
-            [sys.executable, str(ROOT / "tests/support/upstream_main.py"), "--dir", str(up_dir),
-             "--host", API, "--host", OTHER, "--host", V6,
-             "--names", "api.example.test", "plain.example.test", "other.example.test"],
+        start_in_namespace(
+            topo.upstream, up_dir, [API, OTHER, V6],
+            ["api.example.test", "plain.example.test", "other.example.test"],
         )  # fmt: skip
-        deadline = time.monotonic() + 20
-        while not (up_dir / "ready").exists():
-            assert time.monotonic() < deadline, "fake upstream did not start"
-            time.sleep(0.05)
-        for p in (up_dir, up_dir / "pki"):
-            p.chmod(0o755)
-        (up_dir / "pki" / "test-ca.pem").chmod(0o644)
         config = base / "keyward.yaml"
         config.write_text(
             CONFIG.format(

@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conformance.wire import Outcome, explicit, ids
+from tests.conformance.wire import Outcome, explicit, ids, pod, pod_ids
 
-__all__ = ["explicit"]
+__all__ = ["explicit", "pod"]
 
 
 @pytest.mark.parametrize("attack", ids("limits"))
 def test_explicit(explicit: Outcome, attack: str) -> None:
     explicit.check(attack)
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("attack", pod_ids("limits"))
+def test_pod(pod: Outcome, attack: str) -> None:
+    pod.check(attack)

@@ -25,12 +25,13 @@ import pytest
 
 from tests.support.h2upstream import H2Upstream
 from tests.support.pki import make_ca
-from tests.support.upstream import Upstream
+from tests.support.upstream import Upstream, start_in_namespace
 from tests.support.world import KEYWARD, REAL_KEY, ROOT
 
 CLIENT = Path(__file__).with_name("attack_client.py")
 API = "api.example.test"
 H2 = "h2.example.test"
+PLAIN = "plain.example.test"
 REFUSED = (400, 403, 414, 431)
 
 
@@ -59,12 +60,22 @@ class Attack:
         if self.sni:
             out["sni"] = self.sni
         tag = _tagger(plane)
+        if plane == "mitm-plain":  # the same bytes, addressed to the plain-HTTP name
+            tag = lambda t, inner=tag: _readdress(inner(t))  # noqa: E731
         if self.h2:
             headers = [(k, tag(v)) for k, v in self.h2]
             out.update(h2=True, headers=headers, body=tag(self.body))
         else:
             out["raw"] = [tag(r) for r in self.raw]
         return out
+
+
+def _readdress(part: str) -> str:
+    """The head of a part addressed to the plain-HTTP name (bodies keep their lengths)."""
+    cut = part.find("\r\n\r\n")
+    cut = len(part) if cut < 0 else cut
+    head = part[:cut].replace(API, PLAIN).replace(API.upper(), PLAIN)
+    return head + part[cut:]
 
 
 def _tagger(plane: str) -> Callable[[str], str]:
@@ -125,10 +136,11 @@ def _attacks() -> list[Attack]:
         req("GET", "/atk/host-userinfo", close, host=f"user@{API}"), expect=(400, 403),
         planes=("mitm",))  # fmt: skip
     add("host-case-and-dot-rebuilt", "authority",
-        req("GET", "/atk/host-case-and-dot-rebuilt", close, host="API.Example.TEST."),
+        req("GET", "/atk/host-case-and-dot-rebuilt", close, host=API.upper() + "."),
         expect=(200,), reach=True)  # fmt: skip
     add("host-missing-rebuilt", "authority",
-        req("GET", "/atk/host-missing-rebuilt", close, host=None), expect=(200, 400), reach=True)  # fmt: skip
+        req("GET", "/atk/host-missing-rebuilt", close, host=None), expect=(200, 400, 403),
+        reach=True)  # fmt: skip
     add("sni-other-host", "authority", req("GET", "/atk/sni-other-host", close),
         sni="evil.example.test", expect=(403,), planes=("mitm",))  # fmt: skip
     h2_base = ((":method", "GET"), (":scheme", "https"))
@@ -233,14 +245,22 @@ ATTACKS = _attacks()
 BY_NAME = {x.name: x for x in ATTACKS}
 
 
-def ids(kind: str, plane_prefix: str = "") -> list[str]:
-    return [
-        f"{p}:{x.name}"
-        for x in ATTACKS
-        if x.kind == kind
-        for p in x.planes
-        if p.startswith(plane_prefix)
-    ]
+def ids(kind: str) -> list[str]:
+    """`plane:name` of every attack of `kind` tried under `keyward run`."""
+    return [f"{p}:{x.name}" for x in ATTACKS if x.kind == kind for p in x.planes]
+
+
+def pod_planes(attack: Attack) -> tuple[str, ...]:
+    """In a pod: TLS and plain HTTP both land on mitmproxy's transparent listener; services
+    as under `keyward run`. HTTP/2 attacks need the HTTP/2 upstream, which only `run` has."""
+    out = tuple(p for p in attack.planes if p in ("mitm", "service"))
+    if "mitm" in out and attack.sni is None:
+        out += ("mitm-plain",)
+    return out
+
+
+def pod_ids(kind: str) -> list[str]:
+    return [f"{p}:{x.name}" for x in ATTACKS if x.kind == kind for p in pod_planes(x)]
 
 
 # -- outcomes -------------------------------------------------------------------------------
@@ -278,7 +298,7 @@ class Outcome:
             return
         assert len(reached) == 1, reached
         host = {k.lower(): v for k, v in reached[0][1].items()}.get("host")
-        want = H2 if plane == "mitm-h2" else API
+        want = {"mitm-h2": H2, "mitm-plain": PLAIN}.get(plane, API)
         assert host == want, f"upstream Host {host!r}"
         audited = [r for r in self.audit if str(r.get("path", "")).startswith(mark)]
         assert [r["decision"] for r in audited] == ["allow"], audited
@@ -298,11 +318,14 @@ def run_attacks(argv: list[str], attacks: list[dict[str, Any]], **kw: Any) -> di
     return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
-def specs(planes: dict[str, tuple[str, int, bool]]) -> list[dict[str, Any]]:
+def specs(
+    planes: dict[str, tuple[str, int, bool]],
+    which: Callable[[Attack], tuple[str, ...]] = lambda a: a.planes,
+) -> list[dict[str, Any]]:
     """Every attack for every plane given: plane -> (host, port, tls)."""
     out = []
     for attack in ATTACKS:
-        for plane in attack.planes:
+        for plane in which(attack):
             if plane in planes:
                 host, port, tls = planes[plane]
                 out.append(attack.spec(plane, (host, port), tls))
@@ -426,3 +449,90 @@ def explicit_outcome(tmp: Path) -> Iterator[Outcome]:
 @pytest.fixture(scope="session")
 def explicit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Outcome]:
     yield from explicit_outcome(tmp_path_factory.mktemp("wire-explicit"))
+
+
+# -- transparent mode: a pod in namespaces (root) ---------------------------------------------
+POD_UPSTREAM = "203.0.113.10"
+SERVICE_PORT = 8701
+POD_CONFIG = """version: 1
+secrets:
+  key: {{ env: TEST_API_KEY }}
+egress:
+  default: deny
+  hosts:
+    {api}:
+      headers: {{ Authorization: "Bearer {{key}}" }}
+      deny: ["DELETE /admin/**"]
+    "{plain}:80":
+      headers: {{ X-Key: "{{key}}" }}
+      plain_http: true
+      deny: ["DELETE /admin/**"]
+services:
+  api: {{ listen: {service}, upstream: "https://{api}" }}
+upstream:
+  ca_bundle: {ca}
+  resolve:
+    "{api}:443": "{ip}:443"
+    "{plain}:80": "{ip}:80"
+    "evil.example.test:443": "{ip}:443"
+audit:
+  path: {audit}
+"""
+
+
+def pod_outcome() -> Iterator[Outcome]:
+    """All attacks from the agent's uid in a pod: no proxy variables, the kernel redirects."""
+    import shutil
+    import tempfile
+
+    from gateway.pod.isolate import IsolatedPod
+    from gateway.pod.netns import Topology
+
+    base = Path(tempfile.mkdtemp(prefix="keyward-wire-pod-"))
+    base.chmod(0o755)
+    up = base / "upstream"
+    up.mkdir()
+    try:
+        with Topology() as topo:
+            start_in_namespace(topo.upstream, up, [POD_UPSTREAM], [API, PLAIN, "evil.example.test"])
+            audit = base / "audit.jsonl"
+            config = base / "keyward.yaml"
+            config.write_text(
+                POD_CONFIG.format(api=API, plain=PLAIN, service=SERVICE_PORT, ip=POD_UPSTREAM,
+                                  ca=up / "pki" / "test-ca.pem", audit=audit)
+            )  # fmt: skip
+            pod = IsolatedPod(topo.pod, config, base / "state", work=base / "pod")
+            pod.start(env={**os.environ, "TEST_API_KEY": REAL_KEY})
+            try:
+                client = pod.work / "attack_client.py"
+                shutil.copy(CLIENT, client)
+                client.chmod(0o644)
+                attacks = specs(
+                    {
+                        "mitm": (API, 443, True),
+                        "mitm-plain": (PLAIN, 80, False),
+                        "service": ("127.0.0.1", SERVICE_PORT, False),
+                    },
+                    pod_planes,
+                )
+                r = pod.run_agent(
+                    [sys.executable, str(client)], input=json.dumps(attacks), timeout=900
+                )
+                assert r.returncode == 0, r.stderr[-3000:]
+                results = json.loads(r.stdout.strip().splitlines()[-1])
+            finally:
+                pod.stop_gateway()
+            log = up / "seen.jsonl"
+            seen = (
+                [json.loads(x) for x in log.read_text().splitlines() if x] if log.exists() else []
+            )
+            paths = [("", str(x.get("path", "")), dict(x.get("headers", {}))) for x in seen]
+            records = [json.loads(x) for x in audit.read_text().splitlines() if x]
+            yield Outcome(results, paths, records)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pod(root_ok: None) -> Iterator[Outcome]:
+    yield from pod_outcome()

@@ -5,9 +5,20 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import WSMsgType, web
+
+if TYPE_CHECKING:
+    from gateway.pod.netns import NetNamespace
+
+MAIN = Path(__file__).with_name("upstream_main.py")
 
 
 @dataclass
@@ -171,6 +182,11 @@ def make_app(seen: Seen) -> web.Application:
     return app
 
 
+# A fake upstream must not refuse what a gateway wrongly forwards (a 1 MB header, 10,000
+# headers, a 100 KB URL): it records it, so the test sees the leak.
+PERMISSIVE_PARSER = {"max_line_size": 1 << 21, "max_field_size": 1 << 21, "max_headers": 20000}
+
+
 class Upstream:
     """Start with `await Upstream.start(ssl_ctx)`; `.port`, `.seen`, `await .close()`."""
 
@@ -180,7 +196,9 @@ class Upstream:
     @classmethod
     async def start(cls, ssl_context: ssl.SSLContext | None, host: str = "127.0.0.1") -> Upstream:
         seen = Seen()
-        runner = web.AppRunner(make_app(seen), access_log=None, shutdown_timeout=0.5)
+        runner = web.AppRunner(
+            make_app(seen), access_log=None, shutdown_timeout=0.5, **PERMISSIVE_PARSER
+        )
         await runner.setup()
         site = web.TCPSite(runner, host, 0, ssl_context=ssl_context)
         await site.start()
@@ -189,3 +207,22 @@ class Upstream:
 
     async def close(self) -> None:
         await self.runner.cleanup()
+
+
+def start_in_namespace(
+    ns: NetNamespace, directory: Path, hosts: Sequence[str], names: Sequence[str]
+) -> subprocess.Popen[bytes]:
+    """`upstream_main.py` inside `ns` on `hosts`, ready, its test CA readable by every uid
+    (the gateway drops root); it logs what it received to `directory/seen.jsonl`."""
+    argv = [sys.executable, str(MAIN), "--dir", str(directory)]
+    for host in hosts:
+        argv += ["--host", host]
+    proc = ns.exec([*argv, "--names", *names])
+    deadline = time.monotonic() + 30
+    while not (directory / "ready").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "fake upstream did not start"
+        time.sleep(0.05)
+    for d in (directory, directory / "pki"):
+        d.chmod(0o755)
+    (directory / "pki" / "test-ca.pem").chmod(0o644)
+    return proc

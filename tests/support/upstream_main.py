@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from aiohttp import web
 
 from tests.support.pki import make_ca
-from tests.support.upstream import Seen, make_app
+from tests.support.upstream import PERMISSIVE_PARSER, Seen, make_app
 
 
 class Canary(asyncio.DatagramProtocol):
@@ -56,7 +56,7 @@ async def main() -> None:
 
     app = make_app(seen)
     app.middlewares.append(record)
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(app, access_log=None, **PERMISSIVE_PARSER)
     await runner.setup()
     for host in args.host:
         await web.TCPSite(runner, host, 443, ssl_context=ssl_ctx).start()

@@ -9,12 +9,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from typing import Any
 
 from mitmproxy import connection, http, tcp, tls, udp, websocket
-from mitmproxy.proxy import server_hooks
+from mitmproxy.flow import Error
+from mitmproxy.proxy import layer, layers, server_hooks
+from mitmproxy.proxy.layers.http import HTTPMode
 
 from gateway.dns.resolver import ResolveError
 from gateway.planes.context import AUDIT_UNAVAILABLE, GatewayContext
@@ -62,6 +65,9 @@ M_ERROR = "keyward.error"
 M_BODY = "keyward.body_swapper"
 M_REASON = "keyward.reason"  # why a response was refused or cut while scrubbing
 M_POLICY = "keyward.policy"
+
+# The start of an HTTP/1 request line: a method token, one space.
+HTTP_START = re.compile(rb"^[A-Z][A-Z-]{2,19} ")
 
 # Where a transparent connection's name comes from when only an IP was seen (pod mode sets this).
 TransparentVerifier = Callable[[str, int, str | None, str | None], str | None]
@@ -411,6 +417,30 @@ class ConnectionGate:
             error=self.ctx.redactor.redact(str(client.error or "tls handshake failed")),
             refusal=RefusalMode.EXPLAIN if explained else None,
         )
+
+    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+        """Bytes mitmproxy does not recognise as HTTP (a 100 KB request line; anything inside
+        intercepted TLS) are parsed as HTTP anyway unless a rule allows raw TCP there: each is
+        then a request decided here, or a 400, never relayed as is (the upstream may already
+        be connected: its TLS handshake ran first, see `AlpnMirror`)."""
+        chosen = nextlayer.layer
+        if not isinstance(chosen, layers.TCPLayer) or chosen.flow is None:
+            return  # not raw TCP, or a passthrough the policy chose (no flow: ignored)
+        ctx = nextlayer.context
+        addr = self.dest.targets.get(ctx.client.id) or ctx.server.address
+        if addr is None:
+            return
+        if not ctx.client.tls_established and not HTTP_START.match(nextlayer.data_client()):
+            return  # plain non-HTTP: refused when it dials (`Destinations.server_connect`)
+        decision = self.ctx.policy.connection(addr[0], addr[1])
+        if not (decision.allowed and decision.tcp):
+            nextlayer.layer = layers.HttpLayer(ctx, HTTPMode.transparent)
+
+    def tcp_message(self, flow: tcp.TCPFlow) -> None:
+        """mitmproxy relays a killed TCP flow's bytes anyway (kill is honoured for HTTP only):
+        a refused flow's messages are emptied here."""
+        if flow.error is not None and flow.error.msg == Error.KILLED_MESSAGE:
+            flow.messages[-1].content = b""
 
     def tcp_start(self, flow: tcp.TCPFlow) -> None:
         addr = self.dest.targets.get(flow.client_conn.id) or flow.server_conn.address
