@@ -376,8 +376,12 @@ class ConnectionGate:
         if decision.allowed and decision.intercept and (sni is None or sni == host):
             # Negotiate with the upstream first, so the client is offered the protocol the
             # upstream chose (`AlpnMirror`): no HTTP/2 <-> HTTP/1.1 translation on this hop.
-            self.dest.approve(client, target)
-            data.establish_server_tls_first = True
+            self.dest.approve(client, target, host)
+            try:
+                await self.dest.check(client, (target[0], target[1]))
+                data.establish_server_tls_first = True
+            except (AddressRefused, ResolveError):
+                pass  # the request gate answers the refusal; nothing is dialled first
         # With the audit log down, intercept instead: the request gate then refuses with a 503.
         if decision.allowed and not decision.intercept and self.ctx.audit.available():
             self.dest.approve(client, target, host)
@@ -822,6 +826,8 @@ class Audit:
         reason = None
         if error is not None:
             reason = "upstream-timeout" if flow.metadata.get(M_TIMED_OUT) else error_reason(error)
+            if flow.request.timestamp_end is None and "protocol error" in error.lower():
+                reason = "bad-request"  # the agent's own request was malformed (framing)
             if status is None and reason != "client-aborted":
                 # no response started: the agent gets our JSON error page, with this status
                 status = status_for(reason, 400 if reason == "bad-request" else 502)
