@@ -68,8 +68,10 @@ _COMPATIBLE = ipaddress.IPv6Network("::/96")
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_ip(text: str) -> IPAddress | None:
-    """An address from its text (brackets and a zone index allowed), or None if not one."""
+    """An address from its text (brackets and a zone index allowed), or None if not one.
+    Cached: the guard asks about the same few addresses on every new connection."""
     try:
         ip = ipaddress.ip_address(text.strip("[]"))
     except ValueError:
