@@ -50,7 +50,7 @@ from gateway.policy.apply import (
     swap_placeholders,
 )
 from gateway.policy.core import ConnectionDecision, Decision, Plane, RequestFacts, Verdict
-from gateway.policy.hosts import normalise_host
+from gateway.policy.hosts import is_ip, normalise_host
 from gateway.policy.refusal import REASON_HEADER, RefusalMode, refusal
 
 log = logging.getLogger("keyward.mitm")
@@ -266,8 +266,9 @@ class Destinations:
                 data.server.error = f"keyward: cannot resolve {name}: {e}"
                 return
             checked = addrs[0]
-        # mitmproxy defaulted the SNI to the dialled address; present the verified name
-        if data.server.tls and data.server.sni in (None, address[0]):
+        # mitmproxy defaulted the SNI to the dialled address; present the verified name (a
+        # transparent connection opened before any request keeps the client's SNI)
+        if data.server.tls and data.server.sni in (None, address[0]) and not is_ip(name):
             data.server.sni = name
         if checked != address:  # a connection no request routed (passthrough, raw TCP)
             data.server.address = checked
