@@ -103,10 +103,13 @@ def free_port() -> int:
 
 def test_serve_survives_sighup_and_reloads(tmp_path: Path) -> None:
     cfg = tmp_path / "k.yaml"
-    cfg.write_text("version: 1\negress:\n  hosts:\n    a.example.test: {}\n")
+    # An env secret: serve withdraws it from its environment at start, and a reload must
+    # still find it.
+    head = "version: 1\nsecrets:\n  k: { env: RELOAD_TEST_KEY }\negress:\n  hosts:\n"
+    cfg.write_text(head + '    a.example.test: { headers: { X-K: "{k}" } }\n')
     ready = tmp_path / "ready"
     sock = tmp_path / "control.sock"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RELOAD_TEST_KEY": "sk-test-reload-0123456789"}
     ports = [str(free_port()) for _ in range(3)]
     proc = subprocess.Popen(
         [
@@ -142,7 +145,7 @@ def test_serve_survives_sighup_and_reloads(tmp_path: Path) -> None:
             subprocess.run(["sleep", "0.1"], check=True)
         assert ready.exists(), proc.stderr.read() if proc.poll() is not None else "not ready"
         proc.send_signal(signal.SIGHUP)
-        cfg.write_text("version: 1\negress:\n  hosts:\n    b.example.test: {}\n")
+        cfg.write_text(head + '    b.example.test: { headers: { X-K: "{k}" } }\n')
         r = subprocess.run(
             [*KEYWARD, "reload", "--control-socket", str(sock)],
             env=env,
@@ -152,7 +155,7 @@ def test_serve_survives_sighup_and_reloads(tmp_path: Path) -> None:
         )
         assert r.returncode == 0 and r.stdout.startswith("reloaded: policy "), r.stderr
         assert proc.poll() is None and ready.exists()  # SIGHUP did not kill it
-        cfg.write_text("version: 1\negress:\n  hosts:\n    b.example.test: {nope: 1}\n")
+        cfg.write_text(head + "    b.example.test: {nope: 1}\n")
         r = subprocess.run(
             [*KEYWARD, "reload", "--control-socket", str(sock)],
             env=env,
@@ -164,7 +167,7 @@ def test_serve_survives_sighup_and_reloads(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=60)
-    assert "k.yaml:4:" in err and "nope" in err
+    assert "k.yaml:6:" in err and "nope" in err
     assert not ready.exists()
 
 

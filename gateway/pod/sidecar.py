@@ -133,6 +133,9 @@ class Sidecar:
     minter: TokenMinter | None = None
     ready: bool = False
     reloader: Reloader | None = None
+    # The secret variables as read at start: they are withdrawn from os.environ, and a reload
+    # must find them again (their values are in the store anyway).
+    environ: dict[str, str] = field(default_factory=dict, repr=False)
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
     @classmethod
@@ -150,7 +153,6 @@ class Sidecar:
         ctx = build_context(
             loaded, opts.state_dir, audit_path=opts.audit_path, agent=opts.agent, environ=environ
         )
-        del environ
         ctx.metrics = Metrics(audit_errors=lambda: ctx.audit.write_errors)
         if opts.trust_dir is not None:
             write_agent_trust(ctx, opts.trust_dir, opts.trust_mount)
@@ -171,7 +173,7 @@ class Sidecar:
                 os.chown(opts.control_socket.parent, opts.proxy_uid, opts.proxy_gid)
             drop_to(opts.proxy_uid, opts.proxy_gid)
             log.info("dropped to uid %d with no capabilities", opts.proxy_uid)
-        return cls(ctx, opts)
+        return cls(ctx, opts, environ=environ)
 
     def _audit_dns(self, rec: dict[str, object]) -> None:
         fields = {k: v for k, v in rec.items() if k in AuditRecord.__dataclass_fields__}
@@ -269,7 +271,7 @@ class Sidecar:
         task.add_done_callback(self._tasks.discard)
 
     def _start_reloader(self) -> None:
-        self.reloader = Reloader(self.ctx)
+        self.reloader = Reloader(self.ctx, environ=self.environ)
 
         def repoint_dns(ctx: GatewayContext) -> None:
             if self.dns is not None:
