@@ -396,6 +396,21 @@ def test_cli_status_exec_logs(world: EngineWorld) -> None:
     assert logs.returncode == 0 and "ready" in logs.stdout + logs.stderr
 
 
+def test_status_reports_a_credential_its_upstream_keeps_refusing(world: EngineWorld) -> None:
+    for _ in range(3):
+        world.curl("https://api.example.test/status/401")
+    st = world.cli("status", "--name", world.name, "--json")
+    assert st.returncode == 3, st.stdout + st.stderr
+    report = json.loads(st.stdout)
+    assert report["credentials"]["key"]["failing"] is True
+    assert any("credential 'key' is failing" in p for p in report["problems"])
+    assert REAL_KEY not in st.stdout
+    world.curl("https://api.example.test/v1/ok")  # the key works again
+    st = world.cli("status", "--name", world.name, "--json")
+    assert st.returncode == 0, st.stdout
+    assert json.loads(st.stdout)["credentials"]["key"]["failing"] is False
+
+
 def test_audit_verify_passes(world: EngineWorld) -> None:
     cfg = str(world.base / "keyward.yaml")
     r = subprocess.run(

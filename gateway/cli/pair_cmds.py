@@ -181,7 +181,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     opt = "" if args.name == "default" else f" --name {args.name}"
     for p in health.problems:
         con.print(f"degraded: {p}", highlight=False)
-    con.print(f"keyward restart{opt} brings it back", highlight=False)
+    if any(not p.startswith("credential ") for p in health.problems):
+        con.print(f"keyward restart{opt} brings it back", highlight=False)
     return EXIT_DEGRADED
 
 

@@ -887,6 +887,7 @@ class PairHealth:
     members: dict[str, Member]
     ready: bool
     problems: list[str]
+    credentials: dict[str, Any] = field(default_factory=dict)
 
     @property
     def healthy(self) -> bool:
@@ -904,6 +905,7 @@ class PairHealth:
             "pair": self.name,
             "healthy": self.healthy,
             "problems": self.problems,
+            "credentials": self.credentials,
             "members": [
                 {
                     "role": r,
@@ -960,7 +962,39 @@ async def pair_health(client: EngineClient, name: str) -> PairHealth:
     ready = stamp is not None and stamp == gw.netns and stamp == (holder_ns or stamp)
     if gw.state == "running" and not ready:
         problems.append("gateway readiness failing (no ready stamp for this namespace)")
-    return PairHealth(name, members, ready, problems)
+    credentials = await credential_health(client, gw.id) if ready else {}
+    for secret, h in sorted(credentials.items()):
+        if h.get("failing"):
+            problems.append(
+                f"credential {secret!r} is failing: its upstream answered 401/403"
+                f" {h.get('consecutive_auth_failures')} times in a row (rotate it; keyward reload)"
+            )
+    return PairHealth(name, members, ready, problems, credentials)
+
+
+# Per-credential health from the gateway's control socket (`/credentials`), asked from inside
+# the gateway container: the socket is in a 0700 directory no agent can reach.
+GW_CONTROL = f"{GW_STATE}/control/keyward.sock"
+_CREDENTIALS_PROBE = f"""
+import socket
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(5)
+s.connect({GW_CONTROL!r})
+s.sendall(b"GET /credentials HTTP/1.0\\r\\nHost: keyward\\r\\n\\r\\n")
+data = b""
+while chunk := s.recv(65536):
+    data += chunk
+print(data.split(b"\\r\\n\\r\\n", 1)[1].decode())
+"""
+
+
+async def credential_health(client: EngineClient, gateway: str) -> dict[str, Any]:
+    """secret name -> {failing, consecutive_auth_failures}; empty when it cannot be asked."""
+    with contextlib.suppress(EngineError, PairError, ValueError, IndexError):
+        data = json.loads(await exec_text(client, gateway, ["python", "-c", _CREDENTIALS_PROBE]))
+        if isinstance(data, dict):
+            return data
+    return {}
 
 
 async def _restart_one(client: EngineClient, cid: str, timeout: int) -> None:
