@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gateway.audit.writer import AuditRecord
-from gateway.cli.reference import RENDERERS
+from gateway.cli.reference import PACKAGE_RENDERERS, PACKAGE_ROOT, RENDERERS
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -21,6 +21,26 @@ def test_generated_page_is_current(name: str) -> None:
     assert (DOCS / name).read_text(encoding="utf-8") == RENDERERS[name](), (
         f"docs/{name} is stale: run `python -m gateway.cli.reference docs`"
     )
+
+
+@pytest.mark.parametrize("rel", sorted(PACKAGE_RENDERERS))
+def test_generated_package_file_is_current(rel: str) -> None:
+    assert (PACKAGE_ROOT / rel).read_text(encoding="utf-8") == PACKAGE_RENDERERS[rel](), (
+        f"gateway/{rel} is stale: run `python -m gateway.cli.reference docs`"
+    )
+
+
+def test_shipped_schema_validates_the_example_config() -> None:
+    import json
+
+    import jsonschema
+    import yaml
+
+    schema = json.loads((PACKAGE_ROOT / "config/keyward.schema.json").read_text())
+    example = yaml.safe_load((ROOT / "examples/keyward.yaml").read_text())
+    jsonschema.validate(example, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**example, "egres": {}}, schema)
 
 
 def test_audit_page_lists_exactly_the_record_fields() -> None:

@@ -14,7 +14,7 @@ from typing import Any
 from gateway.cli.errors import EXIT_USAGE, KeywardError, UsageError
 from gateway.config.compile import build_policy
 from gateway.config.loader import LoadedConfig, load_config
-from gateway.config.model import Config
+from gateway.config.model import config_schema
 from gateway.config.paths import config_path
 
 
@@ -85,10 +85,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    schema = Config.model_json_schema()
-    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["title"] = "keyward.yaml"
-    json.dump(schema, sys.stdout, indent=2)
+    json.dump(config_schema(), sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0
 

@@ -148,13 +148,27 @@ def render_commands() -> str:
     return "\n".join(out) + "\n"
 
 
+def render_schema() -> str:
+    """gateway/config/keyward.schema.json: the config's JSON Schema, shipped in the package."""
+    from gateway.config.model import config_schema
+
+    return json.dumps(config_schema(), indent=2) + "\n"
+
+
 RENDERERS = {"config.md": render_config, "commands.md": render_commands}
+# Generated files shipped inside the package, by path relative to the package root.
+PACKAGE_RENDERERS = {"config/keyward.schema.json": render_schema}
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
 
 def write_all(docs: Path) -> list[Path]:
     written = []
     for name, render in RENDERERS.items():
         target = docs / name
+        target.write_text(render(), encoding="utf-8")
+        written.append(target)
+    for rel, render in PACKAGE_RENDERERS.items():
+        target = PACKAGE_ROOT / rel
         target.write_text(render(), encoding="utf-8")
         written.append(target)
     return written

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -339,3 +339,12 @@ class Config(Strict):
     timeouts: TimeoutsConfig = Field(
         default_factory=TimeoutsConfig, description="seconds: connect, tls, response_headers, idle"
     )
+
+
+def config_schema() -> dict[str, Any]:
+    """The JSON Schema of keyward.yaml, for editors (`keyward schema`, and the copy shipped in
+    the package as gateway/config/keyward.schema.json)."""
+    schema = Config.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "keyward.yaml"
+    return schema
