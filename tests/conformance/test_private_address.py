@@ -53,6 +53,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def gateway_env(state: Path, **extra: str) -> dict[str, str]:
+    """This environment without proxy variables, for a gateway with its own state dir."""
+    env = {k: v for k, v in os.environ.items() if "PROXY" not in k.upper()}
+    env.update(KEYWARD_STATE=str(state), PYTHONPATH=str(ROOT), **extra)
+    return env
+
+
 def read_audit(path: Path) -> list[dict[str, object]]:
     if not path.exists():
         return []
@@ -119,10 +126,7 @@ class RunWorld:
         """`keyward run -- curl ...`: prints the body, then a line `status reason-header`."""
         argv = [*KEYWARD, "run", "-c", str(self.config), "--", "curl", "-sS", "--max-time", "20"]
         argv += ["-w", "\n%{http_code} %header{x-keyward-reason}", *args]
-        env = {k: v for k, v in os.environ.items() if "PROXY" not in k.upper()}
-        env.update(
-            KEYWARD_STATE=str(self.dir / "state"), PYTHONPATH=str(ROOT), CID="c", CSECRET="s"
-        )
+        env = gateway_env(self.dir / "state", CID="c", CSECRET="s")
         proc = await asyncio.create_subprocess_exec(
             *argv, env=env, cwd=self.dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
@@ -271,8 +275,7 @@ class NsWorld:
             (self.dir / f).unlink(missing_ok=True)
         config = self.dir / "keyward.yaml"
         config.write_text(NS_CONFIG.format(upstream=upstream, audit=self.dir / "audit.jsonl"))
-        env = {k: v for k, v in os.environ.items() if "PROXY" not in k.upper()}
-        env.update(KEYWARD_STATE=str(self.dir / "state"), PYTHONPATH=str(ROOT))
+        env = gateway_env(self.dir / "state")
         argv = [*KEYWARD, "run", "-c", str(config), "--", "sh", "-c", script]
         proc = self.ns.run(argv, env=env, timeout=120, cwd=self.dir)
         lines = [ln.split(" ", 1) for ln in proc.stdout.splitlines() if ln.startswith("=")]

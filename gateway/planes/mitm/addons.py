@@ -546,15 +546,7 @@ class PolicyGate:
         flow.metadata[M_POLICY] = self.ctx.config.digest  # the policy that decided
         if decision.allowed and not self.ctx.audit.available():
             # Pre-flight: nothing reaches an upstream while its record could not be written.
-            flow.response = error_response(AUDIT_UNAVAILABLE, 503)
-            flow.metadata[M_AUDITED] = True
-            self.ctx.record(
-                facts,
-                decision,
-                started=flow.metadata[M_STARTED],
-                status=503,
-                reason=AUDIT_UNAVAILABLE,
-            )
+            self._fail(flow, facts, decision, 503, AUDIT_UNAVAILABLE)
         elif decision.allowed:
             prepare_outbound(req, host, port)
             self.dest.route(flow, host, port)
@@ -567,20 +559,43 @@ class PolicyGate:
                 flow.metadata[M_DECISION] = decision
                 self._refuse(flow, facts, decision, addr=e.addr, error=str(e))
             except ResolveError as e:
-                flow.response = error_response("upstream-dns-error")
-                flow.metadata[M_AUDITED] = True
-                self.ctx.record(
-                    facts,
-                    decision,
-                    started=flow.metadata[M_STARTED],
-                    status=502,
-                    reason="upstream-dns-error",
-                    error=str(e),
-                )
+                self._fail(flow, facts, decision, 502, "upstream-dns-error", str(e))
         else:
             self._refuse(flow, facts, decision)
             if decision.alert:
                 log.warning("placeholder sent to %s: %s", host, decision.reason)
+
+    def _answer(
+        self,
+        flow: http.HTTPFlow,
+        facts: RequestFacts,
+        decision: Decision,
+        response: http.Response,
+        **record: Any,
+    ) -> None:
+        """Answer a request here (nothing goes upstream) and write its one record."""
+        flow.response = response
+        flow.metadata[M_AUDITED] = True
+        self.ctx.record(
+            facts,
+            decision,
+            started=flow.metadata[M_STARTED],
+            status=response.status_code,
+            **record,
+        )
+
+    def _fail(
+        self,
+        flow: http.HTTPFlow,
+        facts: RequestFacts,
+        decision: Decision,
+        status: int,
+        reason: str,
+        error: str | None = None,
+    ) -> None:
+        """An allowed request keyward cannot complete."""
+        response = error_response(reason, status)
+        self._answer(flow, facts, decision, response, reason=reason, error=error)
 
     def _refuse(
         self,
@@ -591,20 +606,10 @@ class PolicyGate:
         addr: str | None = None,
         error: str | None = None,
     ) -> None:
-        """Answer a refused request (403 unless said otherwise) and write its one record."""
+        """A refused request (403 unless said otherwise)."""
         mode = self.ctx.refusal_mode
-        accept = flow.request.headers.get("accept")
-        flow.response = deny_response(decision, facts, mode, accept, status)
-        flow.metadata[M_AUDITED] = True
-        self.ctx.record(
-            facts,
-            decision,
-            started=flow.metadata[M_STARTED],
-            status=status,
-            refusal=mode,
-            addr=addr,
-            error=error,
-        )
+        response = deny_response(decision, facts, mode, flow.request.headers.get("accept"), status)
+        self._answer(flow, facts, decision, response, refusal=mode, addr=addr, error=error)
 
 
 class CredentialInjector:
