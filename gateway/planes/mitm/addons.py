@@ -535,6 +535,13 @@ class PolicyGate:
             headers=tuple(req.headers.items(multi=True)) if self.ctx.policy.placeholders else (),
         )
         flow.metadata[M_FACTS] = facts
+        if flow.error is not None:  # mitmproxy refused the request itself (framing headers)
+            decision = Decision(Verdict.DENY, None, "bad-request")
+            flow.metadata[M_DECISION] = decision
+            flow.metadata[M_AUDITED] = True
+            ERROR_PAGE.set((400, "bad-request"))
+            self.ctx.record(facts, decision, started=flow.metadata[M_STARTED], status=400)
+            return
         rejected = refuse_unverifiable(req, host, port, self.ctx)
         if rejected is not None:
             decision = Decision(Verdict.DENY, None, rejected.reason)
