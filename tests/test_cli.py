@@ -83,8 +83,30 @@ def test_policy_test_json() -> None:
         "decision": "deny",
         "rule": "api.github.com",
         "reason": "path-denied: DELETE /repos/**",
+        "status": 403,
         "injected": [],
+        "path": "/repos/../repos/o/r",
+        "canonical_path": "/repos/o/r",
+        "ambiguities": [],
+        "methods": ["DELETE"],
+        "upstream_target": None,
     }
+    r = keyward(
+        "policy", "test", "--json", "POST", "https://api.github.com/x/..%2Frepos/o/r?a=1",
+        "-H", "X-HTTP-Method-Override: delete", "-c", str(EXAMPLE),
+    )  # fmt: skip
+    out = json.loads(r.stdout)
+    assert out["reason"] == "ambiguous-path: encoded-slash" and out["status"] == 400
+    assert out["ambiguities"] == ["encoded-slash"] and out["methods"] == ["POST", "DELETE"]
+    r = keyward(
+        "policy", "test", "--json", "POST", "https://api.github.com/repos/o/r",
+        "-d", "a=1&_method=DELETE", "-c", str(EXAMPLE),
+    )  # fmt: skip
+    assert json.loads(r.stdout)["reason"] == "path-denied: DELETE /repos/**"
+    r = keyward(
+        "policy", "test", "HEAD", "https://api.github.com/user/./x//y?q=1", "-c", str(EXAMPLE)
+    )
+    assert "upstream:  /user/x/y?q=1" in r.stdout and "methods:   HEAD, GET" in r.stdout
     r = keyward(
         "policy",
         "test",

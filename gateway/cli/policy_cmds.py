@@ -1,21 +1,32 @@
-"""`keyward policy test METHOD URL`: one request through the policy core, no network."""
+"""`keyward policy test METHOD URL`: one request through the policy core, no network.
+
+Shows what the planes would do with it: the canonical path the rules matched (and, on hosts
+with path rules, the target sent upstream), why a path is ambiguous, and every method the
+request could mean (override headers, `_method` in the query or in a `-d` form body).
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+from typing import Any
 from urllib.parse import urlsplit
 
 from gateway.cli.config_cmds import add_config_option, load_from_args
 from gateway.cli.errors import UsageError
 from gateway.config.compile import build_policy
 from gateway.policy.addresses import REASON, parse_ip
-from gateway.policy.core import Plane, RequestFacts
+from gateway.policy.core import Decision, Plane, Policy, RequestFacts
 from gateway.policy.hosts import DEFAULT_PORTS, normalise_host
+from gateway.policy.methods import MethodSignals
+from gateway.policy.paths import canonicalise
 
 
-def facts_from_url(method: str, url: str, headers: list[str]) -> RequestFacts:
+def facts_from_url(
+    method: str, url: str, headers: list[str], data: str | None = None
+) -> RequestFacts:
     parts = urlsplit(url)
     if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
         raise UsageError(f"not an http(s)/ws(s) URL: {url!r}")
@@ -30,13 +41,22 @@ def facts_from_url(method: str, url: str, headers: list[str]) -> RequestFacts:
             raise UsageError(f"bad header {h.split(':', 1)[0]!r}: expected 'Name: value'")
         pairs.append((name.strip(), value.strip()))
     host_header = next((v for k, v in pairs if k.lower() == "host"), None)
-    path = parts.path or "/"
-    if parts.query:
-        path += "?" + parts.query
+    # The target exactly as typed (urlsplit would drop a fragment and tabs): what the core sees.
+    path = url.split("://", 1)[1][len(parts.netloc) :] or "/"
+    body = None if data is None else data.encode()
+    if body is not None and not any(k.lower() == "content-length" for k, _ in pairs):
+        pairs.append(("Content-Length", str(len(body))))
+    if body is not None and not any(k.lower() == "content-type" for k, _ in pairs):
+        pairs.append(("Content-Type", "application/x-www-form-urlencoded"))  # as curl -d
+
+    def get_all(name: str) -> list[str]:
+        return [v for k, v in pairs if k.lower() == name]
+
+    signals = dataclasses.replace(MethodSignals.from_headers(get_all), body=body)
     secure = parts.scheme in ("https", "wss")
     return RequestFacts(
         plane=Plane.MITM if secure else Plane.HTTP,
-        method=method.upper(),
+        method=method,
         scheme=parts.scheme,
         host=parts.hostname,
         port=port,
@@ -45,6 +65,7 @@ def facts_from_url(method: str, url: str, headers: list[str]) -> RequestFacts:
         host_header=host_header,
         client="policy-test",
         headers=tuple(pairs),
+        signals=signals,
     )
 
 
@@ -64,18 +85,39 @@ def parse_answers(entries: list[str]) -> dict[str, list[str]]:
     return out
 
 
-def cmd_policy_test(args: argparse.Namespace) -> int:
-    loaded = load_from_args(args)
-    policy = build_policy(loaded.config)
-    facts = facts_from_url(args.method, args.url, args.header)
-    answers = parse_answers(args.resolve)
-    decision = policy.decide(facts)
-    result: dict[str, object] = {
+def decide_offline(policy: Policy, facts: RequestFacts) -> Decision:
+    """Decide as a plane would; a form body it asks for is the one given with -d (or none)."""
+    decision = policy.decide(
+        dataclasses.replace(facts, signals=dataclasses.replace(facts.signals, body=None))
+    )
+    if decision.body_limit and facts.signals.body is not None:
+        decision = policy.decide(facts)
+    return decision
+
+
+def describe(facts: RequestFacts, decision: Decision) -> dict[str, Any]:
+    canon = canonicalise(facts.path)
+    return {
         "decision": decision.verdict.value,
         "rule": decision.rule,
         "reason": decision.reason,
+        "status": decision.status if not decision.allowed else None,
         "injected": [i.as_dict() for i in decision.injections],
+        "path": facts.path,
+        "canonical_path": canon.path,
+        "ambiguities": [str(a) for a in canon.ambiguities],
+        "methods": list(decision.methods),
+        "upstream_target": decision.target,
     }
+
+
+def cmd_policy_test(args: argparse.Namespace) -> int:
+    loaded = load_from_args(args)
+    policy = build_policy(loaded.config)
+    facts = facts_from_url(args.method, args.url, args.header, args.data)
+    answers = parse_answers(args.resolve)
+    decision = decide_offline(policy, facts)
+    result = describe(facts, decision)
     # The dial-time check: on the URL's IP literal, or on the resolver answer given.
     host = normalise_host(facts.host)
     addrs = [host] if parse_ip(host) is not None else answers.get(host, [])
@@ -84,21 +126,40 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
             category = policy.address_refusal(host, facts.port, addr)
             if category is not None:
                 result.update(
-                    decision="deny", reason=REASON, injected=[], address=f"{addr} ({category})"
+                    decision="deny",
+                    reason=REASON,
+                    status=403,
+                    injected=[],
+                    upstream_target=None,
+                    address=f"{addr} ({category})",
                 )
                 break
+    code = 1 if args.exit_code and result["decision"] == "deny" else 0
     if args.json:
         json.dump(result, sys.stdout)
         sys.stdout.write("\n")
+        return code
+    injected = ", ".join(f"{i['secret']} -> {i['location']}" for i in result["injected"])
+    status = f" (HTTP {result['status']})" if result["status"] else ""
+    if result["upstream_target"]:
+        upstream = result["upstream_target"]
     else:
-        print(f"decision: {result['decision']}")
-        print(f"rule:     {result['rule'] or '-'}")
-        print(f"reason:   {result['reason']}")
-        injected = ", ".join(f"{i['secret']} -> {i['location']}" for i in result["injected"])
-        print(f"injects:  {injected or '-'}")
-        if "address" in result:
-            print(f"address:  {result['address']}")
-    return 1 if args.exit_code and result["decision"] == "deny" else 0
+        upstream = "- (refused)" if result["status"] else "- (as the client wrote it)"
+    rows = [
+        ("decision", f"{result['decision']}{status}"),
+        ("rule", result["rule"] or "-"),
+        ("reason", result["reason"]),
+        ("injects", injected or "-"),
+        ("path", f"{result['path']!r} -> {result['canonical_path']}"),
+        ("ambiguous", ", ".join(result["ambiguities"]) or "no"),
+        ("methods", ", ".join(result["methods"]) or "- (no path rules on this host)"),
+        ("upstream", upstream),
+    ]
+    if "address" in result:
+        rows.append(("address", result["address"]))
+    for name, value in rows:
+        print(f"{name + ':':<11}{value}")
+    return code
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -122,6 +183,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=[],
         metavar="NAME=ADDR[,ADDR]",
         help="what NAME resolves to: apply the dial-time private-address check to it",
+    )
+    t.add_argument(
+        "-d",
+        "--data",
+        metavar="BODY",
+        help="a request body (form-encoded unless -H sets Content-Type): read for `_method`",
     )
     t.add_argument("--json", action="store_true", help="print the decision as JSON")
     t.add_argument(

@@ -26,6 +26,7 @@ def compile_rule(key: str, rule: HostRuleConfig) -> HostRule:
         allow=rule.allow,
         headers=tuple(writes),
         deny=tuple(parse_path_rule(d) for d in rule.deny),
+        ambiguous_paths_allowed=rule.ambiguous_paths == "allow",
         intercept=rule.intercept,
         tcp=rule.tcp,
         plain_http=rule.plain_http,

@@ -164,7 +164,16 @@ class HostRuleConfig(Strict):
         default_factory=dict, description="header -> template; {name} = secret, {{ }} = brace"
     )
     basic: BasicAuth | None = None
-    deny: list[PathRuleText] = Field(default_factory=list, description='"METHOD /glob/**" entries')
+    deny: list[PathRuleText] = Field(
+        default_factory=list,
+        description='"METHOD /glob/**" entries; method and path match case-insensitively, and a'
+        " request is denied if any method it could mean (override headers, _method) is denied",
+    )
+    ambiguous_paths: Literal["reject", "allow"] = Field(
+        "reject",
+        description="where deny: is set, refuse paths servers read differently (%2F, %5C, \\, ;,"
+        " %25, bad escapes, controls) with ambiguous-path; allow = match and send them canonical",
+    )
     intercept: bool | None = Field(
         None, description="TLS interception; default: only where the rule needs it"
     )

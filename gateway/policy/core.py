@@ -21,7 +21,17 @@ from gateway.policy.hosts import (
     normalise_host,
     split_hostport,
 )
-from gateway.policy.paths import PathRule, normalise_path
+from gateway.policy.methods import (
+    FORM_BODY_LIMIT,
+    NO_SIGNALS,
+    MethodSignals,
+    form_kind,
+    form_overrides,
+    is_token,
+    meanings,
+    query_overrides,
+)
+from gateway.policy.paths import CanonicalTarget, PathRule, canonicalise, is_malformed_target
 from gateway.policy.templates import Template
 
 
@@ -63,6 +73,7 @@ class HostRule:
     allow: bool = True
     headers: tuple[HeaderWrite, ...] = ()
     deny: tuple[PathRule, ...] = ()
+    ambiguous_paths_allowed: bool = False
     intercept: bool | None = None
     tcp: bool = False
     plain_http: bool = False
@@ -128,6 +139,9 @@ class RequestFacts:
     client: str = ""
     addr: str | None = None
     headers: tuple[tuple[str, str], ...] = ()
+    # Override headers, form framing and (once asked for) the form body; filled by the planes
+    # when `Policy.reads_methods`, so requests to hosts without path rules copy nothing.
+    signals: MethodSignals = NO_SIGNALS
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +194,14 @@ class Decision:
     alert: bool = False
     normalised_path: str = "/"
     extra: dict[str, str] = field(default_factory=dict)
+    status: int = 403  # what a refusal answers
+    # Where the rule has path rules: the canonical path + the query as sent. The planes send
+    # exactly this, so the upstream never acts on another path than the one matched.
+    target: str | None = None
+    methods: tuple[str, ...] = ()  # every method the request could mean (path-rule hosts)
+    # > 0: not decided yet. Read the form body (it is at most this long), put it in
+    # `RequestFacts.signals.body` and decide again. The verdict meanwhile is DENY (fail closed).
+    body_limit: int = 0
 
     @property
     def allowed(self) -> bool:
@@ -224,6 +246,8 @@ class Policy:
         self._operator_names = frozenset(h for h, _ in self.operator_targets)
         self.default = Verdict(default)
         self.matcher: HostMatcher[HostRule] = HostMatcher([(r.pattern, r) for r in self.rules])
+        # Whether any rule has path rules: only then do the planes collect `MethodSignals`.
+        self.reads_methods = any(r.deny for r in self.rules)
         self._hostport_hosts = frozenset(
             r.pattern.host for r in self.rules if r.pattern.kind is PatternKind.HOSTPORT
         )
@@ -260,7 +284,12 @@ class Policy:
             host = normalise_host(facts.host)
         except ValueError:
             return Decision(Verdict.DENY, None, "bad-host")
-        path = normalise_path(facts.path)
+        canon = canonicalise(facts.path)
+        path = canon.path
+        if not is_token(facts.method):
+            return Decision(Verdict.DENY, None, "bad-method", status=400, normalised_path=path)
+        if is_malformed_target(facts.path):
+            return Decision(Verdict.DENY, None, "bad-target", status=400, normalised_path=path)
         if facts.host_header is not None and not _same_destination(
             facts.host_header, host, facts.port
         ):
@@ -296,12 +325,12 @@ class Policy:
             return Decision(verdict, None, reason, plan, normalised_path=path)
         if not rule.allow:
             return Decision(Verdict.DENY, rule_text, "host-denied", normalised_path=path)
-        method = facts.method.upper()
-        for pr in rule.deny:
-            if pr.matches(method, path):
-                return Decision(
-                    Verdict.DENY, rule_text, f"path-denied: {pr.text}", normalised_path=path
-                )
+        target, methods = None, ()
+        if rule.deny:
+            checked = _check_path_rules(rule, facts, canon)
+            if isinstance(checked, Decision):
+                return checked
+            target, methods = canon.target, checked
         content = tuple(
             p
             for p in self.placeholders
@@ -314,18 +343,20 @@ class Policy:
         )
         if plan.credentialed and facts.scheme in ("http", "ws") and not rule.plain_http:
             return Decision(Verdict.DENY, rule_text, "plain-http-credentials", normalised_path=path)
+        alert, extra = False, {}
         if unswapped:
-            extra = {"placeholder-not-swapped": ", ".join(unswapped)}
-            return Decision(
-                Verdict.ALLOW,
-                rule_text,
-                "rule",
-                plan,
-                alert=True,
-                normalised_path=path,
-                extra=extra,
-            )
-        return Decision(Verdict.ALLOW, rule_text, "rule", plan, normalised_path=path)
+            alert, extra = True, {"placeholder-not-swapped": ", ".join(unswapped)}
+        return Decision(
+            Verdict.ALLOW,
+            rule_text,
+            "rule",
+            plan,
+            alert=alert,
+            normalised_path=path,
+            extra=extra,
+            target=target,
+            methods=methods,
+        )
 
     def _placeholders_seen(self, facts: RequestFacts) -> list[tuple[Placeholder, str]]:
         """Each placeholder in the request head and where: path, query, header, or basic (inside
@@ -437,6 +468,58 @@ def basic_credentials(value: str) -> str | None:
         return base64.b64decode(blob.strip(), validate=True).decode("utf-8")
     except (ValueError, UnicodeDecodeError):
         return None
+
+
+def _check_path_rules(
+    rule: HostRule, facts: RequestFacts, canon: CanonicalTarget
+) -> Decision | tuple[str, ...]:
+    """A refusal, or every method the request could mean (none of them denied here)."""
+    rule_text = rule.pattern.text
+
+    def refuse(
+        reason: str, status: int = 403, methods: tuple[str, ...] = (), limit: int = 0
+    ) -> Decision:
+        return Decision(
+            Verdict.DENY,
+            rule_text,
+            reason,
+            normalised_path=canon.path,
+            status=status,
+            methods=methods,
+            body_limit=limit,
+        )
+
+    signals = facts.signals
+    methods = meanings(facts.method, (*signals.overrides, *query_overrides(canon.query)))
+    if canon.ambiguities and not rule.ambiguous_paths_allowed:
+        return refuse("ambiguous-path: " + ",".join(canon.ambiguities), 400, methods)
+    hits = [pr for pr in rule.deny if pr.matches_path(canon.path)]
+    for pr in hits:
+        if pr.method == "*" or pr.method in methods:
+            return refuse(f"path-denied: {pr.text}", methods=methods)
+    if not hits or form_kind(signals.content_type) is None:
+        return methods
+    # A form body could name another method (`_method`) for a path with rules: read it first,
+    # bounded, and only in this case; everything else keeps streaming.
+    body = signals.body
+    if body is None:
+        if signals.content_encoding.strip().lower() not in ("", "identity"):
+            return refuse("form-body-encoded", 415, methods)
+        if signals.content_length is None:
+            return refuse("form-length-required", 411, methods)
+        if signals.content_length > FORM_BODY_LIMIT:
+            return refuse("form-too-large", 413, methods)
+        if signals.content_length:
+            return refuse("form-body-pending", 403, methods, limit=signals.content_length)
+        body = b""
+    found = form_overrides(signals.content_type, body)
+    if found is None:
+        return refuse("ambiguous-form", 400, methods)
+    methods = meanings(facts.method, (*methods, *found))
+    for pr in hits:
+        if pr.method in methods:
+            return refuse(f"path-denied: {pr.text}", methods=methods)
+    return methods
 
 
 def _same_host(name: str, host: str) -> bool:

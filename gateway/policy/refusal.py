@@ -103,6 +103,32 @@ def _advice(decision: Decision, facts: RequestFacts) -> tuple[str, str, str]:
                 rule or facts.host, "{ private_addresses: allow }  # add to the existing rule"
             ),
         )
+    if reason.startswith("ambiguous-path: "):
+        kinds = reason.removeprefix("ambiguous-path: ")
+        return (
+            f"the path holds a form that servers decode differently ({kinds}), and the rule "
+            f"{rule!r} has deny: path rules that such a form could dodge",
+            "Send the path in plain form (no %2F, %5C, \\, ;, %25, bad escapes or controls); or, "
+            "if the upstream reads these forms the way keyward does, an operator can add "
+            "ambiguous_paths: allow to that rule",
+            _hosts_snippet(rule or facts.host, "{ ambiguous_paths: allow }  # add to the rule"),
+        )
+    if reason.startswith("form-") or reason == "ambiguous-form":
+        return (
+            f"the rule {rule!r} denies some method on this path, and a form body can name another "
+            "method (_method), so keyward reads it before deciding: it must be sent with a "
+            "Content-Length of at most 64 KiB, uncompressed, and be well-formed",
+            "Send the form with a Content-Length, uncompressed; or send JSON",
+            "",
+        )
+    if reason in ("bad-method", "bad-target"):
+        what = "method" if reason == "bad-method" else "request target"
+        return (
+            f"the {what} is not valid HTTP (whitespace or control characters), and an upstream "
+            "could read it as a different request",
+            "Send a valid request; no configuration change allows this",
+            "",
+        )
     if reason in ("host-mismatch", "sni-mismatch"):
         what = "Host header" if reason == "host-mismatch" else "TLS server name (SNI)"
         return (
@@ -142,9 +168,10 @@ def refusal(
     *,
     mode: RefusalMode | str = RefusalMode.EXPLAIN,
     accept: str | None = None,
-    status: int = 403,
+    status: int | None = None,
 ) -> Refusal:
-    """The response to a denied request, the same on every plane."""
+    """The response to a denied request, the same on every plane (status: the decision's)."""
+    status = decision.status if status is None else status
     headers: tuple[tuple[str, str], ...] = (
         (REASON_HEADER, _header_safe(decision.reason)),
         ("X-Content-Type-Options", "nosniff"),

@@ -2,7 +2,8 @@
 
 Runs as the agent, under `keyward run` (the proxy variables are set: it tunnels with CONNECT)
 or in a pod (no proxy variables: it dials the name and the kernel redirects it). Reads a JSON
-list of attacks on stdin, prints one JSON object {name: {"statuses": [...], "error": ...}}.
+list of attacks on stdin, prints one JSON object {name: {"statuses": [...], "error": ...}}
+(HTTP/1.1 also "body": the start of what follows the first response head).
 Standard library plus `h2` (installed with mitmproxy) only.
 """
 
@@ -64,7 +65,8 @@ def h1(attack: dict[str, Any]) -> dict[str, Any]:
     sock.close()
     statuses = [int(m) for m in re.findall(rb"HTTP/1\.[01] (\d{3}) ", data)]
     reasons = [m.decode() for m in re.findall(rb"X-Keyward-Reason: ([^\r\n]*)", data, re.I)]
-    return {"statuses": statuses, "reasons": reasons}
+    body = data.partition(b"\r\n\r\n")[2][:4096].decode("latin-1")  # the first response's
+    return {"statuses": statuses, "reasons": reasons, "body": body}
 
 
 def h2(attack: dict[str, Any]) -> dict[str, Any]:

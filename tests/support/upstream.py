@@ -37,7 +37,12 @@ def make_app(seen: Seen) -> web.Application:
         if peer:
             seen.peers.add((peer[0], peer[1]))
         seen.requests.append(
-            {"method": request.method, "path": request.path_qs, "headers": dict(request.headers)}
+            {
+                "method": request.method,
+                "path": request.path_qs,
+                "raw_path": request.raw_path,  # the target as it arrived, undecoded
+                "headers": dict(request.headers),
+            }
         )
 
     async def echo(request: web.Request) -> web.Response:

@@ -45,7 +45,9 @@ async def main() -> None:
                 json.dumps(
                     {
                         "host": request.host,
+                        "method": request.method,
                         "path": request.path,
+                        "raw_path": request.raw_path,
                         "local": request.transport.get_extra_info("sockname")[0],
                         "headers": dict(request.headers),
                     }

@@ -51,6 +51,7 @@ from gateway.policy.addresses import AddressRefused
 from gateway.policy.apply import BodySwapper, apply_plan, no_secret, swap_in_target
 from gateway.policy.core import Decision, Plane, RequestFacts, Verdict
 from gateway.policy.hosts import is_ip, normalise_host, split_hostport
+from gateway.policy.methods import NO_SIGNALS, MethodSignals
 from gateway.policy.paths import normalise_path
 from gateway.policy.refusal import RefusalMode, refusal
 
@@ -104,7 +105,7 @@ def deny_response(
     facts: RequestFacts,
     mode: str,
     accept: str | None = None,
-    status: int = 403,
+    status: int | None = None,
 ) -> web.Response:
     """The shared refusal (gateway.policy.refusal), as an aiohttp response."""
     r = refusal(decision, facts, mode=mode, accept=accept, status=status)
@@ -231,6 +232,7 @@ class HttpPlane:
                 host_header=None,  # the agent addressed us; the upstream gets its own Host
                 client=_peer(request),
                 headers=tuple(outbound_headers(request.headers.items(), None)),
+                signals=self._signals(request),
             )
             return await self._exchange(
                 request,
@@ -272,6 +274,7 @@ class HttpPlane:
                 client=_peer(request),
                 addr=dst_ip,
                 headers=tuple(outbound_headers(request.headers.items(), None)),
+                signals=self._signals(request),
             )
             rejected = _refuse_unverifiable(request, self.limits)
             if rejected is None and len(hosts) > 1:
@@ -296,6 +299,12 @@ class HttpPlane:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", handle)
         return app
+
+    def _signals(self, request: web.BaseRequest) -> MethodSignals:
+        """What the core needs to find every method a request could mean (path-rule configs)."""
+        if not self.ctx.policy.reads_methods:
+            return NO_SIGNALS
+        return MethodSignals.from_headers(lambda name: request.headers.getall(name, ()))
 
     def _verify_host(
         self,
@@ -348,13 +357,26 @@ class HttpPlane:
         self.inflight += 1
         ex = _Exchange()
         if rejected is not None:
-            decision = Decision(Verdict.DENY, None, rejected.reason)
+            decision = Decision(Verdict.DENY, None, rejected.reason, status=rejected.status)
         elif decision is None:
             decision = self.ctx.policy.decide(facts)
         policy = self.ctx.config.digest  # the policy that decided, even if a reload follows
+        form: bytes | None = None
         try:
+            if decision.body_limit:  # a bounded form body decides too (`_method`): read it
+                try:
+                    async with asyncio.timeout(self.ctx.config.config.timeouts.idle):
+                        form = await request.read()
+                except TimeoutError:
+                    ex.reason, ex.error = "client-idle-timeout", "request body stalled"
+                    raise _ClientGone() from None
+                ex.bytes_up = len(form)
+                facts = dataclasses.replace(
+                    facts, signals=dataclasses.replace(facts.signals, body=form)
+                )
+                decision = self.ctx.policy.decide(facts)
             if not decision.allowed:
-                ex.status = rejected.status if rejected is not None else 403
+                ex.status = decision.status
                 if decision.alert:
                     log.warning("placeholder sent to %s: %s", facts.host, decision.reason)
                 ex.refusal = self.ctx.refusal_mode
@@ -367,6 +389,8 @@ class HttpPlane:
                 return error_response(AUDIT_UNAVAILABLE, 503)
             if dial_ip is not None:  # aiohttp asks no resolver for an IP literal: check here
                 await self.ctx.dial_addresses(facts.host, facts.port, via=(dial_ip, facts.port))
+            if decision.target is not None:
+                target = decision.target  # the path that was decided goes upstream
             headers = list(facts.headers)
             plan = decision.plan
             resolve: Callable[[str], str] = no_secret
@@ -396,7 +420,11 @@ class HttpPlane:
             length = request.headers.get("Content-Length")
             if length is not None and request.body_exists and not (swapper and swapper.swaps):
                 headers.append(("Content-Length", length))  # else: chunked, the length may change
-            body = self._upload(request, ex, swapper) if request.body_exists else None
+            body: bytes | AsyncIterator[bytes] | None = None
+            if form is not None:  # read whole before deciding: swapped whole
+                body = swapper.feed(form) + swapper.flush() if swapper is not None else form
+            elif request.body_exists:
+                body = self._upload(request, ex, swapper)
             return await self._forward(request, ex, origin + target, headers, body)
         except AddressRefused as e:  # from the check above or the session's resolver
             decision = Decision(
@@ -471,7 +499,7 @@ class HttpPlane:
         ex: _Exchange,
         url: str,
         headers: list[tuple[str, str]],
-        body: AsyncIterator[bytes] | None,
+        body: bytes | AsyncIterator[bytes] | None,
     ) -> web.StreamResponse:
         t = self.ctx.config.config.timeouts
         try:

@@ -51,6 +51,7 @@ from gateway.policy.apply import (
 )
 from gateway.policy.core import ConnectionDecision, Decision, Plane, RequestFacts, Verdict
 from gateway.policy.hosts import is_ip, normalise_host
+from gateway.policy.methods import NO_SIGNALS, MethodSignals
 from gateway.policy.refusal import REASON_HEADER, RefusalMode, refusal
 
 log = logging.getLogger("keyward.mitm")
@@ -65,6 +66,8 @@ M_ERROR = "keyward.error"
 M_BODY = "keyward.body_swapper"
 M_REASON = "keyward.reason"  # why a response was refused or cut while scrubbing
 M_POLICY = "keyward.policy"
+M_DEFERRED = "keyward.deferred"  # decided again once the (bounded) form body is in
+M_REDECIDED = "keyward.redecided"  # ... and that second decision has been made
 
 # The start of an HTTP/1 request line: a method token, one space.
 HTTP_START = re.compile(rb"^[A-Z][A-Z-]{2,19} ")
@@ -78,7 +81,7 @@ def deny_response(
     facts: RequestFacts,
     mode: str,
     accept: str | None = None,
-    status: int = 403,
+    status: int | None = None,
 ) -> http.Response:
     """The shared refusal (gateway.policy.refusal), as a mitmproxy response."""
     r = refusal(decision, facts, mode=mode, accept=accept, status=status)
@@ -123,11 +126,14 @@ def refuse_unverifiable(
     )
 
 
-def prepare_outbound(req: http.Request, host: str, port: int) -> None:
+def prepare_outbound(req: http.Request, host: str, port: int, target: str | None = None) -> None:
     """Rebuild the request mitmproxy will send: origin-form, the verified authority (Host for
-    HTTP/1, `:authority` for HTTP/2), hop-by-hop and framing headers recomputed. Framing is
+    HTTP/1, `:authority` for HTTP/2), hop-by-hop and framing headers recomputed, and the
+    decided target (`Decision.target`, on hosts with path rules) as its path. Framing is
     what mitmproxy read the body by (HTTP/1: chunked or Content-Length, already validated);
     the upstream speaks the client's protocol (ALPN is mirrored, see `AlpnMirror`)."""
+    if target is not None:
+        req.path = target  # the path that was decided is the path that goes upstream
     auth = authority(host, port, req.scheme)
     fields = _latin1(req.headers)
     if _is_h2(req):
@@ -533,6 +539,11 @@ class PolicyGate:
             addr=addr,
             # only read when placeholders exist: the core scans headers for them, nothing else
             headers=tuple(req.headers.items(multi=True)) if self.ctx.policy.placeholders else (),
+            signals=(
+                MethodSignals.from_headers(req.headers.get_all)
+                if self.ctx.policy.reads_methods
+                else NO_SIGNALS
+            ),
         )
         flow.metadata[M_FACTS] = facts
         if flow.error is not None:  # mitmproxy refused the request itself (framing headers)
@@ -544,18 +555,34 @@ class PolicyGate:
             return
         rejected = refuse_unverifiable(req, host, port, self.ctx)
         if rejected is not None:
-            decision = Decision(Verdict.DENY, None, rejected.reason)
+            decision = Decision(Verdict.DENY, None, rejected.reason, status=rejected.status)
             flow.metadata[M_DECISION] = decision
-            self._refuse(flow, facts, decision, rejected.status)
+            self._refuse(flow, facts, decision)
             return
-        decision = self.ctx.policy.decide(facts)
+        await self._settle(flow, facts, self.ctx.policy.decide(facts))
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        """A deferred request's form body is in (unstreamed, bounded): decide it for good."""
+        if not flow.metadata.pop(M_DEFERRED, False):
+            return
+        flow.metadata[M_REDECIDED] = True
+        facts: RequestFacts = flow.metadata[M_FACTS]
+        body = flow.request.raw_content or b""
+        facts = dataclasses.replace(facts, signals=dataclasses.replace(facts.signals, body=body))
+        await self._settle(flow, facts, self.ctx.policy.decide(facts))
+
+    async def _settle(self, flow: http.HTTPFlow, facts: RequestFacts, decision: Decision) -> None:
+        req, host, port = flow.request, facts.host, facts.port
+        flow.metadata[M_FACTS] = facts
         flow.metadata[M_DECISION] = decision
         flow.metadata[M_POLICY] = self.ctx.config.digest  # the policy that decided
-        if decision.allowed and not self.ctx.audit.available():
+        if decision.body_limit:  # not streamed: mitmproxy buffers it, the length is bounded
+            flow.metadata[M_DEFERRED] = True
+        elif decision.allowed and not self.ctx.audit.available():
             # Pre-flight: nothing reaches an upstream while its record could not be written.
             self._fail(flow, facts, decision, 503, AUDIT_UNAVAILABLE)
         elif decision.allowed:
-            prepare_outbound(req, host, port)
+            prepare_outbound(req, host, port, decision.target)
             self.dest.route(flow, host, port)
             try:
                 await self.dest.check_request(flow)
@@ -609,13 +636,12 @@ class PolicyGate:
         flow: http.HTTPFlow,
         facts: RequestFacts,
         decision: Decision,
-        status: int = 403,
         addr: str | None = None,
         error: str | None = None,
     ) -> None:
-        """A refused request (403 unless said otherwise)."""
+        """A refused request, answered with the decision's status."""
         mode = self.ctx.refusal_mode
-        response = deny_response(decision, facts, mode, flow.request.headers.get("accept"), status)
+        response = deny_response(decision, facts, mode, flow.request.headers.get("accept"))
         self._answer(flow, facts, decision, response, refusal=mode, addr=addr, error=error)
 
 
@@ -626,6 +652,13 @@ class CredentialInjector:
         self.ctx = ctx
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        await self._inject(flow)
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.metadata.get(M_REDECIDED):  # decided after its body: not injected yet
+            await self._inject(flow)
+
+    async def _inject(self, flow: http.HTTPFlow) -> None:
         decision: Decision | None = flow.metadata.get(M_DECISION)
         if flow.response is not None or decision is None or not decision.allowed:
             return
@@ -679,7 +712,7 @@ class Streaming:
     (request bodies pass the placeholder swapper when there is one)."""
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None:
+        if flow.response is not None or flow.metadata.get(M_DEFERRED):
             return
         flow.metadata[M_UP] = 0
         swapper: BodySwapper | None = flow.metadata.get(M_BODY)
@@ -691,6 +724,20 @@ class Streaming:
             return [chunk] if chunk else []  # an empty chunk would end a chunked body
 
         flow.request.stream = count
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        """A body decided after it was read whole (`M_REDECIDED`) passes the swapper here."""
+        if not flow.metadata.get(M_REDECIDED) or flow.response is not None:
+            return
+        req = flow.request
+        body = req.raw_content or b""
+        swapper: BodySwapper | None = flow.metadata.get(M_BODY)
+        if swapper is not None:
+            body = swapper.feed(body) + swapper.flush()
+            req.raw_content = body
+            if "content-length" in req.headers:
+                req.headers["content-length"] = str(len(body))
+        flow.metadata[M_UP] = len(body)
 
 
 class ResponseScrubber:
@@ -705,6 +752,14 @@ class ResponseScrubber:
         decision: Decision | None = flow.metadata.get(M_DECISION)
         if flow.response is not None or decision is None or not decision.allowed:
             return
+        self._request_headers(flow, decision)
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        """A request decided after its body (`M_REDECIDED`) gets its headers adjusted now."""
+        if flow.metadata.get(M_REDECIDED):
+            self.requestheaders(flow)
+
+    def _request_headers(self, flow: http.HTTPFlow, decision: Decision) -> None:
         items = _latin1(flow.request.headers)
         headers = upstream_request_headers(items, _credentialed(decision))
         if headers != items:
