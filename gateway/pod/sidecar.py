@@ -11,7 +11,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import signal
+import socket
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -112,14 +114,26 @@ def write_agent_trust(ctx: GatewayContext, out: Path, mount: str) -> None:
             f.write(f"{ph.env}={ph.value}\n")
 
 
-def ready_stamp() -> str:
-    """The ready file's content: this network namespace's identity (`net:[inode]`). A waiting
-    agent compares it with its own, so a file left from an earlier namespace (the engine
-    restarted, the pod was recreated, rules gone) never lets it start unguarded."""
+def ready_stamp() -> tuple[str, socket.socket | None]:
+    """The ready file's content and the socket that keeps it true.
+
+    `net:[inode] @keyward-ready-<token>`: this network namespace and an abstract unix socket
+    bound in it for as long as this process serves. Abstract sockets belong to their namespace
+    (the agent sees them in its /proc/net/unix), so a file left from an earlier namespace never
+    counts: its token names no socket in the new one, even when the kernel gives the new
+    namespace the old one's inode number."""
     try:
-        return os.readlink("/proc/self/ns/net") + "\n"
+        netns = os.readlink("/proc/self/ns/net")
     except OSError:
-        return "ready\n"
+        return "ready\n", None
+    name = f"keyward-ready-{secrets.token_hex(12)}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind("\0" + name)
+    except OSError:
+        sock.close()
+        return f"{netns}\n", None
+    return f"{netns} @{name}\n", sock
 
 
 @dataclass
@@ -132,6 +146,7 @@ class Sidecar:
     control: web.AppRunner | None = None
     minter: TokenMinter | None = None
     ready: bool = False
+    ready_socket: socket.socket | None = None
     reloader: Reloader | None = None
     # The secret variables as read at start: they are withdrawn from os.environ, and a reload
     # must find them again (their values are in the store anyway).
@@ -217,7 +232,8 @@ class Sidecar:
         self._start_reloader()
         self.ready = True
         if self.opts.ready_file is not None:
-            self.opts.ready_file.write_text(ready_stamp())
+            stamp, self.ready_socket = ready_stamp()
+            self.opts.ready_file.write_text(stamp)
         log.info("ready: transparent %d, explicit %d, dns %d", p.transparent, p.explicit, p.dns)
 
     async def _start_control(self, path: Path | None) -> None:
@@ -282,6 +298,8 @@ class Sidecar:
         self._tasks.add(task)
 
     async def close(self) -> None:
+        if self.ready_socket is not None:
+            self.ready_socket.close()
         self.ready = False
         for task in list(self._tasks):
             task.cancel()
