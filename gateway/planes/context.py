@@ -171,6 +171,12 @@ class GatewayContext:
             policy=policy or self.config.digest,
             addr=addr or facts.addr,
         )
+        self.write_record(rec)
+        return rec
+
+    def write_record(self, rec: AuditRecord) -> None:
+        """The one way a record is written (every plane and the DNS listener): the audit line,
+        then the metrics, so the two always agree."""
         self.audit.write(rec)
         if self.metrics is not None:
             self.metrics.observe(
@@ -182,7 +188,6 @@ class GatewayContext:
                 duration_ms=rec.duration_ms,
                 injected=rec.injected,
             )
-        return rec
 
 
 def build_placeholders(

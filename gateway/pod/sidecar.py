@@ -193,17 +193,7 @@ class Sidecar:
     def _audit_dns(self, rec: dict[str, object]) -> None:
         fields = {k: v for k, v in rec.items() if k in AuditRecord.__dataclass_fields__}
         fields.setdefault("agent", self.ctx.agent)
-        rec = AuditRecord(**fields)  # type: ignore[arg-type]
-        self.ctx.audit.write(rec)
-        if self.ctx.metrics is not None:
-            self.ctx.metrics.observe(
-                plane=rec.plane,
-                decision=rec.decision,
-                reason=rec.reason,
-                host=rec.host,
-                status=rec.status,
-                duration_ms=rec.duration_ms,
-            )
+        self.ctx.write_record(AuditRecord(**fields))  # type: ignore[arg-type]
 
     async def start(self) -> None:
         p = self.opts.ports
