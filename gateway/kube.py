@@ -197,6 +197,8 @@ def _pod_spec(
             {"name": "keyward-secrets", "mountPath": SECRETS_DIR, "readOnly": True},
             {"name": "keyward-state", "mountPath": STATE_DIR},
             {"name": "keyward-trust", "mountPath": TRUST_DIR},
+            # the root file system is read-only; Python and mitmproxy want a writable /tmp
+            {"name": "keyward-tmp", "mountPath": "/tmp"},
         ],
     }
     env = agent_env(f"{AGENT_TRUST}/ca-bundle.crt")
@@ -235,6 +237,7 @@ def _pod_spec(
             },
             {"name": "keyward-state", "emptyDir": {}},
             {"name": "keyward-trust", "emptyDir": {"sizeLimit": "4Mi"}},
+            {"name": "keyward-tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "64Mi"}},
         ],
     }
 

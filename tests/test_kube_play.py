@@ -95,7 +95,9 @@ class Played:
 
 
 def play_copy(docs: list[dict[str, Any]], secret_dir: Path) -> list[dict[str, Any]]:
-    """The rendered manifest with its Secret turned into a hostPath dir (see the docstring)."""
+    """The rendered manifest with its Secret turned into a hostPath dir, and its emptyDirs into
+    fresh 0777 hostPath dirs, as Kubernetes creates an emptyDir (Podman 4.3 makes an emptyDir a
+    named volume owned by whichever image's mount point it copies up first)."""
     secret, configmap, pod = docs
     secret_dir.mkdir(mode=0o755)
     for key, value in secret["data"].items():
@@ -108,6 +110,12 @@ def play_copy(docs: list[dict[str, Any]], secret_dir: Path) -> list[dict[str, An
         if "secret" in vol:
             del vol["secret"]
             vol["hostPath"] = {"path": str(secret_dir), "type": "Directory"}
+        elif "emptyDir" in vol:
+            empty = secret_dir.parent / vol["name"]
+            empty.mkdir()
+            empty.chmod(0o777)
+            del vol["emptyDir"]
+            vol["hostPath"] = {"path": str(empty), "type": "Directory"}
     return [configmap, pod]
 
 
@@ -159,9 +167,8 @@ def played(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Played]:
         while played.exec("agent", "test", "-e", "/etc/keyward/ready").returncode != 0:
             if time.monotonic() > deadline:
                 logs = subprocess.run(["podman", "logs", f"{played.pod}-keyward"], capture_output=True, text=True, check=False)  # fmt: skip
-                pytest.fail(
-                    f"the sidecar never became ready: {logs.stdout[-2000:]}{logs.stderr[-2000:]}"
-                )
+                text = logs.stdout + logs.stderr
+                pytest.fail(f"the sidecar never became ready: {text[:1500]} ... {text[-1500:]}")
             time.sleep(0.5)
         rss = played.exec("keyward", "grep", "VmRSS", "/proc/1/status").stdout.split()
         print(
@@ -175,6 +182,8 @@ def played(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Played]:
         async def cleanup(c: EngineClient) -> None:
             for ct in await c.container_list({"label": [f"{pair.LABEL_PAIR}={name}"]}):
                 await c.container_remove(ct["Id"], force=True)
+            # `podman kube down` (4.3) leaves the ConfigMap's volume behind
+            subprocess.run(["podman", "volume", "rm", "-f", f"keyward-{name}-config"], capture_output=True, check=False)  # fmt: skip
             for n in await c.network_list({"label": [f"{pair.LABEL_PAIR}={name}"]}):
                 await c.network_remove(n["Id"])
 
