@@ -223,7 +223,6 @@ async def test_cached_until_expiry_minus_skew_then_refreshed(world: World) -> No
 
 async def test_rotated_refresh_token_persisted_0600_and_used_after_restart(world: World) -> None:
     world.server.rotate = True
-    world.server.expires_in = 1
     store = world.store()
     await world.minter(store).ensure(frozenset({"g"}))
     rotated = next(iter(world.server.valid_refresh))
