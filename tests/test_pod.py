@@ -9,30 +9,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from gateway.netfilter.rules import render_all
 from gateway.pod.contract import DEFAULT_PROBES, check_script
-from gateway.pod.isolate import IsolatedPod
-from gateway.pod.netns import Topology
 from gateway.tls.ca import CertificateAuthority
-from tests.support.upstream import start_in_namespace
+from tests.support.pod import API, OTHER, V6, PodWorld, pod_world
 
 pytestmark = pytest.mark.root
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL_KEY = "sk-test-PODSECRET-0123456789abcdefXYZ"
-API, OTHER, V6 = "203.0.113.10", "203.0.113.11", "2001:db8:1::10"
 
 CONFIG = """version: 1
 secrets:
@@ -59,51 +53,11 @@ audit:
 """
 
 
-@dataclass
-class PodWorld:
-    topo: Topology
-    pod: IsolatedPod
-    base: Path
-    upstream_log: Path
-
-    def agent(self, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return self.pod.run_agent(list(argv), timeout=timeout)
-
-    def seen(self) -> list[dict[str, object]]:
-        if not self.upstream_log.exists():
-            return []
-        return [json.loads(x) for x in self.upstream_log.read_text().splitlines() if x]
-
-    def audit(self) -> list[dict[str, object]]:
-        path = self.base / "audit.jsonl"
-        return [json.loads(x) for x in path.read_text().splitlines() if x]
-
-
 @pytest.fixture(scope="module")
 def world(root_ok: None) -> Iterator[PodWorld]:
-    base = Path(tempfile.mkdtemp(prefix="keyward-podtest-"))
-    base.chmod(0o755)
-    up_dir = base / "upstream"
-    up_dir.mkdir()
-    with Topology() as topo:
-        start_in_namespace(
-            topo.upstream, up_dir, [API, OTHER, V6],
-            ["api.example.test", "plain.example.test", "other.example.test"],
-        )  # fmt: skip
-        config = base / "keyward.yaml"
-        config.write_text(
-            CONFIG.format(
-                ca=up_dir / "pki" / "test-ca.pem", api=API, other=OTHER, audit=base / "audit.jsonl"
-            )
-        )
-        pod = IsolatedPod(topo.pod, config, base / "state", work=base / "pod")
-        env = {**os.environ, "TEST_API_KEY": REAL_KEY}
-        pod.start(env=env)
-        try:
-            yield PodWorld(topo, pod, base, up_dir / "seen.jsonl")
-        finally:
-            pod.stop_gateway()
-    shutil.rmtree(base, ignore_errors=True)
+    names = ["api.example.test", "plain.example.test", "other.example.test"]
+    with pod_world(CONFIG, names, {"TEST_API_KEY": REAL_KEY}) as w:
+        yield w
 
 
 def curl(world: PodWorld, *args: str) -> subprocess.CompletedProcess[str]:
