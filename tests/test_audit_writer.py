@@ -249,19 +249,25 @@ def test_dash_writes_to_stderr() -> None:
 
 
 # -- failing closed, rotation ----------------------------------------------------------------
-@pytest.fixture
-def tiny_fs(tmp_path: Path) -> Iterator[Path]:
-    """A real 64 KiB tmpfs: writes to it fail with ENOSPC once it is full (root only)."""
+@contextlib.contextmanager
+def small_tmpfs(tmp_path: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of `size`: writes to it fail with ENOSPC once it is full (root only)."""
     from tests.conftest import require_root
 
     require_root()
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], check=True)
     try:
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path) -> Iterator[Path]:
+    with small_tmpfs(tmp_path, "64k") as mnt:
+        yield mnt
 
 
 def fill(path: Path) -> None:
