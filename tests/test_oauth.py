@@ -8,6 +8,7 @@ import logging
 import secrets
 import ssl
 import stat
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +106,19 @@ class TokenServer:
             self.runner = None
 
 
+class Clock:
+    """A wall clock the test moves by hand, so expiry does not depend on how busy the machine is."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 @dataclass
 class World:
     dir: Path
@@ -112,11 +126,14 @@ class World:
     server: TokenServer
     config: Path
     minters: list[TokenMinter] = field(default_factory=list)
+    clock: Clock = field(default_factory=Clock)
 
     def store(self, refresh: str = REFRESH) -> SecretStore:
         loaded = load_config(self.config)
         environ = {"CID": CLIENT_ID, "CSECRET": CLIENT_SECRET, "RTOKEN": refresh}
-        return load_secrets(loaded.config.secrets, config_dir=self.dir, environ=environ)
+        store = load_secrets(loaded.config.secrets, config_dir=self.dir, environ=environ)
+        store.clock = self.clock
+        return store
 
     def minter(self, store: SecretStore, **kw: object) -> TokenMinter:
         port = self.server.port
@@ -214,7 +231,7 @@ async def test_cached_until_expiry_minus_skew_then_refreshed(world: World) -> No
     for _ in range(5):
         await minter.ensure(frozenset({"g"}))
     assert len(world.server.forms) == 1
-    await asyncio.sleep(1.6)
+    world.clock.advance(1.6)
     assert store.resolve("g") == first  # inside the skew window: still valid...
     await minter.ensure(frozenset({"g"}))  # ...but refreshed before it can expire
     assert len(world.server.forms) == 2
@@ -264,7 +281,7 @@ async def test_endpoint_failure_never_leaves_an_expired_token_usable(
         await world.server.stop()
     else:
         world.server.mode = failure
-    await asyncio.sleep(1.1)  # the token has now expired
+    world.clock.advance(1.1)  # the token has now expired
     with pytest.raises(TokenUnavailable) as info:
         await minter.ensure(frozenset({"g"}))
     with pytest.raises(StaleTokenError):
@@ -288,7 +305,7 @@ async def test_failed_refresh_keeps_a_still_valid_token(world: World) -> None:
     await minter.ensure(frozenset({"g"}))
     token = store.resolve("g")
     world.server.mode = "500"
-    await asyncio.sleep(2.1)
+    world.clock.advance(2.1)
     await minter.ensure(frozenset({"g"}))  # refresh failed, but the token has not expired
     assert store.resolve("g") == token
     assert len(world.server.forms) == 2
@@ -316,7 +333,7 @@ async def test_minted_token_never_logged(world: World, caplog: pytest.LogCapture
     minter = world.minter(store, failure_backoff=0.0)
     await minter.ensure(frozenset({"g", "cc"}))
     world.server.mode = "500"
-    await asyncio.sleep(1.1)
+    world.clock.advance(1.1)
     with pytest.raises(TokenUnavailable) as info:
         await minter.ensure(frozenset({"g"}))
     assert "oauth g" in caplog.text  # it did log, just not values

@@ -16,7 +16,6 @@ import json
 import logging
 import re
 import ssl
-import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -57,7 +56,7 @@ class TokenMinter:
         *,
         timeout: float = 30.0,
         failure_backoff: float = 5.0,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
         on_mint: Callable[[str, str], None] | None = None,
     ) -> None:
         self.store = store
@@ -68,7 +67,7 @@ class TokenMinter:
         self.dial = dial
         self.timeout = timeout
         self.failure_backoff = failure_backoff
-        self.clock = clock
+        self.clock = clock if clock is not None else store.clock  # one clock for mint and expiry
         self.on_mint = on_mint  # (secret name, "ok" | "failed"): metrics
         self._inflight: dict[str, asyncio.Future[None]] = {}
         self._skew: dict[str, float] = {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from gateway.cli.errors import EXIT_FAILURE
@@ -48,7 +48,9 @@ class SecretStore:
         oauth: Mapping[str, OAuthCredentials] | None = None,
         env_vars: Iterable[str] = (),
         redactor: Redactor | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        self.clock = clock  # wall clock for token expiry; the token minter shares it
         self._values: dict[str, SecretValue] = dict(values or {})
         self._oauth: dict[str, OAuthCredentials] = dict(oauth or {})
         overlap = self._values.keys() & self._oauth.keys()
@@ -93,7 +95,7 @@ class SecretStore:
         grant = self._oauth[name].config.grant
         if minted is None:
             raise StaleTokenError(name, f"oauth {grant}", "has no access token minted yet")
-        if time.time() >= minted.expires_at:
+        if self.clock() >= minted.expires_at:
             raise StaleTokenError(name, f"oauth {grant}", "access token has expired")
         return minted.value
 
