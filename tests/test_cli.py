@@ -225,6 +225,31 @@ def test_version_and_help_import_no_command() -> None:
     assert "run CMD with its traffic" in keyward("--help").stdout
 
 
+def test_version_entry_point_loads_no_heavy_module() -> None:
+    """`keyward --version` through the installed entry point (what a user times) leaves no
+    heavy dependency in sys.modules: each of them costs a noticeable part of a second."""
+    heavy = ("mitmproxy", "aiohttp", "pydantic", "yaml", "rich", "cryptography", "gateway.planes")
+    probe = (
+        "import atexit, json, sys\n"
+        "atexit.register(lambda: sys.stderr.write(json.dumps(sorted(sys.modules))))\n"
+        "sys.argv = ['keyward', '--version']\n"
+        "from gateway.cli.main import main\n"
+        "sys.exit(main())\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("keyward ")
+    loaded = json.loads(r.stderr)
+    assert "gateway.cli.main" in loaded
+    assert not [m for m in loaded if m in heavy or m.startswith(tuple(h + "." for h in heavy))]
+
+
 def test_debug_is_accepted_anywhere_but_inside_cmd(tmp_path: Path) -> None:
     from gateway.cli.main import split_debug
 
