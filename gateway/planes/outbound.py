@@ -12,12 +12,14 @@ Sans-IO: plain strings and bytes in, plain values out; the planes adapt their ow
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from gateway.config.model import LimitsConfig
-from gateway.planes.http.hop import strip_hop_by_hop
+from gateway.planes.http.hop import is_hop_by_hop, strip_hop_by_hop
+from gateway.policy.core import Decision, Placeholder
 from gateway.policy.hosts import normalise_host, split_hostport
+from gateway.policy.methods import OVERRIDE_HEADERS
 
 AUTHORITY_MISMATCH = "authority-mismatch"
 DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -109,3 +111,79 @@ def outbound_headers(
     kept = strip_hop_by_hop(headers, CLIENT_ONLY)
     head = [("Host", host_value)] if host_value else []
     return [*head, *kept, *framing]
+
+
+# Never forwarded as request trailers (RFC 9110 §6.5.1: framing, routing, authentication,
+# request modifiers, content handling, and method overrides): an upstream that merges trailers
+# into the head would read them as fields the policy never saw, or over what keyward wrote.
+TRAILER_FORBIDDEN = frozenset(
+    {
+        "host",
+        "authorization",
+        "cookie",
+        "content-length",
+        "content-type",
+        "content-encoding",
+        "content-range",
+        "expect",
+        "max-forwards",
+        "cache-control",
+        "pragma",
+        "range",
+        "if-range",
+        "if-match",
+        "if-none-match",
+        "if-modified-since",
+        "if-unmodified-since",
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+        *OVERRIDE_HEADERS,
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TrailerCheck:
+    """Request trailers as they may leave: the fields kept, and why the request is an alert."""
+
+    kept: list[tuple[str, str]]
+    alerts: list[str]
+
+
+def request_trailers(
+    fields: Iterable[tuple[str, str]],
+    decision: Decision,
+    placeholders_in: Callable[[str], list[Placeholder]],
+    holds_secret: Callable[[str], bool],
+) -> TrailerCheck:
+    """Trailers arrive after the head was decided and sent: they are never a place to swap a
+    placeholder or to carry a field the head could not. Dropped, each with an alert: a field
+    named like a framing, routing, credential or method-override header, or one the rule
+    writes; a placeholder of a secret this host does not use; a real secret value. A placeholder
+    of a secret the host uses passes unchanged, with an alert (never swapped: no `swap_in`
+    location covers trailers)."""
+    plan = decision.plan
+    written = {h.name.lower() for h in plan.headers} if plan is not None else set()
+    uses = plan.secrets if plan is not None else frozenset()
+    kept: list[tuple[str, str]] = []
+    alerts: list[str] = []
+    for name, value in fields:
+        low = name.lower()
+        if low in TRAILER_FORBIDDEN or low in written or is_hop_by_hop(low) or low[:1] == ":":
+            alerts.append(f"request trailer {low} dropped")
+            continue
+        seen = placeholders_in(value)
+        if any(p.secret not in uses for p in seen):
+            alerts.append(f"placeholder-wrong-host in request trailer {low}")
+            continue
+        rest = value
+        for p in seen:
+            rest = rest.replace(p.value, "")
+        if holds_secret(rest):
+            alerts.append(f"secret value in request trailer {low}: dropped")
+            continue
+        alerts.extend(f"placeholder {p.env} not swapped in request trailer" for p in seen)
+        kept.append((name, value))
+    return TrailerCheck(kept, alerts)

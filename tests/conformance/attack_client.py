@@ -4,7 +4,8 @@ Runs as the agent, under `keyward run` (the proxy variables are set: it tunnels 
 or in a pod (no proxy variables: it dials the name and the kernel redirects it). Reads a JSON
 list of attacks on stdin, prints one JSON object {name: {"statuses": [...], "error": ...}}
 (HTTP/1.1 also "body": the start of what follows the first response head).
-Standard library plus `h2` (installed with mitmproxy) only.
+Standard library plus `h2` (installed with mitmproxy) only. `{env:NAME}` anywhere in an attack is
+the agent's value of NAME (a placeholder it was given).
 """
 
 from __future__ import annotations
@@ -83,9 +84,12 @@ def h2(attack: dict[str, Any]) -> dict[str, Any]:
     conn.initiate_connection()
     body = attack.get("body", "").encode("latin-1")
     headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in attack["headers"]]
-    conn.send_headers(1, headers, end_stream=not body)
+    trailers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in attack.get("trailers", [])]
+    conn.send_headers(1, headers, end_stream=not (body or trailers))
     if body:
-        conn.send_data(1, body, end_stream=True)
+        conn.send_data(1, body, end_stream=not trailers)
+    if trailers:
+        conn.send_headers(1, trailers, end_stream=True)
     sock.sendall(conn.data_to_send())
     statuses: list[int] = []
     reasons: list[str] = []
@@ -111,9 +115,14 @@ def h2(attack: dict[str, Any]) -> dict[str, Any]:
     return {"statuses": statuses, "reasons": reasons, "alpn": "h2", "reset": reset}
 
 
+def from_env(text: str) -> str:
+    """`{env:NAME}` in an attack becomes the agent's own value of NAME (its placeholders)."""
+    return re.sub(r"\{env:([A-Z0-9_]+)\}", lambda m: os.environ.get(m.group(1), ""), text)
+
+
 def main() -> None:
     results: dict[str, Any] = {}
-    for attack in json.load(sys.stdin):
+    for attack in json.loads(from_env(sys.stdin.read())):
         try:
             results[attack["name"]] = h2(attack) if attack.get("h2") else h1(attack)
         except Exception as e:  # report, keep going: one attack's failure is its own result

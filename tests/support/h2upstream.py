@@ -1,5 +1,5 @@
 """A fake HTTP/2-only upstream (ALPN h2, real TLS) that records every stream it received:
-pseudo-headers, headers and body. It answers each stream with a small JSON echo."""
+pseudo-headers, headers, body and trailers. It answers each stream with a small JSON echo."""
 
 from __future__ import annotations
 
@@ -36,6 +36,10 @@ class _Conn:
             if rec is not None:
                 rec["body"] = rec["body"] + event.data  # type: ignore[operator]
             self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        elif isinstance(event, h2.events.TrailersReceived):
+            rec = self.pending.get(event.stream_id)
+            if rec is not None:
+                rec["trailers"] = [[k, v] for k, v in event.headers]
         elif isinstance(event, h2.events.StreamEnded):
             rec = self.pending.pop(event.stream_id, None)
             if rec is None:
@@ -46,6 +50,7 @@ class _Conn:
                 "pseudo": {k: v for k, v in headers if k.startswith(":")},
                 "headers": [[k, v] for k, v in headers if not k.startswith(":")],
                 "body_len": len(body),
+                "trailers": rec.get("trailers", []),
             }
             self.seen.streams.append(entry)
             out = json.dumps(entry).encode()

@@ -6,13 +6,15 @@ streams. Every response ends with `Connection: close`.
 Paths (the credential is the request's Authorization value, else X-Key):
   /reason              the credential as the reason phrase
   /enc/<codings>       the credential in a JSON body, content-coded with <codings> (comma list,
-                       applied in order: gzip, deflate, rawdeflate, br, zstd, compress)
+                       applied in order: gzip, deflate, rawdeflate, br, zstd, compress; a
+                       query string is echoed, not read)
   /range               a fixed JSON body holding the credential; honours `Range: bytes=a-b`
   /forms               hex (both cases), UTF-16LE/BE and JSON \\uXXXX (mixed) forms
   /sse                 an event stream: the credential split over two data: lines of one event,
                        then over two events, then whole inside a JSON delta
   /trailers            a chunked body, the credential in a trailer field
   /enc-corrupt         a gzip body that stops being gzip part-way
+Every request is logged to seen.jsonl with the trailer fields of a chunked body.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ def respond(method: str, path: str, headers: dict[str, str]) -> bytes:
             head(200, "OK", {"Content-Encoding": "gzip", "Content-Length": str(len(body))}) + body
         )
     if path.startswith("/enc/"):
-        codings = path[5:].split(",")
+        codings = path[5:].split("?")[0].split(",")
         body = echo
         for c in codings:
             body = encode(body, c)
@@ -136,6 +138,20 @@ def head(status: int, reason: str, extra: dict[str, str]) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
+async def read_chunked(reader: asyncio.StreamReader) -> dict[str, str]:
+    """Read a chunked request body; its trailer fields, as received."""
+    while True:
+        size = int((await reader.readuntil(b"\r\n")).split(b";")[0].strip(), 16)
+        if size == 0:
+            break
+        await reader.readexactly(size + 2)
+    trailers = {}
+    while (line := await reader.readuntil(b"\r\n")) != b"\r\n":
+        k, _, v = line.decode("latin-1").partition(":")
+        trailers[k.strip().lower()] = v.strip()
+    return trailers
+
+
 async def handle(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, log: Path | None
 ) -> None:
@@ -148,11 +164,14 @@ async def handle(
             if ":" in line:
                 k, v = line.split(":", 1)
                 headers[k.strip().lower()] = v.strip()
+        trailers: dict[str, str] = {}
         if "content-length" in headers:
             await reader.readexactly(int(headers["content-length"]))
+        elif "chunked" in headers.get("transfer-encoding", "").lower():
+            trailers = await read_chunked(reader)
         if log is not None:
             with log.open("a") as f:
-                f.write(json.dumps({"path": path, "headers": headers}) + "\n")
+                f.write(json.dumps({"path": path, "headers": headers, "trailers": trailers}) + "\n")
         writer.write(respond(method, path, headers))
         await writer.drain()
     except (asyncio.IncompleteReadError, ConnectionError, ValueError):

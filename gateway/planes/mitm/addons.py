@@ -32,6 +32,7 @@ from gateway.planes.outbound import (
     check_limits,
     is_origin_form,
     outbound_headers,
+    request_trailers,
 )
 from gateway.planes.scrub import (
     UNSCRUBBABLE,
@@ -657,6 +658,26 @@ class CredentialInjector:
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.metadata.get(M_REDECIDED):  # decided after its body: not injected yet
             await self._inject(flow)
+        self._trailers(flow)
+
+    def _trailers(self, flow: http.HTTPFlow) -> None:
+        """Request trailers (HTTP/1.1 chunked or HTTP/2) arrive with the end of the body, before
+        mitmproxy sends them on: only fields the head could not smuggle leave, never swapped."""
+        req = flow.request
+        decision: Decision | None = flow.metadata.get(M_DECISION)
+        if not req.trailers or flow.response is not None or decision is None:
+            return
+        redact = self.ctx.redactor.redact
+        checked = request_trailers(
+            _latin1(req.trailers),
+            decision,
+            self.ctx.policy.placeholders_in,
+            lambda value: redact(value) != value,
+        )
+        req.trailers = _headers(checked.kept) if checked.kept else None
+        if checked.alerts:
+            _alert(flow, "; ".join(checked.alerts))
+            log.warning("request trailers to %s: %s", flow.request.host, "; ".join(checked.alerts))
 
     async def _inject(self, flow: http.HTTPFlow) -> None:
         decision: Decision | None = flow.metadata.get(M_DECISION)
