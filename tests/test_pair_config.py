@@ -29,7 +29,7 @@ from gateway.engine.pair import (
     holder_config,
     parse_trust_env,
 )
-from gateway.engine.verify import build_spec, resolve_targets
+from gateway.engine.verify import build_spec, reflect_urls, resolve_targets
 from tests.support.pki import make_ca
 
 REAL = "sk-test-REALVALUE-0123456789abcdef"
@@ -257,6 +257,15 @@ def test_verify_spec_has_hashes_only(cfg: Path) -> None:
     assert ["192.0.2.1", 443] in spec["direct_tcp"]
     assert spec["scan_roots"] == ["/workspace", "/home", "/etc", "/tmp"]
     assert "/run/podman/podman.sock" in spec["unix_sockets"]
+    assert spec["reflect_urls"] == []  # none asked for
+
+
+def test_verify_asks_credentialed_hosts_and_services_for_reflections(cfg: Path) -> None:
+    """Named hosts that get a credential and service listeners; a wildcard has no one name."""
+    urls = reflect_urls(cfg.read_text())
+    assert urls == ["https://api.example.test/", "http://127.0.0.1:8701/"]
+    facts = {"secret_hashes": [], "ca_key_line_sha256": "cd"}
+    assert build_spec(facts, [], None, urls)["reflect_urls"] == urls
 
 
 def test_up_fails_on_a_missing_secret_before_touching_the_engine(

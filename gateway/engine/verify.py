@@ -68,13 +68,36 @@ def resolve_targets(config_text: str) -> list[tuple[str, int]]:
     return out
 
 
+def reflect_urls(config_text: str) -> list[str]:
+    """Where a reflection of a real key could come from: every named host whose rule writes a
+    credential (wildcards and addresses have no one name to ask), and every service listener."""
+    data = yaml.safe_load(config_text) or {}
+    out: list[str] = []
+    hosts = (data.get("egress") or {}).get("hosts") or {}
+    for key, rule in hosts.items():
+        name = str(key)
+        if not isinstance(rule, dict) or not (rule.get("headers") or rule.get("basic")):
+            continue
+        host = name.rsplit(":", 1)[0] if name.count(":") == 1 else name
+        if "*" in host or "/" in host or host.replace(".", "").isdigit() or ":" in host:
+            continue
+        out.append(f"https://{name}/")
+    for service in (data.get("services") or {}).values():
+        listen = service.get("listen") if isinstance(service, dict) else None
+        if isinstance(listen, int) and listen > 0:
+            out.append(f"http://127.0.0.1:{listen}/")
+    return out
+
+
 def build_spec(
     gateway_facts: Mapping[str, Any],
     targets: Sequence[tuple[str, int]],
     store: SecretStore | None = None,
+    reflect: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The attack list: direct TCP to each upstream address on a port without a rule and on its
-    real port, documentation addresses, UDP, IPv6, DNS, engine sockets, and the secret scan."""
+    real port, documentation addresses, UDP, IPv6, DNS, engine sockets, the secret scan, and
+    compressed answers asked of each credentialed destination (`reflect`)."""
     direct: list[list[Any]] = [["192.0.2.1", 443], ["192.0.2.1", 22]]
     udp: list[list[Any]] = [["192.0.2.1", 9999]]
     for ip, port in targets:
@@ -94,6 +117,7 @@ def build_spec(
         "config_files": [GW_CONFIG, f"{GW_CONFIG_DIR}/.env"],
         "ca_key_files": [GW_CA_KEY],
         "state_dirs": [GW_STATE],
+        "reflect_urls": list(reflect),
     }
     key_line = str(gateway_facts["ca_key_line_sha256"])
     hashes = list(gateway_facts.get("secret_hashes") or [])
@@ -111,8 +135,8 @@ async def verify_pair(
 ) -> list[dict[str, Any]]:
     """Run every attack from inside the agent; one result dict per check."""
     facts = json.loads(await exec_text(client, gateway, ["python", "-c", _GATEWAY_PROBE]))
-    targets = resolve_targets(await exec_text(client, gateway, ["cat", GW_CONFIG]))
-    spec = build_spec(facts, targets, store)
+    config_text = await exec_text(client, gateway, ["cat", GW_CONFIG])
+    spec = build_spec(facts, resolve_targets(config_text), store, reflect_urls(config_text))
     r = await asyncio.wait_for(
         client.exec_run(agent, ["python3", "-c", check_script()], stdin=json.dumps(spec).encode()),
         CHECK_TIMEOUT,

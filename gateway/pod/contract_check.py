@@ -13,9 +13,13 @@ import json
 import os
 import re
 import socket
+import ssl
 import struct
 import sys
 import time
+import urllib.error
+import urllib.request
+import zlib
 from collections.abc import Iterator
 
 TOKEN = re.compile(rb"[A-Za-z0-9_\-.+/=:~]{6,}")
@@ -336,9 +340,77 @@ def _dns_query(name: str, qtype: int, resolver: str | None) -> tuple[int, str]:
         s.close()
 
 
+# What a reflection probe asks for: codings an agent's HTTP client would gladly decode. keyward
+# decodes every response before scrubbing and forwards it identity-encoded, so a body that comes
+# back still encoded is a failure even when this script cannot decode it (br, zstd).
+REFLECT_ENCODINGS = ["gzip", "br", "zstd", "deflate"]
+
+
+def _fetch(url: str, encoding: str) -> tuple[bytes, bytes, str, str]:
+    """(status line and headers, raw body, its Content-Encoding, a short outcome) as the agent
+    got them. The proxy comes from the agent's environment, as any client's would."""
+    req = urllib.request.Request(url, headers={"Accept-Encoding": encoding})
+    cafile = os.environ.get("SSL_CERT_FILE")
+    ctx = ssl.create_default_context(cafile=cafile) if url.startswith("https:") else None
+    try:
+        resp = urllib.request.urlopen(req, timeout=FAST * 10, context=ctx)
+    except urllib.error.HTTPError as e:
+        resp = e
+    except (OSError, ValueError) as e:
+        return b"", b"", "", f"no answer: {e}"
+    with resp:
+        body = resp.read(MAX_FILE)
+        head = f"{resp.status} {resp.reason}\n{resp.headers}".encode("latin-1", "replace")
+        coding = (resp.headers.get("Content-Encoding") or "").strip().lower()
+    return head, body, coding, str(resp.status)
+
+
+def _decoded(body: bytes, coding: str) -> bytes | None:
+    """The body as the agent would decode it; None for a coding this script cannot decode (its
+    content then cannot be vouched for)."""
+    try:
+        if coding in ("", "identity"):
+            return body
+        if coding in ("gzip", "x-gzip"):
+            return zlib.decompress(body, zlib.MAX_WBITS | 16)
+        if coding == "deflate":
+            try:
+                return zlib.decompress(body)
+            except zlib.error:
+                return zlib.decompress(body, -zlib.MAX_WBITS)
+    except zlib.error:
+        return None
+    return None
+
+
+def check_reflections(spec: dict) -> list[dict[str, object]]:
+    """Ask each credentialed destination for compressed answers: no real secret may come back
+    in the reason phrase, headers or the body, decoded the way the agent would decode it."""
+    wanted: dict[int, set[str]] = {}
+    for h in spec.get("secret_hashes", []):
+        wanted.setdefault(int(h["len"]), set()).add(h["sha256"])
+    out = []
+    for url in spec.get("reflect_urls", []):
+        outcomes = []
+        for encoding in spec.get("reflect_encodings", REFLECT_ENCODINGS):
+            head, body, coding, how = _fetch(url, encoding)
+            decoded = _decoded(body, coding)
+            if decoded is None:
+                label = coding if re.fullmatch(r"[a-z0-9.-]{1,16}", coding) else "otherwise"
+                outcomes.append((True, f"{encoding}: came back {label}-encoded ({how})"))
+            elif wanted and _find_hashes(head + b"\n" + body + b"\n" + decoded, wanted):
+                outcomes.append((True, f"{encoding}: a real secret came back ({how})"))
+            else:
+                outcomes.append((False, f"{encoding}: {how}"))
+        out.append(_each(f"no secret reflected by {url} (compressed)", outcomes, "no request"))
+    return out
+
+
 def main() -> int:
     spec = json.loads(sys.stdin.read() or "{}")
-    results = check_network(spec) + check_local(spec) + check_secrets(spec)
+    results = (
+        check_network(spec) + check_local(spec) + check_secrets(spec) + check_reflections(spec)
+    )
     json.dump(results, sys.stdout)
     sys.stdout.write("\n")
     return 0 if all(r["ok"] for r in results) else 1

@@ -284,3 +284,67 @@ def test_trailers_are_dropped_on_the_service_plane(results: Results) -> None:
 def test_no_secret_in_the_audit(results: Results) -> None:
     assert REAL_KEY not in json.dumps(results.audit)
     assert any(r.get("reason") == "unscrubbable-encoding" for r in results.audit)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _reflection_results(prefix: list[str], urls: list[str], env: dict[str, str],
+                        cwd: Path) -> list[dict[str, object]]:  # fmt: skip
+    """The contract check's compressed-reflection attempts, run as the agent."""
+    import hashlib
+
+    from gateway.pod.contract import check_script
+
+    script = cwd / "contract_check.py"
+    script.write_text(check_script())
+    spec = {
+        "scan_roots": [],
+        "secret_hashes": [
+            {"len": len(REAL_KEY), "sha256": hashlib.sha256(REAL_KEY.encode()).hexdigest()}
+        ],
+        "reflect_urls": urls,
+    }
+    r = subprocess.run([*prefix, sys.executable, str(script)], input=json.dumps(spec), env=env,
+                       cwd=cwd, capture_output=True, text=True, timeout=300)  # fmt: skip
+    results = json.loads(r.stdout.strip().splitlines()[-1])
+    return [x for x in results if str(x["check"]).startswith("no secret reflected")]
+
+
+def test_audit_verify_asks_for_compressed_reflections(tmp_path: Path) -> None:
+    """`keyward audit verify` asks each credentialed destination for gzip, br and zstd answers
+    and decodes them as the agent would: through keyward (both planes) nothing comes back; asked
+    of the reflector directly, the gzip reflection is found and the br one cannot be vouched for."""
+    proc, ports = start_hostile(tmp_path / "upstream", [], "127.0.0.1", 0, 0)
+    try:
+        service_port = _free_port()
+        config = tmp_path / "keyward.yaml"
+        config.write_text(CONFIG.format(
+            ca=tmp_path / "upstream" / "pki" / "test-ca.pem", target=f"127.0.0.1:{ports['tls']}",
+            audit=tmp_path / "audit.jsonl", service_port=service_port))  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if "PROXY" not in k.upper()}
+        env.update(TEST_API_KEY=REAL_KEY, KEYWARD_STATE=str(tmp_path / "state"),
+                   PYTHONPATH=str(ROOT))  # fmt: skip
+        paths = ["/", "/enc/gzip", "/enc/br", "/enc/zstd"]
+        urls = [f"https://api.example.test{p}" for p in paths]
+        urls += [f"http://127.0.0.1:{service_port}{p}" for p in paths]
+        prefix = [sys.executable, "-m", "gateway", "run", "-c", str(config), "--"]
+        guarded = _reflection_results(prefix, urls, env, tmp_path)
+        assert len(guarded) == len(urls)
+        assert [r for r in guarded if not r["ok"]] == []
+        for r in guarded:  # every encoding was asked for and answered
+            assert all(f"{e}: 200" in str(r["detail"]) for e in ("gzip", "br", "zstd"))
+        direct = f"http://127.0.0.1:{ports['plain']}"
+        bare = _reflection_results([], [f"{direct}/enc/gzip?{REAL_KEY}", f"{direct}/enc/br"],
+                                   env, tmp_path)  # fmt: skip
+        assert [r["ok"] for r in bare] == [False, False]
+        assert "a real secret came back" in str(bare[0]["detail"])
+        assert "came back br-encoded" in str(bare[1]["detail"])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
