@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import shutil
 import sys
@@ -166,27 +165,26 @@ async def test_policy_outcomes_through_the_proxy(world: World) -> None:
 
 
 async def test_sse_events_arrive_one_by_one(world: World) -> None:
+    """The upstream sends each next event only once the agent has released it (after getting
+    the previous one): a proxy that holds events back stalls the stream instead of passing."""
     code, out, err = await run(
         world,
         *py(
             """
-            import json, time, requests
-            t0 = time.monotonic()
-            r = requests.get("https://api.example.test/sse?n=5&interval=0.4", stream=True)
-            times = []
+            import json, requests
+            r = requests.get("https://api.example.test/sse?n=5&gate=run", stream=True)
+            events = []
             for line in r.iter_lines():
                 if line.startswith(b"data:"):
-                    times.append(time.monotonic() - t0)
-            print(json.dumps(times))
+                    events.append(line.decode())
+                    requests.get("https://api.example.test/release?gate=run").raise_for_status()
+            print(json.dumps(events))
             """
         ),
     )
     assert code == 0, err
-    times = json.loads(out)
-    assert len(times) == 5
-    # the first event arrives long before the stream ends (5 events, 0.4 s apart)
-    assert times[0] < 0.35 * times[-1]
-    assert all(b > a for a, b in itertools.pairwise(times))
+    assert world.upstream.seen.stalled_gates == [], "an event was held back until the end"
+    assert json.loads(out) == [f"data: event {i}" for i in range(5)]
 
 
 async def test_big_bodies_stream_with_bounded_memory(world: World) -> None:
@@ -416,12 +414,16 @@ async def test_client_abort_is_audited(world: World) -> None:
     code, _, err = await run(
         world,
         *py(
-            """
-            import requests
+            f"""
+            import pathlib, time, requests
             r = requests.get("https://api.example.test/sse?n=20&interval=0.2", stream=True)
             next(r.iter_lines())
             r.close()
-            import time; time.sleep(1.5)
+            # stay until the gateway has audited it (the bound only catches a hang)
+            audit, deadline = pathlib.Path({str(world.audit_path)!r}), time.monotonic() + 30
+            while not (audit.exists() and '"/sse' in audit.read_text()):
+                assert time.monotonic() < deadline, "the aborted request was never audited"
+                time.sleep(0.05)
             """
         ),
     )

@@ -21,14 +21,26 @@ if TYPE_CHECKING:
 MAIN = Path(__file__).with_name("upstream_main.py")
 
 
+GATE_BOUND = 30.0  # seconds a gated stream waits for its client before giving up (a hang)
+
+
 @dataclass
 class Seen:
     requests: list[dict[str, object]] = field(default_factory=list)
     peers: set[tuple[str, int]] = field(default_factory=set)
-    upload_first_chunk_at: float | None = None
+    upload_started: asyncio.Event = field(default_factory=asyncio.Event)
     token_requests: int = 0
     token_fail: bool = False
     ws_messages: list[str] = field(default_factory=list)
+    gates: dict[str, asyncio.Queue[None]] = field(default_factory=dict)
+    stalled_gates: list[str] = field(default_factory=list)
+
+    def gate(self, name: str) -> asyncio.Queue[None]:
+        return self.gates.setdefault(name, asyncio.Queue())
+
+    def release(self, name: str) -> None:
+        """The client got the last event of the gated stream `name`: send the next one."""
+        self.gate(name).put_nowait(None)
 
 
 def make_app(seen: Seen) -> web.Application:
@@ -59,16 +71,32 @@ def make_app(seen: Seen) -> web.Application:
         return web.json_response(payload, headers={"X-Echo-Auth": auth})
 
     async def sse(request: web.Request) -> web.StreamResponse:
+        """`?gate=NAME` sends each next event only once the client has released NAME (it got
+        the previous one): a proxy that holds events back deadlocks into `stalled_gates`."""
         await record(request)
         n = int(request.query.get("n", "5"))
         interval = float(request.query.get("interval", "0.2"))
+        gate = request.query.get("gate")
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         for i in range(n):
             await resp.write(f"data: event {i}\n\n".encode())
-            await asyncio.sleep(interval)
+            if gate is None:
+                await asyncio.sleep(interval)
+            elif i < n - 1:
+                try:
+                    await asyncio.wait_for(seen.gate(gate).get(), GATE_BOUND)
+                except TimeoutError:
+                    seen.stalled_gates.append(gate)
+                    break
         await resp.write_eof()
         return resp
+
+    async def release(request: web.Request) -> web.Response:
+        """`/release?gate=NAME`: for a client in another process (see `sse`)."""
+        await record(request)
+        seen.release(request.query["gate"])
+        return web.Response(text="released")
 
     async def big(request: web.Request) -> web.StreamResponse:
         await record(request)
@@ -116,8 +144,9 @@ def make_app(seen: Seen) -> web.Application:
         return web.Response(status=204, headers={"X-Empty": "1"})
 
     async def hang(request: web.Request) -> web.Response:
+        """Answers only after a minute: far past any timeout a test sets, however loaded."""
         await record(request)
-        await asyncio.sleep(10)
+        await asyncio.sleep(60)
         return web.Response(text="late")
 
     async def stall(request: web.Request) -> web.StreamResponse:
@@ -132,10 +161,9 @@ def make_app(seen: Seen) -> web.Application:
     async def upload(request: web.Request) -> web.Response:
         await record(request)
         total = 0
-        loop = asyncio.get_running_loop()
         async for chunk in request.content.iter_any():
             if total == 0 and chunk:
-                seen.upload_first_chunk_at = loop.time()
+                seen.upload_started.set()
             total += len(chunk)
         return web.json_response({"received": total})
 
@@ -182,6 +210,7 @@ def make_app(seen: Seen) -> web.Application:
         return web.json_response({"status": "as asked"}, status=int(request.match_info["code"]))
 
     app.router.add_route("GET", "/ws", ws)
+    app.router.add_route("GET", "/release", release)
     app.router.add_route("*", r"/status/{code:[1-5][0-9][0-9]}", status)
     app.router.add_route("*", "/{tail:.*}", echo)
     return app
