@@ -27,6 +27,7 @@ from gateway.dns import wire
 from gateway.dns.resolver import NameNotFound, Resolver
 from gateway.dns.server import AnswerLog, DnsListener, TokenBuckets
 from gateway.policy import HostRule, Policy, Verdict, parse_pattern
+from tests.support.wait import BOUND, async_wait_until
 
 A, NS, CNAME, MX, NULL, TXT, AAAA, OPT, ANY = 1, 2, 5, 15, 10, 16, 28, 41, 255
 NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 2, 3, 4, 5
@@ -150,7 +151,7 @@ def parse_reply(buf: bytes) -> Reply:
     return Reply(qid, flags, questions, records[:an], [r[1] for r in records[an + ns :]])
 
 
-async def udp_exchange(port: int, pkt: bytes, timeout: float = 3.0) -> bytes:
+async def udp_exchange(port: int, pkt: bytes, timeout: float = BOUND) -> bytes:
     loop = asyncio.get_running_loop()
     got: asyncio.Future[bytes] = loop.create_future()
 
@@ -174,7 +175,7 @@ async def tcp_exchange(port: int, *pkts: bytes) -> list[bytes]:
         for pkt in pkts:
             writer.write(struct.pack("!H", len(pkt)) + pkt)
             await writer.drain()
-            (size,) = struct.unpack("!H", await asyncio.wait_for(reader.readexactly(2), 3))
+            (size,) = struct.unpack("!H", await asyncio.wait_for(reader.readexactly(2), BOUND))
             out.append(await reader.readexactly(size))
         return out
     finally:
@@ -591,7 +592,7 @@ async def test_exactly_one_audit_record_per_query(world: World) -> None:
     sent += 1
     await tcp_exchange(world.port, query("api.example.test"), query("gone.example.test"))
     sent += 2
-    await asyncio.sleep(0.05)
+    await async_wait_until(lambda: len(world.audit) >= sent, what=f"{sent} audit records")
     assert len(world.audit) == sent
     keys = {
         "plane",
@@ -688,7 +689,7 @@ def threaded_port() -> Iterator[int]:
 def still_answers(sock: socket.socket, port: int) -> bool:
     qid = secrets.randbelow(65536)
     sock.sendto(query("api.example.test", qid=qid), ("127.0.0.1", port))
-    deadline = time.monotonic() + 3
+    deadline = time.monotonic() + BOUND
     while time.monotonic() < deadline:
         data = sock.recv(4096)
         if data[:2] == struct.pack("!H", qid):
@@ -718,7 +719,7 @@ packets = st.one_of(
 @given(payload=packets)
 def test_fuzzed_datagrams_never_stop_the_listener(threaded_port: int, payload: bytes) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.settimeout(3)
+        sock.settimeout(BOUND)
         if payload:
             sock.sendto(payload, ("127.0.0.1", threaded_port))
         assert still_answers(sock, threaded_port)
@@ -727,12 +728,12 @@ def test_fuzzed_datagrams_never_stop_the_listener(threaded_port: int, payload: b
 @settings(max_examples=50, deadline=None)
 @given(frames=st.lists(st.binary(max_size=300), min_size=1, max_size=4))
 def test_fuzzed_tcp_frames_never_stop_the_listener(threaded_port: int, frames: list[bytes]) -> None:
-    with socket.create_connection(("127.0.0.1", threaded_port), timeout=3) as conn:
+    with socket.create_connection(("127.0.0.1", threaded_port), timeout=BOUND) as conn:
         for frame in frames:
             with contextlib.suppress(OSError):
                 conn.sendall(struct.pack("!H", len(frame)) + frame)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.settimeout(3)
+        sock.settimeout(BOUND)
         assert still_answers(sock, threaded_port)
 
 
