@@ -54,57 +54,26 @@ def _kw_root_marker(request: _kw_pytest.FixtureRequest) -> None:
 
 
 # --- keyward engine: real Docker / Podman tests (begin) ---
-# `require_engine(kind)` finds a real engine of that kind by asking each well-known socket's
-# /_ping (Podman sets Libpod-Api-Version; the path says nothing). No engine: skip with the reason,
-# or fail when CI=true. KEYWARD_TEST_DOCKER_SOCKET / KEYWARD_TEST_PODMAN_SOCKET pin a socket.
-import socket as _kw_socket  # noqa: E402
-
-_KW_ENGINE_CANDIDATES = (
-    "/var/run/docker.sock",
-    "/run/docker.sock",
-    "/run/podman/podman.sock",
-    "{xdg}/podman/podman.sock",
-    "{xdg}/docker.sock",
-)
-
-
-def _kw_ping_kind(path: str) -> tuple[str | None, str]:
-    """('docker'|'podman'|None, why not) by a plain HTTP/1.0 GET /_ping over the socket."""
-    s = _kw_socket.socket(_kw_socket.AF_UNIX, _kw_socket.SOCK_STREAM)
-    s.settimeout(3)
-    try:
-        s.connect(path)
-        s.sendall(b"GET /_ping HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        data = b""
-        while b"\r\n\r\n" not in data and len(data) < 65536:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-    except OSError as e:
-        return None, f"{path}: {e.strerror or e}"
-    finally:
-        s.close()
-    head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").lower()
-    if " 200 " not in head.split("\r\n", 1)[0] + " ":
-        return None, f"{path}: /_ping did not answer 200"
-    return ("podman" if "\r\nlibpod-api-version:" in head else "docker"), ""
+# `require_engine(kind)` finds a real engine of that kind the way keyward does
+# (gateway.engine.discovery: its well-known sockets, each asked /_ping, whose headers tell Podman
+# from Docker). No engine: skip with the reason, or fail when CI=true.
+# KEYWARD_TEST_DOCKER_SOCKET / KEYWARD_TEST_PODMAN_SOCKET pin a socket.
 
 
 @_kw_functools.cache
 def _kw_engine_socket(kind: str) -> tuple[str | None, str]:
+    from pathlib import Path
+
+    from gateway.engine.discovery import candidate_sockets, probe_kind
+
     pinned = _kw_os.environ.get(f"KEYWARD_TEST_{kind.upper()}_SOCKET")
-    xdg = _kw_os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{_kw_os.getuid()}"
-    paths = [pinned] if pinned else [p.format(xdg=xdg) for p in _KW_ENGINE_CANDIDATES]
+    paths = [Path(pinned)] if pinned else [p for _, p in candidate_sockets()]
     reasons: list[str] = []
-    for path in dict.fromkeys(_kw_os.path.realpath(p) for p in paths):
-        if not _kw_os.path.exists(path):
-            reasons.append(f"{path}: does not exist")
-            continue
-        found, why = _kw_ping_kind(path)
+    for path in dict.fromkeys(Path(_kw_os.path.realpath(p)) for p in paths):
+        found, why = probe_kind(path)
         if found == kind:
-            return path, ""
-        reasons.append(why or f"{path}: is {found}")
+            return str(path), ""
+        reasons.append(f"{path}: {why or f'is {found}'}")
     return None, f"no {kind} engine socket found ({'; '.join(reasons)})"
 
 

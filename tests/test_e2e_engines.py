@@ -27,9 +27,9 @@ from typing import Any, TypeVar
 
 import pytest
 
+from gateway import pair
 from gateway.config.loader import load_config
 from gateway.credentials.sources import load_secrets
-from gateway.engine import pair
 from gateway.engine.client import EngineClient, ExecResult
 from gateway.engine.errors import EngineError, NotFound
 

@@ -25,12 +25,12 @@ from typing import Any, TypeVar
 
 import pytest
 
+from gateway import pair
 from gateway.config.loader import load_config
 from gateway.credentials.sources import load_secrets
-from gateway.engine import pair
 from gateway.engine.client import EngineClient
 from gateway.engine.errors import NotFound
-from gateway.engine.hostnet import forward_drop_problems
+from gateway.pair.hostnet import forward_drop_problems
 from tests.test_e2e_engines import (
     CONFIG,
     REAL_KEY,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.engine.hostnet import forward_drop_problem
+from gateway.pair.hostnet import forward_drop_problem
 
 DOCKER_FORWARD = "-P FORWARD DROP\n-A FORWARD -j DOCKER-USER\n"
 EMPTY_USER = "-N DOCKER-USER\n-A DOCKER-USER -j RETURN\n"

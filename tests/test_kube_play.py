@@ -29,12 +29,12 @@ from typing import Any
 
 import pytest
 
+from gateway import pair
 from gateway.config.loader import load_config
 from gateway.credentials.sources import load_secrets
-from gateway.engine import pair
 from gateway.engine.client import EngineClient
-from gateway.engine.verify import build_spec, resolve_targets
 from gateway.kube import PROXY_UID, KubeOptions, render, to_yaml
+from gateway.pair.verify import build_spec, resolve_targets
 from gateway.pod.contract import check_script, parse_results
 from tests.test_e2e_engines import (
     SOCKETS,

@@ -13,7 +13,7 @@ import pytest
 from gateway.config.loader import ConfigError, load_config
 from gateway.config.rewrite import secret_key as secret_env_name
 from gateway.credentials.sources import load_secrets, read_dotenv
-from gateway.engine.pair import (
+from gateway.pair.spec import (
     AGENT_TRUST,
     GATEWAY_CAPS,
     GW_UPSTREAM_CA,
@@ -29,7 +29,7 @@ from gateway.engine.pair import (
     holder_config,
     parse_trust_env,
 )
-from gateway.engine.verify import build_spec, reflect_urls, resolve_targets
+from gateway.pair.verify import build_spec, reflect_urls, resolve_targets
 from tests.support.pki import make_ca
 
 REAL = "sk-test-REALVALUE-0123456789abcdef"
@@ -300,7 +300,7 @@ class _FakeImages:
 
 
 async def test_missing_image_is_pulled_with_progress() -> None:
-    from gateway.engine.pair import ensure_image
+    from gateway.pair.lifecycle import ensure_image
 
     fake = _FakeImages()
     lines: list[str] = []
@@ -311,7 +311,7 @@ async def test_missing_image_is_pulled_with_progress() -> None:
 
 async def test_missing_local_image_names_the_build_script() -> None:
     from gateway.engine.errors import EngineError
-    from gateway.engine.pair import ensure_image
+    from gateway.pair.lifecycle import ensure_image
 
     with pytest.raises(PairError, match="build-images"):
         await ensure_image(_FakeImages(), "localhost/keyward-agent:dev")  # type: ignore[arg-type]
@@ -347,7 +347,7 @@ def test_agent_guard_runs_only_with_this_namespaces_stamp(tmp_path: Path) -> Non
     import os
     import subprocess
 
-    from gateway.engine.pair import AGENT_GUARD
+    from gateway.pair.spec import AGENT_GUARD
 
     ready = tmp_path / "ready"
 
@@ -386,7 +386,7 @@ def _podman_info(version: str, rootless: bool, cgroup: str, controllers: list[st
 
 
 def test_user_namespace_and_unapplied_limits_per_engine() -> None:
-    from gateway.engine.pair import engine_user_setup
+    from gateway.pair.spec import engine_user_setup
 
     o = opts()
     # rootless Podman on cgroup v1 (what this kind of machine has): keep-id, limits reported
@@ -412,7 +412,7 @@ def test_user_namespace_and_unapplied_limits_per_engine() -> None:
 
 
 def test_default_agent_user_is_the_invoking_user() -> None:
-    from gateway.engine.pair import default_agent_user
+    from gateway.pair.spec import default_agent_user
 
     assert default_agent_user({}, 1234, 567) == "1234:567"
     assert default_agent_user({"SUDO_UID": "1234", "SUDO_GID": "567"}, 0, 0) == "1234:567"
@@ -421,7 +421,7 @@ def test_default_agent_user_is_the_invoking_user() -> None:
 
 
 def test_host_gateway_names_map_only_rules_that_name_them() -> None:
-    from gateway.engine.pair import host_gateway_resolve
+    from gateway.pair.spec import host_gateway_resolve
 
     rules = ["api.example.test", "host.docker.internal:11434", "host.containers.internal"]
     got = host_gateway_resolve(rules, {"host.containers.internal:443": "192.0.2.9:443"}, "10.1.0.1")

@@ -16,8 +16,8 @@ from gateway.engine.client import EngineClient
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from gateway.cli.pair_cmds import run_with_engine
-    from gateway.engine.pair import container_of
-    from gateway.engine.verify import verify_pair
+    from gateway.pair.lifecycle import container_of
+    from gateway.pair.verify import verify_pair
 
     store = None
     if args.config:

@@ -142,8 +142,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # an unexpected failure still gets one redacted line
-        _report(e, args.debug, prefix="internal error: ")
+        _report(e, args.debug, prefix="" if _engine_error(e) else "internal error: ")
         return EXIT_FAILURE
+
+
+def _engine_error(e: Exception) -> bool:
+    """An engine client error (it knows no exit codes); looked up only if the client was loaded,
+    so commands that never touch an engine do not import it."""
+    errors = sys.modules.get("gateway.engine.errors")
+    return errors is not None and isinstance(e, (errors.EngineError, errors.EngineNotFound))
 
 
 def _reader_went_away() -> int:

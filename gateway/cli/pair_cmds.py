@@ -30,7 +30,7 @@ T = TypeVar("T")
 
 
 def add_name_option(p: argparse.ArgumentParser) -> None:
-    from gateway.engine.pair import DEFAULT_NAME
+    from gateway.pair.spec import DEFAULT_NAME
 
     p.add_argument("--name", default=DEFAULT_NAME, help="pair name (default: %(default)s)")
     add_engine_socket_option(p)
@@ -82,7 +82,8 @@ def _command(args: argparse.Namespace) -> list[str]:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from gateway.credentials.sources import load_secrets
-    from gateway.engine.pair import PairOptions, check_pair_name, default_agent_user, up
+    from gateway.pair.lifecycle import up
+    from gateway.pair.spec import PairOptions, check_pair_name, default_agent_user
 
     check_pair_name(args.name)
     loaded = load_from_args(args)
@@ -122,7 +123,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from gateway.engine.pair import down
+    from gateway.pair.lifecycle import down
 
     async def go(client: EngineClient) -> tuple[list[str], int]:
         removed = await down(client, args.name, keep_state=args.keep_state)
@@ -152,7 +153,7 @@ EXIT_DEGRADED = 3
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Exit 0 healthy, 3 degraded (with the reasons), 1 when there is no such pair."""
-    from gateway.engine.pair import pair_health, read_audit
+    from gateway.pair.lifecycle import pair_health, read_audit
 
     async def go(client: EngineClient) -> tuple[Any, Counter[str]]:
         health = await pair_health(client, args.name)
@@ -187,7 +188,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_restart(args: argparse.Namespace) -> int:
-    from gateway.engine.pair import restart
+    from gateway.pair.lifecycle import restart
 
     err = Console(stderr=True)
     t0 = time.monotonic()
@@ -205,7 +206,7 @@ def cmd_restart(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    from gateway.engine.pair import container_of
+    from gateway.pair.lifecycle import container_of
 
     async def go(client: EngineClient) -> None:
         cid = await container_of(client, args.name, args.role)
@@ -222,7 +223,8 @@ def cmd_exec(args: argparse.Namespace) -> int:
     """Like `docker exec [-i] [-t]`: stdin copied as it arrives, a TTY with the local window
     size (and its changes), the command's exit code."""
     from gateway.cli.terminal import on_resize, quietly, raw_terminal, read_stdin, terminal_size
-    from gateway.engine.pair import EXEC_WAITS, container_of, guarded, stream_exec
+    from gateway.pair.lifecycle import container_of, stream_exec
+    from gateway.pair.spec import EXEC_WAITS, guarded
 
     cmd = _command(args)
     if not cmd:
@@ -263,7 +265,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from gateway.engine.pair import DEFAULT_AGENT_IMAGE, DEFAULT_AGENT_USER, DEFAULT_GATEWAY_IMAGE
+    from gateway.pair.spec import DEFAULT_AGENT_IMAGE, DEFAULT_AGENT_USER, DEFAULT_GATEWAY_IMAGE
 
     p = sub.add_parser("up", help="launch a gateway + agent pair through the engine socket")
     add_config_option(p)

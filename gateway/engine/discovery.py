@@ -74,55 +74,65 @@ def probe_socket(
     path: Path, timeout: float = CONNECT_TIMEOUT, ping_timeout: float = PING_TIMEOUT
 ) -> str | None:
     """Why `path` is not a usable engine socket, or None if it answers `GET /_ping`."""
+    return probe_kind(path, timeout, ping_timeout)[1]
+
+
+def probe_kind(
+    path: Path, timeout: float = CONNECT_TIMEOUT, ping_timeout: float = PING_TIMEOUT
+) -> tuple[str | None, str | None]:
+    """("docker" | "podman", None) for a socket that answers `GET /_ping`, else (None, why not).
+    Podman answers with a Libpod-Api-Version header; the path says nothing."""
     try:
         st = path.stat()
     except FileNotFoundError:
-        return "does not exist"
+        return None, "does not exist"
     except PermissionError:
-        return "permission denied (cannot see it)"
+        return None, "permission denied (cannot see it)"
     except OSError as e:
-        return f"cannot stat: {e.strerror or e}"
+        return None, f"cannot stat: {e.strerror or e}"
     if not stat.S_ISSOCK(st.st_mode):
-        return "exists but is not a unix socket"
+        return None, "exists but is not a unix socket"
     if len(os.fsencode(str(path))) > MAX_SOCKET_PATH:
-        return f"path too long for a unix socket (over {MAX_SOCKET_PATH} bytes)"
+        return None, f"path too long for a unix socket (over {MAX_SOCKET_PATH} bytes)"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
         sock.connect(str(path))
     except PermissionError:
-        return "permission denied (not in the engine's group?)"
+        return None, "permission denied (not in the engine's group?)"
     except ConnectionRefusedError:
-        return "connection refused (stale socket: engine not running)"
+        return None, "connection refused (stale socket: engine not running)"
     except TimeoutError:
-        return f"no answer within {timeout:g}s"
+        return None, f"no answer within {timeout:g}s"
     except OSError as e:
         sock.close()
-        return f"cannot connect: {e.strerror or e}"
+        return None, f"cannot connect: {e.strerror or e}"
     try:
         return _ping(sock, ping_timeout)
     finally:
         sock.close()
 
 
-def _ping(sock: socket.socket, timeout: float) -> str | None:
-    """Why the connected `sock` is not an engine API, or None once an HTTP answer starts."""
+def _ping(sock: socket.socket, timeout: float) -> tuple[str | None, str | None]:
+    """(kind, None) once the connected `sock` answers /_ping over HTTP, else (None, why not)."""
     sock.settimeout(timeout)
     try:
         sock.sendall(b"GET /_ping HTTP/1.0\r\nHost: localhost\r\n\r\n")
         head = b""
-        while b"\r\n" not in head and len(head) < 1024:
-            chunk = sock.recv(1024)
+        while b"\r\n\r\n" not in head and len(head) < 65536:
+            chunk = sock.recv(4096)
             if not chunk:
                 break
             head += chunk
     except TimeoutError:
-        return f"accepts connections but did not answer /_ping within {timeout:g}s"
+        if not head.startswith(b"HTTP/"):  # an answer that started counts, even if it stalls
+            return None, f"accepts connections but did not answer /_ping within {timeout:g}s"
     except OSError as e:
-        return f"/_ping failed: {e.strerror or e}"
+        return None, f"/_ping failed: {e.strerror or e}"
     if not head.startswith(b"HTTP/"):
-        return "answered /_ping with something that is not HTTP"
-    return None
+        return None, "answered /_ping with something that is not HTTP"
+    headers = head.split(b"\r\n\r\n", 1)[0].lower()
+    return ("podman" if b"\r\nlibpod-api-version:" in headers else "docker"), None
 
 
 def _ready_machine_socket() -> str:
@@ -306,6 +316,24 @@ class _Finder:
         raise EngineNotFound(
             "no container engine socket found (set --engine-socket or DOCKER_HOST)", self.tried
         )
+
+
+def candidate_sockets(
+    *, environ: Mapping[str, str] | None = None, platform: str = sys.platform
+) -> list[tuple[str, Path]]:
+    """(source, path) of every well-known socket location on this OS, in discovery order, without
+    probing any (the podman machine, which may need starting, is left out)."""
+    env = os.environ if environ is None else environ
+    home_env = env.get("HOME")
+    finder = _Finder(
+        environ=env,
+        home=Path(home_env) if home_env else Path.home(),
+        platform=platform,
+        uid=os.getuid() if hasattr(os, "getuid") else 0,
+        fs_root=Path("/"),
+        run_podman_machine=lambda: "",
+    )
+    return [(s, p) for s, p in finder.candidates() if s != "candidate: podman machine"]
 
 
 def find_engine(

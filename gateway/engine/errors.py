@@ -11,10 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.cli.errors import KeywardError
 
-
-class EngineError(KeywardError):
+class EngineError(Exception):
     """The engine refused or failed a request (or failed inside a 200 stream)."""
 
     def __init__(
@@ -70,7 +68,7 @@ class Attempt:
         return f"{self.source}: {self.location}: {self.reason or 'ok'}"
 
 
-class EngineNotFound(KeywardError):
+class EngineNotFound(Exception):
     """No usable engine socket; carries every candidate tried, because "not found" alone is
     useless to someone whose engine lives somewhere unusual."""
 
