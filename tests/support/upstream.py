@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 from aiohttp import WSMsgType, web
 
+from tests.support import model_api
+
 if TYPE_CHECKING:
     from gateway.pod.netns import NetNamespace
 
@@ -211,6 +213,7 @@ def make_app(seen: Seen) -> web.Application:
 
     app.router.add_route("GET", "/ws", ws)
     app.router.add_route("GET", "/release", release)
+    model_api.add_routes(app, record, seen)
     app.router.add_route("*", r"/status/{code:[1-5][0-9][0-9]}", status)
     app.router.add_route("*", "/{tail:.*}", echo)
     return app
