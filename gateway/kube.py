@@ -23,6 +23,7 @@ until the gateway is up.
 from __future__ import annotations
 
 import base64
+import io
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -243,4 +244,6 @@ def _pod_spec(
 
 
 def to_yaml(docs: Sequence[dict[str, Any]]) -> str:
-    return yaml.safe_dump_all(docs, sort_keys=False)
+    out = io.StringIO()
+    yaml.safe_dump_all(docs, out, sort_keys=False)
+    return out.getvalue()

@@ -74,7 +74,7 @@ class ReplayReport:
         buckets: dict[tuple[str, str | None, str | None], list[Change]] = defaultdict(list)
         for c in self.changes:
             buckets[(c.host, c.before.rule, c.after.rule)].append(c)
-        out = []
+        out: list[dict[str, Any]] = []
         for (host, before, after), items in buckets.items():
             kinds = Counter(c.kind for c in items)
             added = sorted({i for c in items for i in c.after.injected - c.before.injected})

@@ -7,6 +7,7 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from gateway import __version__
 from gateway.cli.errors import EXIT_FAILURE, EXIT_USAGE, KeywardError
@@ -60,7 +61,7 @@ PASSTHROUGH_COMMANDS = frozenset({"run", "exec"})
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse exits 2 already; keep it one line
+    def error(self, message: str) -> NoReturn:  # argparse exits 2 already; keep it one line
         self.print_usage(sys.stderr)
         self.exit(EXIT_USAGE, f"keyward: error: {message}\n")
 

@@ -16,7 +16,8 @@ def rendered_from_args(args: argparse.Namespace) -> dict[int, str]:
     """The rules the options describe, keyed by address family."""
     uid, _ = proxy_ids(args.proxy_uid)
     base = ports_from_args(args)
-    families: tuple[Family, ...] = {"4": (4,), "6": (6,)}.get(args.family, FAMILIES)
+    one: dict[str, tuple[Family, ...]] = {"4": (4,), "6": (6,)}
+    families = one.get(args.family, FAMILIES)
     extra = tuple(args.agent_port or ())
     try:
         ports = replace(base, control=args.control_port)

@@ -150,15 +150,16 @@ class _PyStrictLoader(yaml.SafeLoader):
 
     _depth = 0
 
-    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node:  # type: ignore[override]
-        event = self.peek_event()
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
+        event = yaml.parser.Parser.peek_event(self)
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
             raise _Refused(event.start_mark, ALIASES_REFUSED)
         self._depth += 1
         try:
             if self._depth > MAX_DEPTH:
                 raise _Refused(event.start_mark, f"nested deeper than {MAX_DEPTH} levels")
-            return super().compose_node(parent, index)  # type: ignore[no-any-return]
+            # The stub says `index: int`; PyYAML passes the key node for a mapping's values.
+            return super().compose_node(parent, index)  # type: ignore[arg-type]
         finally:
             self._depth -= 1
 
@@ -388,11 +389,11 @@ def _cross_check(data: dict[str, Any], file: str, lines: dict[Loc, int]) -> list
             except ValueError:
                 pass
     for env, raw_ph in _mapping(data.get("placeholders")).items():
-        name = _mapping(raw_ph).get("secret")
+        secret = _mapping(raw_ph).get("secret")
         loc = ("placeholders", str(env), "secret")
-        if isinstance(name, str) and name not in known:
-            issue(loc, f"unknown secret {name!r}")
-        elif isinstance(name, str) and "oauth" in _mapping(secrets.get(name)):
+        if isinstance(secret, str) and secret not in known:
+            issue(loc, f"unknown secret {secret!r}")
+        elif isinstance(secret, str) and "oauth" in _mapping(secrets.get(secret)):
             issue(loc, "placeholders cannot stand for OAuth secrets")
     ports: dict[Any, str] = {}
     for name, raw_svc in _mapping(data.get("services")).items():

@@ -16,7 +16,7 @@ from pydantic import (
     model_validator,
 )
 
-from gateway.policy.core import DEFAULT_SWAP_IN, SWAP_LOCATIONS
+from gateway.policy.core import DEFAULT_SWAP_IN, SwapLocation
 from gateway.policy.hosts import is_ip, normalise_host, parse_pattern, split_hostport
 from gateway.policy.paths import parse_path_rule
 from gateway.policy.templates import parse_template
@@ -61,7 +61,6 @@ def _check_header_name(v: str) -> str:
     return v
 
 
-SwapLocation = Literal[SWAP_LOCATIONS]  # type: ignore[valid-type]
 HostKey = Annotated[str, AfterValidator(_check_pattern)]
 PathRuleText = Annotated[str, AfterValidator(_check_path_rule)]
 TemplateText = Annotated[str, AfterValidator(_check_template)]
@@ -92,7 +91,12 @@ def _source_kind(v: object) -> str | None:
             if kind in v:
                 return kind
         return None
-    kinds = {EnvSource: "env", FileSource: "file", CommandSource: "command", OAuthSource: "oauth"}
+    kinds: dict[type, str] = {
+        EnvSource: "env",
+        FileSource: "file",
+        CommandSource: "command",
+        OAuthSource: "oauth",
+    }
     return kinds.get(type(v))
 
 
@@ -232,7 +236,7 @@ class PlaceholderConfig(Strict):
         None,
         description="fake's shape: sk, sk-proj, sk-ant, ghp, github_pat, xoxb, akia, jwt, generic",
     )
-    swap_in: list[SwapLocation] = Field(  # type: ignore[valid-type]
+    swap_in: list[SwapLocation] = Field(
         default_factory=lambda: sorted(DEFAULT_SWAP_IN),
         description="where the placeholder is swapped for the real value; elsewhere it passes "
         "unchanged and the request is audited as an alert",

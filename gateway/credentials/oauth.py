@@ -11,6 +11,7 @@ so a stale one is never injected.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import logging
@@ -119,7 +120,7 @@ class TokenMinter:
         if fut is None:
             fut = asyncio.ensure_future(self._refresh(cred))
             self._inflight[cred.name] = fut
-            fut.add_done_callback(lambda f, n=cred.name: self._done(n, f))
+            fut.add_done_callback(functools.partial(self._done, cred.name))
         # One caller giving up (a client disconnect) must not cancel everyone's refresh.
         await asyncio.shield(fut)
 

@@ -129,7 +129,7 @@ class _Draw:
     def chars(self, alphabet: str, n: int) -> str:
         # Rejection sampling keeps every character of the alphabet equally likely.
         limit = 256 - 256 % len(alphabet)
-        out = []
+        out: list[str] = []
         while len(out) < n:
             b = next(self._bytes)
             if b < limit:

@@ -19,6 +19,7 @@ class SecretValue:
     """Holds one secret string; `reveal()` is the only way to the value."""
 
     __slots__ = ("_SecretValue__value",)
+    __value: str  # declared for the type checker; set through object.__setattr__
     __hash__ = None  # type: ignore[assignment]  # hashing by value would be an oracle
 
     def __init__(self, value: str) -> None:

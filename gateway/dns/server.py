@@ -183,7 +183,7 @@ class DnsListener:
             udp, _proto = await loop.create_datagram_endpoint(
                 lambda: _UdpProtocol(self), local_addr=(host, port)
             )
-            bound = udp.get_extra_info("sockname")[1]
+            bound: int = udp.get_extra_info("sockname")[1]
             try:
                 tcp = await asyncio.start_server(self._serve_tcp, host, bound)
             except OSError:
@@ -292,16 +292,16 @@ class DnsListener:
     ) -> bytes | None:
         if not self.limiter.allow(str(peer[0])):
             out.reason = "rate-limited"
-            reply = _refuse_quietly(data, out)
-            out.status = Rcode.REFUSED if reply is not None else None
-            return reply
+            refusal = _refuse_quietly(data, out)
+            out.status = Rcode.REFUSED if refusal is not None else None
+            return refusal
         try:
             msg = wire.parse_message(data)
         except wire.WireError:
             out.reason = "malformed"
-            reply = _bare(data, Rcode.FORMERR)
-            out.status = Rcode.FORMERR if reply is not None else None
-            return reply
+            refusal = _bare(data, Rcode.FORMERR)
+            out.status = Rcode.FORMERR if refusal is not None else None
+            return refusal
         header = msg.header
         if header.qr:
             out.reason = "not-a-query"

@@ -364,6 +364,17 @@ class EngineClient:
                 operation=f"{method} {path}",
             ) from None
 
+    async def _object(self, method: str, path: str, **kw: Any) -> dict[str, Any]:
+        """`_json` for the endpoints that answer one JSON object."""
+        data = await self._json(method, path, **kw)
+        if not isinstance(data, dict):
+            raise EngineError(
+                0,
+                f"engine answered {type(data).__name__}, not a JSON object",
+                operation=f"{method} {path}",
+            )
+        return data
+
     async def _none(self, method: str, path: str, **kw: Any) -> None:
         async with self._open(method, path, **kw) as resp:
             await resp.read()
@@ -405,16 +416,16 @@ class EngineClient:
         return self._ping
 
     async def version(self) -> dict[str, Any]:
-        return await self._json("GET", "/version", versioned=False)
+        return await self._object("GET", "/version", versioned=False)
 
     async def info(self) -> dict[str, Any]:
-        return await self._json("GET", "/info")
+        return await self._object("GET", "/info")
 
     async def engine_info(self) -> dict[str, Any]:
         """Podman's libpod `/info` (host.security, cgroups, version) or Docker's `/info`."""
         ping = self._ping or await self.ping()
         if ping.kind == "podman" and ping.libpod_api_version:
-            return await self._json(
+            return await self._object(
                 "GET", f"/v{ping.libpod_api_version}/libpod/info", versioned=False
             )
         return await self.info()
@@ -426,7 +437,7 @@ class EngineClient:
     # -- images --------------------------------------------------------------------------------
 
     async def image_inspect(self, ref: str) -> dict[str, Any]:
-        return await self._json("GET", f"/images/{ref}/json")
+        return await self._object("GET", f"/images/{ref}/json")
 
     async def image_pull(
         self,
@@ -534,10 +545,10 @@ class EngineClient:
         self, name: str, *, labels: Mapping[str, str] | None = None, driver: str = "local"
     ) -> dict[str, Any]:
         body = {"Name": name, "Driver": driver, "Labels": dict(labels or {})}
-        return await self._json("POST", "/volumes/create", json_body=body)
+        return await self._object("POST", "/volumes/create", json_body=body)
 
     async def volume_inspect(self, name: str) -> dict[str, Any]:
-        return await self._json("GET", f"/volumes/{name}")
+        return await self._object("GET", f"/volumes/{name}")
 
     async def volume_remove(self, name: str, *, force: bool = False) -> None:
         await self._none("DELETE", f"/volumes/{name}", params={"force": _bool(force)})
@@ -570,7 +581,7 @@ class EngineClient:
         return str(data["Id"])
 
     async def network_inspect(self, name: str) -> dict[str, Any]:
-        return await self._json("GET", f"/networks/{name}")
+        return await self._object("GET", f"/networks/{name}")
 
     async def network_connect(
         self, network: str, container: str, *, aliases: Sequence[str] = ()
@@ -604,7 +615,7 @@ class EngineClient:
         await self._none("POST", f"/containers/{container}/start")
 
     async def container_inspect(self, container: str) -> dict[str, Any]:
-        return await self._json("GET", f"/containers/{container}/json")
+        return await self._object("GET", f"/containers/{container}/json")
 
     async def container_wait(self, container: str, *, condition: str = "not-running") -> int:
         """Block until the container stops; its exit status. No time limit (use wait_for)."""
@@ -722,7 +733,7 @@ class EngineClient:
         )
 
     async def exec_inspect(self, exec_id: str) -> dict[str, Any]:
-        return await self._json("GET", f"/exec/{exec_id}/json")
+        return await self._object("GET", f"/exec/{exec_id}/json")
 
     async def _exec_exit_code(self, exec_id: str, wait: float = 10.0) -> int:
         """The exit code; engines may report Running for a moment after the stream closes."""

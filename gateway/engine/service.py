@@ -11,6 +11,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,13 +49,15 @@ class PrivateService:
 
 
 def start_private_service(
-    probe: object = None, podman: str | None = None, timeout: float = START_TIMEOUT
+    probe: Callable[[Path], str | None] | None = None,
+    podman: str | None = None,
+    timeout: float = START_TIMEOUT,
 ) -> PrivateService:
     """Start `podman system service --time=0` on a fresh private socket and wait until it
     answers `/_ping` (`probe(path)` returns why not, or None)."""
     from gateway.engine.discovery import probe_socket
 
-    check = probe if callable(probe) else probe_socket
+    check = probe or probe_socket
     exe = podman or shutil.which("podman")
     if exe is None:
         raise ServiceError("podman is not installed")
@@ -79,7 +82,7 @@ def start_private_service(
             err = log.read_text(errors="replace").strip()
             service.stop()
             raise ServiceError(f"podman system service exited ({proc.returncode}): {err[-300:]}")
-        why = check(sock)  # type: ignore[operator]
+        why = check(sock)
         if why is None:
             return service
         if time.monotonic() > deadline:

@@ -124,6 +124,12 @@ def response_headers(
     return out
 
 
+class _BrotliDecompressor(Protocol):
+    """What we use of `brotli.Decompressor` (the brotli package ships no type hints)."""
+
+    def process(self, data: bytes) -> bytes: ...
+
+
 class _Decoder(Protocol):
     def feed(self, data: bytes) -> Iterator[bytes]: ...
     def finish(self) -> Iterator[bytes]: ...
@@ -190,7 +196,7 @@ class _Stepped:
 
     def __init__(self, coding: str) -> None:
         self.coding = coding
-        self._br = brotli.Decompressor() if coding == "br" else None
+        self._br: _BrotliDecompressor | None = brotli.Decompressor() if coding == "br" else None
         self._zd = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
         self._zs: zstandard.ZstdDecompressionObj | None = None
         self._ended = False

@@ -21,6 +21,7 @@ import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Iterator
+from typing import Any
 
 TOKEN = re.compile(rb"[A-Za-z0-9_\-.+/=:~]{6,}")
 SKIP_DIRS = ("/proc", "/sys", "/dev", "/run/keyward-none")
@@ -60,7 +61,7 @@ def _readable_files(roots: list[str], budget: float) -> Iterator[str]:
                 yield os.path.join(dirpath, f)
 
 
-def check_secrets(spec: dict) -> list[dict[str, object]]:
+def check_secrets(spec: dict[str, Any]) -> list[dict[str, object]]:
     wanted: dict[int, set[str]] = {}
     for h in spec.get("secret_hashes", []):
         wanted.setdefault(int(h["len"]), set()).add(h["sha256"])
@@ -128,7 +129,7 @@ def check_secrets(spec: dict) -> list[dict[str, object]]:
     return out
 
 
-def _gateway_pids(spec: dict) -> list[int]:
+def _gateway_pids(spec: dict[str, Any]) -> list[int]:
     """Gateway processes this agent can see: those named in the spec, and any whose command
     line runs keyward (`keyward ...`, `python -m gateway ...`); never this process."""
     pids = {int(p) for p in spec.get("gateway_pids", [])}
@@ -208,7 +209,7 @@ def _each(check: str, outcomes: list[tuple[bool, str]], none: str) -> dict[str, 
     return _result(check, not leaks, "; ".join(leaks or [d for _, d in outcomes]) or none)
 
 
-def check_local(spec: dict) -> list[dict[str, object]]:
+def check_local(spec: dict[str, Any]) -> list[dict[str, object]]:
     """The gateway's own process (memory, ptrace) and the files that hold secrets, by name:
     the config, `.env`, `file:` secret sources, the state dir, the CA key."""
     pids = _gateway_pids(spec)
@@ -255,7 +256,7 @@ def _tcp_attempt(host: str, port: int, family: int) -> tuple[bool, str]:
         s.close()
 
 
-def _refused(family: int, address: object) -> tuple[bool, str]:
+def _refused(family: int, address: str | tuple[str, int]) -> tuple[bool, str]:
     s = socket.socket(family, socket.SOCK_STREAM)
     s.settimeout(FAST)
     try:
@@ -267,7 +268,7 @@ def _refused(family: int, address: object) -> tuple[bool, str]:
         s.close()
 
 
-def check_network(spec: dict) -> list[dict[str, object]]:
+def check_network(spec: dict[str, Any]) -> list[dict[str, object]]:
     out = []
     for host, port in spec.get("direct_tcp", []):
         leaked, detail = _tcp_attempt(host, int(port), socket.AF_INET)

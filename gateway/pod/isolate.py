@@ -79,7 +79,9 @@ def choose_agent(
     # 0644 token files: ~/.npmrc, tool configs); else what the agent could not enter anyway.
     real = cwd.resolve()
     blocked = blocked_ancestors(real, uid, {gid})
-    reveal = home if home is not None and home in real.parents else (blocked or [None])[-1]
+    reveal = home if home is not None and home in real.parents else None
+    if reveal is None and blocked:
+        reveal = blocked[-1]
     ws = Workspace(str(real), st.st_uid, st.st_gid, str(reveal) if reveal else None)
     return AgentIdentity(uid, gid, ws, f"{why}, with {ws.path} mapped to it")
 

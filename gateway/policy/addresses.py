@@ -118,8 +118,8 @@ def classify(ip: IPAddress) -> str | None:
     if ip in _COMPATIBLE and ip not in _V6[0][0] and ip not in _V6[1][0]:
         inner = classify(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
         return f"ipv4-compatible {inner}" if inner else "ipv4-compatible"
-    for net, cls in _V6:
-        if ip in net:
+    for net6, cls in _V6:
+        if ip in net6:
             return cls
     for inner_ip in embedded_ipv4(ip):
         inner = classify(inner_ip)

@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Literal, get_args
 
 from gateway.policy.addresses import address_class, parse_ip, unwrap
 from gateway.policy.hosts import (
@@ -109,8 +110,9 @@ class HostRule:
 # Where a placeholder may be swapped for its real value. Anywhere else it passes unchanged and
 # the request is audited as an alert: a real key in a body or a WebSocket message becomes
 # content the provider stores and may later show back (or to someone else).
-SWAP_LOCATIONS = ("header", "basic", "query", "body", "websocket")
-DEFAULT_SWAP_IN = frozenset({"header", "basic"})
+SwapLocation = Literal["header", "basic", "query", "body", "websocket"]
+SWAP_LOCATIONS: tuple[SwapLocation, ...] = get_args(SwapLocation)
+DEFAULT_SWAP_IN: frozenset[SwapLocation] = frozenset({"header", "basic"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,7 +327,8 @@ class Policy:
             return Decision(verdict, None, reason, plan, normalised_path=path)
         if not rule.allow:
             return Decision(Verdict.DENY, rule_text, "host-denied", normalised_path=path)
-        target, methods = None, ()
+        target: str | None = None
+        methods: tuple[str, ...] = ()
         if rule.deny:
             checked = _check_path_rules(rule, facts, canon)
             if isinstance(checked, Decision):

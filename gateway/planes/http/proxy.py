@@ -19,7 +19,7 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -91,7 +91,7 @@ class _ClientGone(Exception):
     """The agent went away while we were writing to it."""
 
 
-def _json_response(status: int, body: dict[str, str | None], reason: str) -> web.Response:
+def _json_response(status: int, body: Mapping[str, str | None], reason: str) -> web.Response:
     return web.Response(
         status=status,
         body=json.dumps(body).encode(),

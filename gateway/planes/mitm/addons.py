@@ -507,7 +507,7 @@ class AlpnMirror:
         if client.tls_established and (client.alpn or b"") != (data.conn.alpn or b""):
             log.warning(
                 "upstream %s chose %r, client speaks %r",
-                data.conn.address,
+                data.context.server.address,
                 data.conn.alpn,
                 client.alpn,
             )

@@ -64,7 +64,8 @@ def _make_error_response(status_code: int, message: str = "") -> bytes:
         body(reason),
         {"Content-Type": "application/json", "X-Keyward-Reason": reason, "Connection": "close"},
     )
-    return http1.assemble_response(resp)
+    raw: bytes = http1.assemble_response(resp)
+    return raw
 
 
 def _format_error(status_code: int, message: str) -> bytes:
@@ -74,5 +75,6 @@ def _format_error(status_code: int, message: str) -> bytes:
 
 def install() -> None:
     """Replace mitmproxy's error pages (idempotent; both HTTP versions)."""
-    _http1.make_error_response = _make_error_response  # type: ignore[assignment]
-    _http2.format_error = _format_error  # type: ignore[assignment]
+    _http1.make_error_response = _make_error_response
+    # _http2 imports format_error from _base and calls it by that imported name: patch it there.
+    _http2.format_error = _format_error  # type: ignore[attr-defined]

@@ -35,7 +35,8 @@ def register_lazy_addons_package() -> None:
                     raise
         module.__dict__.pop("__getattr__", None)
         loader.exec_module(module)  # the real __init__, once
-        return getattr(module, name)
+        value: object = getattr(module, name)
+        return value
 
     module.__getattr__ = __getattr__  # type: ignore[method-assign]
     sys.modules[PACKAGE] = module

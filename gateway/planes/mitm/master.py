@@ -46,7 +46,7 @@ class InMemoryTlsConfig(tlsconfig.TlsConfig):
     def configure(self, updated: Collection[str] | str) -> None:
         # mitmproxy's own `running` hook passes the bare string "confdir".
         names = {updated} if isinstance(updated, str) else set(updated)
-        super().configure(names - _CERTSTORE_OPTIONS)
+        tlsconfig.TlsConfig.configure(self, names - _CERTSTORE_OPTIONS)
         self.certstore = self._store
 
 

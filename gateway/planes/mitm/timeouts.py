@@ -12,7 +12,7 @@ agent gets a 504 (or, once response headers are out, an unterminated body).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from mitmproxy import ctx as mitm_ctx
@@ -80,7 +80,9 @@ class Timeouts:
         self.timed_out_servers.add(server.id)
         ps: Any = mitm_ctx.master.addons.get("proxyserver")
         handler = ps.connections.get(flow.client_conn.id) if ps is not None else None
-        transport = handler.transports.get(server) if handler is not None else None
+        if handler is None:
+            return
+        transport = handler.transports.get(server)
         if transport is not None and transport.handler is not None:
             handler.close_connection(server)
 
@@ -92,7 +94,7 @@ class Timeouts:
         self._arm(flow, waiting)
         inner = flow.request.stream
 
-        def watch(chunk: bytes) -> bytes:
+        def watch(chunk: bytes) -> Iterable[bytes] | bytes:
             # a body resets the clock per chunk (idle); its end starts the wait for headers
             self._arm(flow, waiting if not chunk else t.connect + t.tls + t.idle)
             return inner(chunk) if callable(inner) else chunk
@@ -110,7 +112,7 @@ class Timeouts:
         if resp is None or not callable(inner):
             return
 
-        def watch(chunk: bytes) -> bytes:
+        def watch(chunk: bytes) -> Iterable[bytes] | bytes:
             if chunk:
                 self._arm(flow, idle)
             else:

@@ -19,12 +19,12 @@ from typing import Any
 import h11
 from mitmproxy import http
 from mitmproxy.proxy import commands
-from mitmproxy.proxy.layers.http import (
+from mitmproxy.proxy.layers.http import _http1
+from mitmproxy.proxy.layers.http._events import (
     RequestEndOfMessage,
     RequestTrailers,
     ResponseEndOfMessage,
     ResponseTrailers,
-    _http1,
 )
 
 _installed = False
