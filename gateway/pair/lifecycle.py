@@ -60,7 +60,8 @@ async def host_address(client: EngineClient, opts: PairOptions, kind: str) -> st
         str(c["Gateway"]) for c in (data.get("IPAM") or {}).get("Config") or [] if c.get("Gateway")
     ]
     v4 = [g for g in gateways if ":" not in g]
-    return (v4 or gateways or [None])[0]
+    found = v4 or gateways
+    return found[0] if found else None
 
 
 # -- orchestration -----------------------------------------------------------------------------

@@ -162,7 +162,8 @@ def engine_user_setup(
     Podman: `keep-id` rootless and rootful >= 4.5 (the agent's uid is the user's uid on the
     host); older rootful Podman runs the agent as uid:gid directly, which owns files the same
     way. Memory and pids limits need the cgroup controllers: rootless on cgroup v1 has none."""
-    host = info.get("host") if isinstance(info.get("host"), Mapping) else {}
+    raw_host = info.get("host")
+    host: Mapping[str, Any] = raw_host if isinstance(raw_host, Mapping) else {}
     rootless = rootless_from_info(info)
     notes: list[str] = []
     userns: str | None = None
@@ -181,7 +182,7 @@ def engine_user_setup(
             controllers.add("memory")
         if info.get("PidsLimit", True):
             controllers.add("pids")
-    limits = {
+    limits: dict[str, list[tuple[str, object]]] = {
         "memory": [("gateway", opts.gateway_memory), ("agent", opts.agent_memory)],
         "pids": [("gateway", opts.gateway_pids), ("agent", opts.agent_pids)],
     }

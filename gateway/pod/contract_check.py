@@ -384,7 +384,7 @@ def _decoded(body: bytes, coding: str) -> bytes | None:
     return None
 
 
-def check_reflections(spec: dict) -> list[dict[str, object]]:
+def check_reflections(spec: dict[str, Any]) -> list[dict[str, object]]:
     """Ask each credentialed destination for compressed answers: no real secret may come back
     in the reason phrase, headers or the body, decoded the way the agent would decode it."""
     wanted: dict[int, set[str]] = {}
