@@ -104,7 +104,7 @@ def _support_tar() -> bytes:
             info.type, info.mode = tarfile.DIRTYPE, 0o755
             tf.addfile(info)
         files = {"up/src/tests/__init__.py": b"", "up/src/tests/support/__init__.py": b""}
-        for name in ("upstream_main.py", "upstream.py", "pki.py"):
+        for name in ("upstream_main.py", "upstream.py", "model_api.py", "pki.py"):
             files[f"up/src/tests/support/{name}"] = (ROOT / "tests/support" / name).read_bytes()
         for name, data in files.items():
             info = tarfile.TarInfo(name)
