@@ -14,7 +14,9 @@ from hypothesis import strategies as st
 from gateway.credentials.redact import REPLACEMENT, Redactor
 from gateway.planes import scrub
 from gateway.planes.scrub import (
+    MESSAGE_CUT,
     BodyScrubber,
+    MessageScrubber,
     ScrubError,
     UnscrubbableEncoding,
     accept_encoding,
@@ -180,3 +182,40 @@ def test_body_not_in_swap_in_passes_unchanged_and_alerts() -> None:
     assert not s.swaps
     assert s.feed(b"x " + FAKE.encode()) + s.flush() == b"x " + FAKE.encode()
     assert seen == ["K"]
+
+
+def _messages(parts: list[bytes]) -> list[bytes]:
+    ws = MessageScrubber(Redactor([KEY]))
+    return [ws.feed(p) for p in parts]
+
+
+@pytest.mark.parametrize("cut", [1, 3, MESSAGE_CUT - 1, MESSAGE_CUT, 12, len(KEY) - 1])
+def test_key_split_across_two_messages_is_redacted(cut: int) -> None:
+    """Each message keeps its boundary; the agent gets at most MESSAGE_CUT - 1 bytes."""
+    key = KEY.encode()
+    first, second = _messages([b'{"a": "' + key[:cut], key[cut:] + b'"}'])
+    assert second.startswith(REPLACEMENT.encode()) and second.endswith(b'"}')
+    leaked = first.removeprefix(b'{"a": "').replace(REPLACEMENT.encode(), b"")
+    assert len(leaked) < MESSAGE_CUT
+    assert key not in first + second and key[cut:] not in second
+
+
+@pytest.mark.parametrize("form", [KEY.encode().hex().encode(), KEY.encode("utf-16-le")])
+def test_split_forms_and_three_messages(form: bytes) -> None:
+    third = len(form) // 3
+    parts = [b"x " + form[:third], form[third : 2 * third], form[2 * third :] + b" y"]
+    out = _messages(parts)
+    assert form not in b"".join(out)
+    assert out[2].endswith(b" y") and out[0].startswith(b"x ")
+    assert len(b"".join(out).replace(REPLACEMENT.encode(), b"")) < MESSAGE_CUT + 4
+
+
+def test_messages_without_a_secret_pass_unchanged() -> None:
+    ws = MessageScrubber(Redactor([KEY]))
+    plain = b"nothing to see"
+    assert ws.feed(plain) is plain
+    msgs = [b"sk-", b"hello", b"sk-test-", b"world", KEY.encode()[:5]]
+    out = [ws.feed(m) for m in msgs]
+    assert out[:2] == msgs[:2] and out[3:] == msgs[3:]
+    assert out[2] == REPLACEMENT.encode()  # a form's start of MESSAGE_CUT bytes is cut
+    assert ws.feed(b"z" * 100) == b"z" * 100  # nothing carried past a message that ends it

@@ -455,3 +455,62 @@ def scrub_head(headers: Iterable[tuple[str, str]], redactor: Redactor) -> Scrubb
     ctype = next((v for k, v in items if k.lower() == "content-type"), None)
     body = BodyScrubber(redactor, codings, is_event_stream(ctype))
     return ScrubbedHead(response_headers(items, redactor, decoded=bool(codings)), body)
+
+
+MESSAGE_CUT = 8  # bytes of a known form at a message's end that are cut from that message
+
+
+class MessageScrubber:
+    """Scrubs one direction of a WebSocket connection message by message, across messages.
+
+    A message is never held back or merged: boundaries are the protocol's meaning, and holding
+    one until the next arrives would stall request/reply protocols (and lose it if the
+    connection closes). Instead, the bytes of the previous messages that may start a known form
+    (at most its longest length minus one) are remembered, unredacted, and matched together
+    with the next message: a match is redacted in the part of it the new message holds. The
+    end of a message that is already `MESSAGE_CUT` bytes or more of a form's start is redacted
+    in that message too, so a reflection split across messages gives the agent at most
+    `MESSAGE_CUT - 1` bytes of it."""
+
+    def __init__(self, redactor: Redactor) -> None:
+        self.redactor = redactor
+        self._carry = b""
+
+    def feed(self, message: bytes) -> bytes:
+        passes = self.redactor._state.passes
+        carry, self._carry = self._carry, b""
+        if not passes or not (message or carry):
+            return message
+        buf = carry + message if carry else message
+        offset, n = len(carry), len(buf)
+        spans: list[tuple[int, int]] = []
+        hold = n
+        for p in passes:
+            if p.applies(buf):
+                spans += [
+                    (m.start(), m.end()) for m in p.bytes_re.finditer(buf) if m.end() > offset
+                ]
+            hold = min(hold, p.pending(buf, max(0, n - p.max_len + 1)))
+        if hold < n:
+            self._carry = buf[hold:]
+            if n - hold >= MESSAGE_CUT:
+                spans.append((hold, n))
+        if not spans:
+            return message
+        return _redact_ranges(message, [(max(a, offset) - offset, b - offset) for a, b in spans])
+
+
+def _redact_ranges(data: bytes, ranges: list[tuple[int, int]]) -> bytes:
+    """`data` with each maximal run of the (possibly overlapping) ranges replaced once."""
+    merged: list[list[int]] = []
+    for a, b in sorted(ranges):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    out, pos = [], 0
+    for a, b in merged:
+        out += [data[pos:a], REPLACEMENT_BYTES]
+        pos = b
+    out.append(data[pos:])
+    return b"".join(out)

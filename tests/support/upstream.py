@@ -182,6 +182,24 @@ def make_app(seen: Seen) -> web.Application:
                 await sock.send_bytes(msg.data)
         return sock
 
+    async def ws_split(request: web.Request) -> web.WebSocketResponse:
+        """Reflects the credential split across WebSocket messages: two text, two binary, three
+        text; then `done`."""
+        await record(request)
+        sock = web.WebSocketResponse()
+        await sock.prepare(request)
+        cred = (request.headers.get("Authorization") or "none").encode()
+        half, third = len(cred) // 2, len(cred) // 3
+        for part in (cred[:half], cred[half:]):
+            await sock.send_str(part.decode())
+        for part in (b"bin:" + cred[:half], cred[half:] + b":bin"):
+            await sock.send_bytes(part)
+        for part in (cred[:third], cred[third : 2 * third], cred[2 * third :]):
+            await sock.send_str(part.decode())
+        await sock.send_str("done")
+        await sock.close()
+        return sock
+
     async def token(request: web.Request) -> web.Response:
         form = await request.post()
         seen.token_requests += 1
@@ -214,6 +232,7 @@ def make_app(seen: Seen) -> web.Application:
     app.router.add_route("GET", "/ws", ws)
     app.router.add_route("GET", "/release", release)
     model_api.add_routes(app, record, seen)
+    app.router.add_route("GET", "/ws-split", ws_split)
     app.router.add_route("*", r"/status/{code:[1-5][0-9][0-9]}", status)
     app.router.add_route("*", "/{tail:.*}", echo)
     return app

@@ -36,6 +36,7 @@ from gateway.planes.outbound import (
 )
 from gateway.planes.scrub import (
     UNSCRUBBABLE,
+    MessageScrubber,
     ScrubError,
     UnscrubbableEncoding,
     scrub_head,
@@ -69,6 +70,7 @@ M_REASON = "keyward.reason"  # why a response was refused or cut while scrubbing
 M_POLICY = "keyward.policy"
 M_DEFERRED = "keyward.deferred"  # decided again once the (bounded) form body is in
 M_REDECIDED = "keyward.redecided"  # ... and that second decision has been made
+M_WS_SCRUB = "keyward.ws_scrubber"  # the upstream's WebSocket messages, scrubbed across messages
 
 # The start of an HTTP/1 request line: a method token, one space.
 HTTP_START = re.compile(rb"^[A-Z][A-Z-]{2,19} ")
@@ -869,10 +871,17 @@ class ResponseScrubber:
             if self.ctx.policy.placeholders and decision is not None:
                 self._client_message(flow, message, decision)
             return
-        if message.is_text:
-            message.text = self.ctx.redactor.redact(message.text)
+        scrubber: MessageScrubber | None = flow.metadata.get(M_WS_SCRUB)
+        if scrubber is None:
+            scrubber = flow.metadata[M_WS_SCRUB] = MessageScrubber(self.ctx.redactor)
+        content = message.content
+        clean = scrubber.feed(content)
+        if clean is content:
+            return
+        if message.is_text:  # a cut never splits a character; `replace` only as a last resort
+            message.text = clean.decode("utf-8", "replace")
         else:
-            message.content = self.ctx.redactor.redact_bytes(message.content)
+            message.content = clean
 
     def _client_message(
         self, flow: http.HTTPFlow, message: websocket.WebSocketMessage, decision: Decision
