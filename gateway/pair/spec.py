@@ -353,7 +353,8 @@ def holder_config(
 ) -> dict[str, Any]:
     """The namespace owner: a process that does nothing (Kubernetes' pause container), from the
     gateway image so no other image is needed. It carries everything that belongs to the
-    namespace (networks, published ports, /etc/hosts entries, DNS), as joiners may set none."""
+    namespace (networks, published ports, /etc/hosts entries, DNS), as joiners may set none.
+    The same on both engines: a libpod pod would need libpod-format members (README, pairs)."""
     host: dict[str, Any] = {
         "CapDrop": ["ALL"],
         "SecurityOpt": ["no-new-privileges"],
