@@ -276,9 +276,12 @@ def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
             subprocess.run(["iptables", "-D", *rule], check=False, capture_output=True)
 
 
-def test_up_time_is_bounded(world: EngineWorld) -> None:
-    assert world.info is not None
-    assert world.up_seconds < 60
+def test_up_returns_a_running_pair(world: EngineWorld) -> None:
+    """`up` returns once the pair is ready (how long it took is printed, not asserted)."""
+    assert world.info is not None and world.info.ready_seconds > 0
+    for cid in (world.gateway_id, world.agent_id):
+        state = world.run(lambda c, cid=cid: c.container_inspect(cid))["State"]
+        assert state["Running"], state
 
 
 def test_agent_env_has_trust_and_placeholder_but_no_secret(world: EngineWorld) -> None:

@@ -17,6 +17,7 @@ import pytest
 
 from gateway.planes.reload import Reloader
 from tests.support.embedded import running, with_service
+from tests.support.wait import async_wait_until
 from tests.support.world import REAL_KEY, World, make_world
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -191,14 +192,7 @@ async def test_run_child_dies_with_its_gateway(world: World, tmp_path: Path) -> 
         assert child
         proc.kill()  # the gateway dies without any chance to clean up
         await proc.wait()
-        for _ in range(200):
-            try:
-                os.kill(child, 0)
-            except ProcessLookupError:
-                break
-            await asyncio.sleep(0.05)
-        with pytest.raises(ProcessLookupError):
-            os.kill(child, 0)
+        await async_wait_until(lambda: not Path(f"/proc/{child}").exists(), what="the child to die")
     finally:
         if child:
             with __import__("contextlib").suppress(ProcessLookupError):
