@@ -341,6 +341,25 @@ def test_python_gets_the_key_injected(world: EngineWorld) -> None:
     assert hit and hit[-1]["headers"]["Authorization"] == f"Bearer {REAL_KEY}"
 
 
+def test_clients_reading_no_ca_variable_trust_the_gateway(world: EngineWorld) -> None:
+    """curl, Python and git with a clean environment (no SSL_CERT_FILE and the like) read only
+    the image's system bundle: up appended the gateway CA to it, keeping the image's roots."""
+    clean = ["env", "-i", "PATH=/usr/local/bin:/usr/bin:/bin", "HOME=/tmp"]
+    r = world.agent(*clean, "curl", "-sS", "--max-time", "10", "https://api.example.test/sys/curl")
+    assert r.exit_code == 0, r.stderr
+    script = "import urllib.request as u; u.urlopen('https://api.example.test/sys/py', timeout=10)"
+    r = world.agent(*clean, "python3", "-c", script)
+    assert r.exit_code == 0, r.stderr
+    r = world.agent(*clean, "git", "ls-remote", "https://api.example.test/sys/git.git")
+    assert b"certificate" not in r.stderr.lower() and b"ssl" not in r.stderr.lower(), r.stderr
+    paths = {str(s.get("path")).partition("?")[0] for s in world.seen()}
+    assert {"/sys/curl", "/sys/py", "/sys/git.git/info/refs"} <= paths
+    bundle = world.agent("cat", "/etc/ssl/certs/ca-certificates.crt").stdout
+    ca = world.run(lambda c: c.exec_run(world.gateway_id, ["cat", "/var/lib/keyward/trust/ca.crt"]))
+    assert bundle.count(ca.stdout.strip()) == 1
+    assert bundle.count(b"BEGIN CERTIFICATE") > 100  # the image's own roots are still there
+
+
 def test_allowed_host_without_injection_gets_nothing(world: EngineWorld) -> None:
     r = world.curl("https://other.example.test/plain")
     assert r.exit_code == 0, r.stderr

@@ -698,6 +698,14 @@ class EngineClient:
             headers={"Content-Type": "application/x-tar"},
         )
 
+    async def get_archive(self, container: str, path: str) -> bytes:
+        """A tar of `path` in the container's filesystem (a symlink comes as the link itself);
+        NotFound when there is no such path. Works on created, not yet started containers."""
+        async with self._open(
+            "GET", f"/containers/{container}/archive", params={"path": path}
+        ) as resp:
+            return await resp.read()
+
     # -- exec ----------------------------------------------------------------------------------
 
     async def exec_create(

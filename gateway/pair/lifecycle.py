@@ -19,6 +19,7 @@ from gateway.credentials.store import SecretStore
 from gateway.engine.client import EngineClient, ExecStream, Stdin
 from gateway.engine.errors import Conflict, EngineError, NotFound
 from gateway.engine.stream import Stream
+from gateway.pair.agent_trust import add_ca_to_system_bundles
 from gateway.pair.hostnet import forward_drop_problems
 from gateway.pair.spec import (
     GW_AUDIT,
@@ -319,6 +320,12 @@ async def up(
         agent = await _create_container(
             client, names.agent, agent_config(opts, holder, trust, kind), opts, made
         )
+        ca_pem = (await exec_text(client, gw, ["cat", f"{GW_TRUST}/ca.crt"])).encode()
+        try:
+            await add_ca_to_system_bundles(client, agent, ca_pem)
+        except EngineError as e:  # e.g. Docker writes nothing into a read-only root filesystem
+            warnings.append(f"the agent's system CA bundle was left as is ({e}): only clients "
+                            "that read SSL_CERT_FILE and the like trust the gateway")  # fmt: skip
         await client.container_start(agent)
     except BaseException:
         with contextlib.suppress(Exception):
