@@ -256,14 +256,17 @@ async def test_container_exec_logs_wait_remove(real: Real) -> None:
     assert sorted(frames) == [(Stream.STDOUT, b"a\n"), (Stream.STDERR, b"b\n")]
     assert ex.exit_code == 9
 
+    attached = asyncio.Event()
+
     async def follow() -> dict[Stream, bytes]:
         got = {Stream.STDOUT: b"", Stream.STDERR: b""}
         async for stream, data in c.container_logs(cid, follow=True):
             got[stream] += data
+            attached.set()
         return got
 
     follower = asyncio.ensure_future(follow())
-    await asyncio.sleep(0.3)
+    await asyncio.wait_for(attached.wait(), 30)  # following before the container goes on
     await c.exec_run(cid, ["/bin/sh", "-c", ": > /tmp/stop"])
     assert await asyncio.wait_for(c.container_wait(cid), 30) == 4
     logs = await asyncio.wait_for(follower, 30)

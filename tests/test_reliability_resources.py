@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from gateway.planes.resources import AcceptErrorLimiter
+from tests.support.wait import BOUND
 from tests.support.world import World, make_world
 
 
@@ -73,17 +74,18 @@ async def test_real_emfile_on_accept_is_rate_limited(tmp_path: Path) -> None:
         "    port = server.sockets[0].getsockname()[1]\n"
         "    resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))\n"
         "    print(port, flush=True)\n"
-        "    await asyncio.sleep(3)\n"
+        "    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)\n"
         "asyncio.run(main())\n"
     )
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         str(script),
+        stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
     )
-    assert proc.stdout is not None
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
     port = int(await proc.stdout.readline())
     clients = []
     for _ in range(150):
@@ -91,9 +93,18 @@ async def test_real_emfile_on_accept_is_rate_limited(tmp_path: Path) -> None:
             clients.append(await asyncio.open_connection("127.0.0.1", port))
         except OSError:
             break
+    head = b""
+    async with asyncio.timeout(BOUND):  # the server hits its limit and says so (a hang bound)
+        while b"accepting connections failed" not in head:
+            line = await proc.stderr.readline()
+            assert line, head.decode()
+            head += line
+    # asyncio retries the accept every second: without the limiter, more lines would follow
+    await asyncio.sleep(2.5)
+    proc.stdin.write(b"stop\n")
     _, err = await proc.communicate()
     for _, w in clients:
         w.close()
-    text = err.decode()
+    text = (head + err).decode()
     assert text.count("accepting connections failed") == 1, text[:2000]
     assert "Traceback" not in text
