@@ -326,3 +326,24 @@ def test_check_right_after_init_says_where_and_what_to_do(tmp_path: Path) -> Non
     r = keyward("check", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "sk-x-0123456789" not in r.stdout + r.stderr
+
+
+def test_commands_print_plain_tables_without_rich(tmp_path: Path) -> None:
+    """rich is optional (the sidecar image has none): tables fall back to aligned plain text."""
+    site = tmp_path / "site"  # first on the path: a `rich` that fails to import, as if absent
+    (site / "rich").mkdir(parents=True)
+    (site / "rich" / "__init__.py").write_text("raise ImportError('no rich here')\n")
+    r = keyward("check", "-c", str(EXAMPLE), "--skip-secrets", env={"PYTHONPATH": f"{site}:{ROOT}"})
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == f"{EXAMPLE}: default deny"
+    assert lines[1].split()[:2] == ["host", "decision"]
+    assert ["github.com", "allow", "github", "->", "basic", "-"] in [x.split() for x in lines]
+    assert lines[-1] == "config OK (secrets not resolved)"
+
+
+def test_plain_text_drops_style_markup_only() -> None:
+    from gateway.cli.console import plain
+
+    assert plain("[green]pass[/] [red]FAIL[/] [bold]x[/bold]") == "pass FAIL x"
+    assert plain("[::1]:443 [2001:db8::1] [a]") == "[::1]:443 [2001:db8::1] [a]"

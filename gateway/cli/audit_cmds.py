@@ -5,10 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
-
 from gateway.cli.console import console as make_console
+from gateway.cli.console import table as make_table
 from gateway.cli.engine_cmds import add_engine_socket_option
 from gateway.cli.errors import EXIT_FAILURE, EXIT_OK
 from gateway.engine.client import EngineClient
@@ -30,7 +28,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     async def go(client: EngineClient) -> list[dict[str, Any]]:
         gw = await container_of(client, args.name, "gateway")
         agent = await container_of(client, args.name, "agent")
-        with Console(stderr=True).status("attacking from inside the agent"):
+        with make_console(stderr=True).status("attacking from inside the agent"):
             return await verify_pair(client, gw, agent, store)
 
     results = run_with_engine(args, go)
@@ -41,7 +39,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         report = {"pair": args.name, "results": results, "failed": len(failed)}
         print(json.dumps(report, default=str))
         return EXIT_FAILURE if failed or not results else EXIT_OK
-    table = Table(title=f"sandbox contract: pair {args.name}", title_justify="left")
+    table = make_table(f"sandbox contract: pair {args.name}")
     for col in ("check", "result", "detail"):
         table.add_column(col)
     for r in results:

@@ -140,11 +140,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         json.dump(info, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
-    from rich.table import Table
-
     from gateway.cli.console import console as make_console
+    from gateway.cli.console import table as make_table
 
-    table = Table(title=f"{info['config']}: default {info['default']}", title_justify="left")
+    table = make_table(f"{info['config']}: default {info['default']}")
     for col in ("host", "decision", "injects", "denied paths"):
         table.add_column(col)
     for h in info["hosts"]:

@@ -12,11 +12,8 @@ import json
 import sys
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
-
-from gateway.cli.console import PIPED_WIDTH
 from gateway.cli.console import console as make_console
+from gateway.cli.console import table as make_table
 from gateway.cli.errors import EXIT_FAILURE, EXIT_OK
 from gateway.engine.client import EngineClient
 from gateway.engine.discovery import ENV_EXPLICIT, Discovery, find_engine
@@ -64,12 +61,12 @@ def _not_found(e: EngineNotFound, as_json: bool) -> int:
         print(json.dumps({"error": e.summary, "tried": [_attempt(a) for a in e.tried]}, indent=2))
         return EXIT_FAILURE
     sys.stderr.write(f"keyward: {e.summary}\n")
-    table = Table(title="places tried", title_justify="left")
+    table = make_table("places tried")
     for col in ("source", "location", "why not"):
         table.add_column(col)
     for a in e.tried:
         table.add_row(a.source, a.location, a.reason or "ok")
-    Console(stderr=True, width=None if sys.stderr.isatty() else PIPED_WIDTH).print(table)
+    make_console(stderr=True).print(table)
     return EXIT_FAILURE
 
 
@@ -102,7 +99,7 @@ def cmd_engine(args: argparse.Namespace) -> int:
     kind = facts["kind"]
     if facts["libpod_api_version"]:
         kind += f" (libpod API {facts['libpod_api_version']})"
-    table = Table(show_header=False, title="container engine", title_justify="left")
+    table = make_table("container engine", show_header=False)
     table.add_column("", style="bold")
     table.add_column("")
     table.add_row("socket", facts["socket"])

@@ -7,10 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from rich.table import Table
-
 from gateway.audit.reader import follow, read_records, summarise
 from gateway.cli.console import console as make_console
+from gateway.cli.console import table as make_table
 from gateway.cli.errors import UsageError
 from gateway.config.loader import load_config
 from gateway.config.paths import config_path
@@ -51,7 +50,7 @@ def cmd_log(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(rows))
             return 0
-        table = Table(title=f"{path}: per-host summary", title_justify="left")
+        table = make_table(f"{path}: per-host summary")
         for col in SUMMARY_COLUMNS:
             table.add_column(col, justify="left" if col == "host" else "right")
         for row in rows:
@@ -69,7 +68,7 @@ def cmd_log(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(list(read_records(path))))
         return 0
-    table = Table(title=str(path), title_justify="left")
+    table = make_table(str(path))
     for col in COLUMNS:
         table.add_column(col)
     for rec in read_records(path):

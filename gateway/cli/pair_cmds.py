@@ -14,11 +14,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from rich.console import Console
-from rich.table import Table
-
 from gateway.cli.config_cmds import add_config_option, load_from_args
 from gateway.cli.console import console as make_console
+from gateway.cli.console import table as make_table
 from gateway.cli.engine_cmds import add_engine_socket_option
 from gateway.cli.errors import EXIT_OK, KeywardError, UsageError
 from gateway.engine.client import EngineClient, ExecStream
@@ -103,7 +101,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         extra_hosts=tuple(args.add_host or ()),
         ready_timeout=args.timeout,
     )
-    err = Console(stderr=True)
+    err = make_console(stderr=True)
     t0 = time.monotonic()
 
     async def go(client: EngineClient) -> Any:
@@ -167,7 +165,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**health.as_json(), "audit": dict(counts)}, indent=2))
         return EXIT_OK if health.healthy else EXIT_DEGRADED
-    table = Table(title=f"keyward pair {args.name}", title_justify="left")
+    table = make_table(f"keyward pair {args.name}")
     for col in ("role", "id", "state", "health"):
         table.add_column(col)
     for member in health.as_json()["members"]:
@@ -190,7 +188,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_restart(args: argparse.Namespace) -> int:
     from gateway.pair.lifecycle import restart
 
-    err = Console(stderr=True)
+    err = make_console(stderr=True)
     t0 = time.monotonic()
 
     async def go(client: EngineClient) -> list[str]:
