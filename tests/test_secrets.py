@@ -447,7 +447,7 @@ def test_from_a_real_config_file(tmp_path: Path) -> None:
             secrets:
               openai: { env: OPENAI_API_KEY }
               anthropic: { file: ./secrets/anthropic.key }
-              piped: { command: [cat, secrets/anthropic.key], timeout: 5 }
+              piped: { command: [cat, secrets/anthropic.key], timeout: 60 }
             """
         )
     )
