@@ -16,6 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from tests.support.wait import BOUND
 from tests.support.world import World, make_world
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,15 +65,35 @@ def client(world: World) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=trust, force_close=True))
 
 
+async def refused(port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except ConnectionRefusedError:
+        return True
+    writer.close()
+    return False
+
+
 async def test_sigterm_lets_streams_on_both_planes_finish(world: World) -> None:
     proc, explicit, svc = await serve(world, drain=30)
+    seen = world.upstream.seen
     try:
         async with client(world) as c:
-            mitm = await c.get("https://api.example.test/sse", proxy=f"http://127.0.0.1:{explicit}")
-            service = await c.get(f"http://127.0.0.1:{svc}/sse")
+            mitm = await c.get(
+                "https://api.example.test/sse?gate=mitm", proxy=f"http://127.0.0.1:{explicit}"
+            )
+            service = await c.get(f"http://127.0.0.1:{svc}/sse?gate=svc")
             assert mitm.status == 200 and service.status == 200
-            proc.send_signal(signal.SIGTERM)  # both streams are mid-flight
+            # each upstream holds its next event until released: both streams are mid-flight
+            proc.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(BOUND):  # the drain has begun: listeners are closed
+                while not (await refused(explicit) and await refused(svc)):
+                    await asyncio.sleep(0.05)
+            for gate in ("mitm", "svc"):
+                for _ in range(4):
+                    seen.release(gate)
             bodies = [await mitm.read(), await service.read()]
+        assert seen.stalled_gates == []
         for body in bodies:
             assert body.count(b"data: event ") == 5, body
         assert await asyncio.wait_for(proc.wait(), 60) == 0
@@ -80,7 +101,7 @@ async def test_sigterm_lets_streams_on_both_planes_finish(world: World) -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-    recs = [r for r in world.audit() if r["path"] == "/sse"]
+    recs = [r for r in world.audit() if str(r["path"]).startswith("/sse")]
     assert sorted(r["plane"] for r in recs) == ["mitm", "service"]
     assert all(r["status"] == 200 and r["bytes_down"] > 0 and not r["error"] for r in recs)
 
