@@ -567,10 +567,10 @@ async def test_resolver_ignores_a_spoofed_reply_with_the_wrong_id(world: World) 
 
 
 async def test_rate_limit_refuses_and_audits() -> None:
-    async with running(rate=1.0, burst=10) as w:
+    # a token every 1000 s: however slow the machine, the burst is all there is
+    async with running(rate=0.001, burst=10) as w:
         codes = [(await ask(w.port, "api.example.test")).rcode for _ in range(40)]
-        assert codes[:10] == [NOERROR] * 10
-        assert codes.count(REFUSED) >= 20
+        assert codes == [NOERROR] * 10 + [REFUSED] * 30
         limited = [r for r in w.audit if r["reason"] == "rate-limited"]
         assert len(limited) == codes.count(REFUSED)
         assert all(r["status"] == REFUSED and r["decision"] == "deny" for r in limited)
