@@ -147,7 +147,7 @@ class EngineWorld:
         return self.run(lambda c: c.exec_run(self.agent_id, list(argv), stdin=stdin))
 
     def curl(self, *args: str) -> ExecResult:
-        return self.agent("curl", "-sS", "--max-time", "10", *args)
+        return self.agent("curl", "-sS", "--max-time", "30", *args)  # a hang bound
 
     def seen(self) -> list[dict[str, Any]]:
         r = self.run(lambda c: c.exec_run(self.upstream, ["cat", f"{UP_DIR}/run/seen.jsonl"]))
@@ -345,7 +345,7 @@ def test_clients_reading_no_ca_variable_trust_the_gateway(world: EngineWorld) ->
     """curl, Python and git with a clean environment (no SSL_CERT_FILE and the like) read only
     the image's system bundle: up appended the gateway CA to it, keeping the image's roots."""
     clean = ["env", "-i", "PATH=/usr/local/bin:/usr/bin:/bin", "HOME=/tmp"]
-    r = world.agent(*clean, "curl", "-sS", "--max-time", "10", "https://api.example.test/sys/curl")
+    r = world.agent(*clean, "curl", "-sS", "--max-time", "30", "https://api.example.test/sys/curl")
     assert r.exit_code == 0, r.stderr
     script = "import urllib.request as u; u.urlopen('https://api.example.test/sys/py', timeout=10)"
     r = world.agent(*clean, "python3", "-c", script)

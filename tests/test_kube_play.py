@@ -84,7 +84,7 @@ class Played:
         )  # fmt: skip
 
     def curl(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return self.exec("agent", "curl", "-sS", "--max-time", "10", *args)
+        return self.exec("agent", "curl", "-sS", "--max-time", "30", *args)  # a hang bound
 
     def seen(self) -> list[dict[str, Any]]:
         r = subprocess.run(

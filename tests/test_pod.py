@@ -60,7 +60,7 @@ def world(root_ok: None) -> Iterator[PodWorld]:
 
 
 def curl(world: PodWorld, *args: str) -> subprocess.CompletedProcess[str]:
-    return world.agent("curl", "-sS", "--max-time", "10", *args)
+    return world.agent("curl", "-sS", "--max-time", "30", *args)  # a hang bound
 
 
 def test_agent_env_has_trust_and_placeholder_but_no_secret(world: PodWorld) -> None:
@@ -108,7 +108,7 @@ def test_node_fetch_works_without_proxy_settings(world: PodWorld) -> None:
 def test_client_reading_no_trust_variable_trusts_the_system_bundle(world: PodWorld) -> None:
     """The combined bundle is bound over the system bundle path in the agent's view: a client
     run with an empty environment (no SSL_CERT_FILE, no CURL_CA_BUNDLE) trusts the gateway."""
-    r = world.agent("env", "-i", "PATH=/usr/bin:/bin", "curl", "-sS", "--max-time", "10",
+    r = world.agent("env", "-i", "PATH=/usr/bin:/bin", "curl", "-sS", "--max-time", "30",
                     "https://api.example.test/system-bundle")  # fmt: skip
     assert r.returncode == 0, r.stderr
     hit = [s for s in world.seen() if s.get("path") == "/system-bundle"]
