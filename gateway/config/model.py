@@ -298,8 +298,9 @@ class AuditConfig(Strict):
 
 
 class LimitsConfig(Strict):
-    """Request limits, both planes: over one, the request is refused before anything is sent
-    upstream (431 for header fields, 414 for the target, with a reason)."""
+    """Request and connection limits, both planes: over one, the request is refused before
+    anything is sent upstream (431 for header fields, 414 for the target, 503 for connections,
+    with a reason)."""
 
     header_bytes: int = Field(
         65536, ge=1024, le=1 << 24, description="bytes of all request header names and values"
@@ -307,6 +308,19 @@ class LimitsConfig(Strict):
     headers: int = Field(100, ge=8, le=10000, description="number of request header fields")
     url_bytes: int = Field(
         8192, ge=256, le=1 << 20, description="bytes of the request target (path and query)"
+    )
+    max_connections: int = Field(
+        4096,
+        ge=1,
+        le=1 << 20,
+        description="agent connections held at once, all listeners together; one more gets a"
+        " 503 connection-limit (also capped by the fd limit: half of it, less a reserve)",
+    )
+    max_connections_per_client: int = Field(
+        1024,
+        ge=1,
+        le=1 << 20,
+        description="agent connections held at once from one client address (503 beyond)",
     )
 
 
@@ -321,6 +335,13 @@ class TimeoutsConfig(Strict):
     )
     idle: float = Field(
         120.0, gt=0, le=86400, description="no byte of a body (either way) for this long"
+    )
+    request_headers: float = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        description="an agent connection's complete request headers, from its start or the end"
+        " of its previous response (so also how long an idle keep-alive connection is kept)",
     )
 
 
@@ -347,10 +368,11 @@ class Config(Strict):
     )
     audit: AuditConfig = Field(default_factory=AuditConfig, description="the audit log")
     limits: LimitsConfig = Field(
-        default_factory=LimitsConfig, description="request size limits, both planes"
+        default_factory=LimitsConfig, description="request size and connection limits, both planes"
     )
     timeouts: TimeoutsConfig = Field(
-        default_factory=TimeoutsConfig, description="seconds: connect, tls, response_headers, idle"
+        default_factory=TimeoutsConfig,
+        description="seconds: connect, tls, response_headers, idle, request_headers",
     )
 
 

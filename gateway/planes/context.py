@@ -21,6 +21,7 @@ from gateway.credentials.redact import Redactor
 from gateway.credentials.sources import load_secrets
 from gateway.credentials.store import SecretStore
 from gateway.dns.resolver import Resolver
+from gateway.planes.resources import ConnectionLimiter
 from gateway.policy.addresses import AddressRefused
 from gateway.policy.core import Decision, Placeholder, Policy, RequestFacts
 from gateway.policy.hosts import is_ip, normalise_host
@@ -55,7 +56,12 @@ class GatewayContext:
     prepare_tokens: TokenPreparer | None = None
     metrics: Metrics | None = None  # `keyward serve` counts every audit record here too
     extra: dict[str, Any] = field(default_factory=dict)
+    # Agent connections held by both planes (`limits.max_connections*`, read per connection).
+    connections: ConnectionLimiter = field(init=False, repr=False)
     _upstream_ssl: ssl.SSLContext | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.connections = ConnectionLimiter(lambda: self.config.config.limits)
 
     @property
     def redactor(self) -> Redactor:

@@ -200,5 +200,17 @@ def refusal(
     return Refusal(status, "text/plain; charset=utf-8", text.encode(), headers)
 
 
+def unavailable(reason: str, detail: str, retry_after: int = 1) -> Refusal:
+    """The response to a request keyward turns away for its own state, not for the policy (a
+    connection over `limits.max_connections`): a 503 worth retrying, JSON, whatever the mode."""
+    body = {"error": "keyward cannot take this request now", "reason": reason, "detail": detail}
+    headers = (
+        (REASON_HEADER, _header_safe(reason)),
+        ("Retry-After", str(retry_after)),
+        ("X-Content-Type-Options", "nosniff"),
+    )
+    return Refusal(503, "application/json", json.dumps(body).encode(), headers)
+
+
 def _header_safe(value: str) -> str:
     return "".join(c if 32 <= ord(c) < 127 else "?" for c in value)

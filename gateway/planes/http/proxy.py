@@ -38,6 +38,7 @@ from gateway.planes.outbound import (
     check_limits,
     outbound_headers,
 )
+from gateway.planes.resources import CONNECTION_LIMIT, HEADERS_TIMEOUT, MAX_WAITING_REFUSALS
 from gateway.planes.scrub import (
     UNSCRUBBABLE,
     ScrubbedHead,
@@ -53,7 +54,7 @@ from gateway.policy.core import Decision, Plane, RequestFacts, Verdict
 from gateway.policy.hosts import is_ip, normalise_host, split_hostport
 from gateway.policy.methods import NO_SIGNALS, MethodSignals
 from gateway.policy.paths import normalise_path
-from gateway.policy.refusal import RefusalMode, refusal
+from gateway.policy.refusal import RefusalMode, refusal, unavailable
 
 log = logging.getLogger("keyward.http")
 
@@ -87,6 +88,22 @@ class _Exchange:
     addr: str | None = None  # a refused dial address (private-address)
 
 
+@dataclass
+class _Connection:
+    """An agent connection: counted under `address`, or over a limit (`over` says why: each of
+    its requests gets the 503); and its clock for `timeouts.request_headers`."""
+
+    handler: web.RequestHandler
+    transport: asyncio.Transport
+    started: float
+    address: str | None = None
+    over: str | None = None
+    answered: bool = False  # a 503 went out (else the refusal is audited when it closes)
+    timer: asyncio.TimerHandle | None = None
+    live: int = 0  # requests in `_exchange`
+    requests: int = 0
+
+
 class _ClientGone(Exception):
     """The agent went away while we were writing to it."""
 
@@ -111,6 +128,15 @@ def deny_response(
     r = refusal(decision, facts, mode=mode, accept=accept, status=status)
     resp = web.Response(status=r.status, body=r.body, headers=dict(r.headers))
     resp.headers["Content-Type"] = r.content_type
+    return resp
+
+
+def unavailable_response(reason: str, detail: str) -> web.Response:
+    """The shared 503 for a request turned away for the gateway's state; the connection closes."""
+    r = unavailable(reason, detail)
+    resp = web.Response(status=r.status, body=r.body, headers=dict(r.headers))
+    resp.headers["Content-Type"] = r.content_type
+    resp.force_close()
     return resp
 
 
@@ -171,6 +197,8 @@ class HttpPlane:
         self._runners: list[web.AppRunner] = []
         self.inflight = 0  # requests between their start and their audit record
         self.stopping = False
+        self._connections: dict[web.RequestHandler, _Connection] = {}
+        self._waiting = 0  # connections over a limit waiting for their 503
 
     @property
     def limits(self) -> LimitsConfig:
@@ -356,13 +384,19 @@ class HttpPlane:
         started = time.monotonic()
         self.inflight += 1
         ex = _Exchange()
-        if rejected is not None:
+        over = self._request_started(request)
+        if over is not None:
+            ex.status, ex.reason, ex.error = 503, CONNECTION_LIMIT, over
+            decision = Decision(Verdict.DENY, None, CONNECTION_LIMIT, status=503)
+        elif rejected is not None:
             decision = Decision(Verdict.DENY, None, rejected.reason, status=rejected.status)
         elif decision is None:
             decision = self.ctx.policy.decide(facts)
         policy = self.ctx.config.digest  # the policy that decided, even if a reload follows
         form: bytes | None = None
         try:
+            if over is not None:
+                return unavailable_response(CONNECTION_LIMIT, over)
             if decision.body_limit:  # a bounded form body decides too (`_method`): read it
                 try:
                     async with asyncio.timeout(self.ctx.config.config.timeouts.idle):
@@ -464,6 +498,7 @@ class HttpPlane:
                 addr=ex.addr,
             )
             self.inflight -= 1
+            self._request_ended(request)
 
     async def _upload(
         self, request: web.Request, ex: _Exchange, swapper: BodySwapper | None
@@ -627,6 +662,113 @@ class HttpPlane:
             raise _ClientGone() from e
         return resp
 
+    # -- agent connections ---------------------------------------------------------------
+    def _track_connections(self, server: web.Server) -> None:
+        """aiohttp tells its Server of every connection a listener accepts and loses: each is
+        counted there against `limits.max_connections*`, and its request-headers clock starts.
+        One over a limit is kept and its first request answered 503 (`_exchange`); past
+        `MAX_WAITING_REFUSALS` of those it is closed at once; either way audited once."""
+        made, lost = server.connection_made, server.connection_lost
+
+        def connection_made(handler: web.RequestHandler, transport: asyncio.Transport) -> None:
+            made(handler, transport)
+            peer = transport.get_extra_info("peername")
+            address = str(peer[0]) if peer else "?"
+            conn = _Connection(handler, transport, time.monotonic())
+            conn.over = self.ctx.connections.admit(address)
+            if conn.over is None:
+                conn.address = address
+            elif self._waiting >= MAX_WAITING_REFUSALS:
+                transport.close()
+                self._record_connection(conn, CONNECTION_LIMIT, conn.over)
+                return
+            else:
+                self._waiting += 1
+            self._connections[handler] = conn
+            self._arm(conn)
+
+        def connection_lost(handler: web.RequestHandler, exc: BaseException | None = None) -> None:
+            lost(handler, exc)
+            conn = self._connections.pop(handler, None)
+            if conn is None:
+                return
+            self._disarm(conn)
+            if conn.address is not None:
+                self.ctx.connections.release(conn.address)
+            if conn.over is not None:
+                self._waiting -= 1
+                if not conn.answered:
+                    self._record_connection(conn, CONNECTION_LIMIT, conn.over)
+
+        server.connection_made = connection_made  # type: ignore[method-assign]
+        server.connection_lost = connection_lost  # type: ignore[method-assign]
+
+    def _arm(self, conn: _Connection) -> None:
+        """`timeouts.request_headers` from the connection's start or its last response: a
+        client dripping its headers never reaches a handler, and aiohttp bounds it only by its
+        own keep-alive timeout, silently."""
+        self._disarm(conn)
+        seconds = self.ctx.config.config.timeouts.request_headers
+        conn.timer = asyncio.get_running_loop().call_later(seconds, self._expire, conn)
+
+    @staticmethod
+    def _disarm(conn: _Connection) -> None:
+        if conn.timer is not None:
+            conn.timer.cancel()
+            conn.timer = None
+
+    def _expire(self, conn: _Connection) -> None:
+        """Close a connection with no request in progress; audited if none ever came on it
+        (an idle keep-alive connection is closed quietly, as servers do)."""
+        conn.timer = None
+        if conn.live or self._connections.get(conn.handler) is not conn:
+            return
+        conn.handler.force_close()
+        conn.transport.close()
+        if conn.requests:
+            return
+        seconds = self.ctx.config.config.timeouts.request_headers
+        why = f"no complete request headers within timeouts.request_headers ({seconds:g} s)"
+        conn.answered = True  # its record is this one
+        log.warning("closed a service-plane connection: %s", why)
+        self._record_connection(conn, HEADERS_TIMEOUT, why)
+
+    def _request_started(self, request: web.BaseRequest) -> str | None:
+        """A request's headers are in: stop its connection's clock. Returns why the connection
+        is over a limit (every request on it is then answered 503), or None."""
+        conn = self._connections.get(request.protocol)
+        if conn is None:
+            return None
+        self._disarm(conn)
+        conn.live += 1
+        conn.requests += 1
+        if conn.over is not None:
+            conn.answered = True
+        return conn.over
+
+    def _request_ended(self, request: web.BaseRequest) -> None:
+        conn = self._connections.get(request.protocol)
+        if conn is not None:
+            conn.live = max(0, conn.live - 1)
+            if not conn.live:
+                self._arm(conn)
+
+    def _record_connection(self, conn: _Connection, reason: str, why: str) -> None:
+        """The record of a connection closed with no request answered on it."""
+        peer = conn.transport.get_extra_info("peername")
+        local = conn.transport.get_extra_info("sockname")
+        facts = RequestFacts(
+            Plane.SERVICE,
+            "HTTP",
+            "http",
+            str(local[0]) if local else "unknown",
+            int(local[1]) if local else 0,
+            path="",
+            client=f"{peer[0]}:{peer[1]}" if peer else "?:0",
+        )
+        decision = Decision(Verdict.DENY, None, reason, status=503)
+        self.ctx.record(facts, decision, started=conn.started, error=why)
+
     # -- lifecycle -----------------------------------------------------------------------
     async def serve(self, app: web.Application, host: str = "127.0.0.1", port: int = 0) -> int:
         """Listen with `app` on host:port (0 = ephemeral); returns the bound port."""
@@ -643,6 +785,8 @@ class HttpPlane:
             max_headers=2 * lim.headers,
         )
         await runner.setup()
+        assert runner.server is not None
+        self._track_connections(runner.server)
         self._runners.append(runner)
         await web.TCPSite(runner, host, port).start()
         return int(runner.addresses[0][1])

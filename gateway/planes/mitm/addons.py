@@ -22,6 +22,7 @@ from mitmproxy.proxy.layers.http import HTTPMode
 from gateway.dns.resolver import ResolveError
 from gateway.planes.context import AUDIT_UNAVAILABLE, GatewayContext
 from gateway.planes.mitm import trailers
+from gateway.planes.mitm.clients import ConnectionLimit, RequestHeadersTimeout
 from gateway.planes.mitm.drain import DRAIN_REASON, Drain
 from gateway.planes.mitm.errors import ERROR_PAGE, error_reason, status_for
 from gateway.planes.mitm.timeouts import M_TIMED_OUT, Timeouts
@@ -317,11 +318,20 @@ class ConnectionGate:
     """Refuses CONNECT targets the policy denies, passes through TLS that needs no
     interception, and kills non-HTTP flows unless a rule allows raw TCP."""
 
-    def __init__(self, ctx: GatewayContext, dest: Destinations) -> None:
+    def __init__(
+        self, ctx: GatewayContext, dest: Destinations, limit: ConnectionLimit | None = None
+    ) -> None:
         self.ctx = ctx
         self.dest = dest
+        self.limit = limit
+
+    def _over_limit(self, client: connection.Client) -> bool:
+        """Turned away by `ConnectionLimit`: answered there, never passed through or dialled."""
+        return self.limit is not None and self.limit.over_limit(client)
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None:  # answered already (over the connection limit)
+            return
         started = time.monotonic()
         decision = self.ctx.policy.connection(flow.request.host, flow.request.port)
         facts = RequestFacts(
@@ -373,7 +383,7 @@ class ConnectionGate:
         gate answers the refusal with a 403)."""
         client = data.context.client
         target = self.dest.targets.get(client.id) or data.context.server.address
-        if target is None:
+        if target is None or self._over_limit(client):
             return
         sni = data.client_hello.sni
         host, addr = target[0], None
@@ -416,6 +426,8 @@ class ConnectionGate:
         """The agent rejected our certificate (it does not trust the keyward CA): audit it, so
         the operator sees why the agent failed, and whether it was a refusal being explained."""
         client = data.context.client
+        if self._over_limit(client):
+            return  # audited once, as connection-limit
         target = self.dest.targets.get(client.id) or data.context.server.address
         host, port = target if target else (client.sni or "unknown", 0)
         decision = self.ctx.policy.connection(host, port)
@@ -457,6 +469,9 @@ class ConnectionGate:
             flow.messages[-1].content = b""
 
     def tcp_start(self, flow: tcp.TCPFlow) -> None:
+        if self._over_limit(flow.client_conn):
+            flow.kill()  # audited once, as connection-limit, when it closes
+            return
         addr = self.dest.targets.get(flow.client_conn.id) or flow.server_conn.address
         started = time.monotonic()
         host, port = addr if addr else ("unknown", 0)
@@ -995,9 +1010,12 @@ def addon_chain(
     trailers.install()
     dest = Destinations(ctx, verify_transparent)
     audit = Audit(ctx)
+    limit = ConnectionLimit(ctx)
     return [
+        limit,
         dest,
-        ConnectionGate(ctx, dest),
+        ConnectionGate(ctx, dest, limit),
+        RequestHeadersTimeout(ctx),  # after the gate: it knows which TLS is passed through
         AlpnMirror(),
         PolicyGate(ctx, dest),
         CredentialInjector(ctx),
