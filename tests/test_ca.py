@@ -16,12 +16,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from gateway.tls.ca import (
-    CAError,
-    CertificateAuthority,
-    system_roots_path,
-    write_bundle,
-)
+from gateway.errors import CAError
+from gateway.tls.ca import CertificateAuthority, system_roots_path, write_bundle
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,8 +9,9 @@ import jsonschema
 import pytest
 import yaml
 
-from gateway.config.loader import ConfigError, parse_config_text
+from gateway.config.loader import parse_config_text
 from gateway.config.model import Config
+from gateway.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 

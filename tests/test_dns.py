@@ -24,8 +24,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.dns import wire
-from gateway.dns.resolver import NameNotFound, Resolver
+from gateway.dns.resolver import Resolver
 from gateway.dns.server import AnswerLog, DnsListener, TokenBuckets
+from gateway.errors import NameNotFound
 from gateway.policy import HostRule, Policy, Verdict, parse_pattern
 from tests.support.wait import BOUND, async_wait_until
 

@@ -19,10 +19,10 @@ import pytest
 from gateway.config.loader import load_config
 from gateway.config.model import TimeoutsConfig
 from gateway.credentials.oauth import TokenMinter
+from gateway.errors import AddressRefused
 from gateway.planes.context import GatewayContext, build_context
 from gateway.planes.http.proxy import HttpPlane
 from gateway.planes.http.resolver import DialResolver
-from gateway.policy.addresses import AddressRefused
 from tests.support.pki import TestCA, make_ca
 from tests.support.upstream import GATE_BOUND, Upstream
 from tests.support.wait import async_wait_until

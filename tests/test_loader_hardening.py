@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config.loader import ConfigError, load_config, parse_config_text
+from gateway.config.loader import load_config, parse_config_text
 from gateway.config.model import CommandSource, FileSource
-from gateway.credentials.secret import SecretError
 from gateway.credentials.sources import load_value
+from gateway.errors import ConfigError, SecretError
 from tests.support.pki import make_ca
 from tests.support.wait import BOUND, wait_until
 

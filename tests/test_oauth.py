@@ -17,10 +17,11 @@ import pytest
 from aiohttp import web
 
 from gateway.config.loader import load_config
-from gateway.credentials.oauth import TokenMinter, TokenUnavailable
+from gateway.credentials.oauth import TokenMinter
 from gateway.credentials.redact import global_redactor
 from gateway.credentials.sources import load_secrets
-from gateway.credentials.store import SecretStore, StaleTokenError
+from gateway.credentials.store import SecretStore
+from gateway.errors import StaleTokenError, TokenUnavailable
 from tests.support.pki import TestCA, make_ca
 
 CLIENT_ID = "client-id-7781.apps.example"

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config.loader import ConfigError, load_config
+from gateway.config.loader import load_config
 from gateway.config.rewrite import secret_key as secret_env_name
 from gateway.credentials.sources import load_secrets, read_dotenv
+from gateway.errors import ConfigError, PairError
 from gateway.pair.spec import (
     AGENT_TRUST,
     GATEWAY_CAPS,
     GW_UPSTREAM_CA,
     LABEL_PAIR,
-    PairError,
     PairNames,
     PairOptions,
     agent_config,

@@ -12,14 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.credentials.placeholders import (
-    FORMATS,
-    PlaceholderError,
-    detect_format,
-    load_seed,
-    make_placeholder,
-)
+from gateway.credentials.placeholders import FORMATS, detect_format, load_seed, make_placeholder
 from gateway.credentials.secret import SecretValue
+from gateway.errors import PlaceholderError
 
 SEED = bytes(range(32))
 OTHER_SEED = bytes(range(1, 33))

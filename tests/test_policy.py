@@ -8,8 +8,8 @@ import pytest
 
 from gateway.config.compile import build_policy
 from gateway.config.loader import parse_config_text
+from gateway.errors import NotAllowedError
 from gateway.policy import (
-    NotAllowedError,
     Placeholder,
     Plane,
     Policy,

@@ -12,13 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.credentials.redact import REPLACEMENT, Redactor
+from gateway.errors import ScrubError, UnscrubbableEncoding
 from gateway.planes import scrub
 from gateway.planes.scrub import (
     MESSAGE_CUT,
     BodyScrubber,
     MessageScrubber,
-    ScrubError,
-    UnscrubbableEncoding,
     accept_encoding,
     parse_codings,
     response_headers,

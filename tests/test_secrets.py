@@ -16,19 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from gateway.cli.errors import KeywardError
+from gateway.cli.main import exit_code
 from gateway.config.loader import load_config
 from gateway.config.model import CommandSource, EnvSource, FileSource, OAuthConfig, OAuthSource
 from gateway.credentials.redact import global_redactor
 from gateway.credentials.secret import SecretValue
-from gateway.credentials.sources import (
-    SecretError,
-    SecretsError,
-    load_secrets,
-    load_value,
-    read_dotenv,
-)
-from gateway.credentials.store import SecretStore, StaleTokenError
+from gateway.credentials.sources import load_secrets, load_value, read_dotenv
+from gateway.credentials.store import SecretStore
+from gateway.errors import KeywardError, SecretError, SecretsError, StaleTokenError
 from tests.support.wait import BOUND, wait_until
 
 VALUE = "sk-live-VALUE-must-never-print-0123456789"
@@ -346,7 +341,7 @@ def test_load_secrets_collects_every_failure_without_values(tmp_path: Path) -> N
     with pytest.raises(SecretsError) as e:
         load_secrets(secrets, config_dir=tmp_path, environ={"OK_KEY": VALUE, "G_CLIENT_ID": VALUE})
     err = e.value
-    assert isinstance(err, KeywardError) and err.exit_code == 2
+    assert isinstance(err, KeywardError) and exit_code(err) == 2
     lines = str(err).splitlines()
     assert lines == [
         "secret 'openai': env OPENAI_API_KEY is not set",

@@ -8,7 +8,7 @@ from typing import Any
 from gateway.cli.console import console as make_console
 from gateway.cli.console import table as make_table
 from gateway.cli.engine_cmds import add_engine_socket_option
-from gateway.cli.errors import EXIT_FAILURE, EXIT_OK
+from gateway.cli.main import EXIT_FAILURE, EXIT_OK
 from gateway.engine.client import EngineClient
 
 
@@ -61,8 +61,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from gateway.audit.reader import read_records
     from gateway.audit.replay import replay
     from gateway.cli.config_cmds import load_from_args
-    from gateway.cli.errors import UsageError
     from gateway.config.compile import build_policy
+    from gateway.errors import UsageError
 
     loaded = load_from_args(args)
     policy = build_policy(loaded.config)

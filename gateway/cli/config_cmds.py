@@ -11,11 +11,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from gateway.cli.errors import EXIT_USAGE, KeywardError, UsageError
 from gateway.config.compile import build_policy
 from gateway.config.loader import LoadedConfig, load_config
 from gateway.config.model import config_schema
 from gateway.config.paths import config_path
+from gateway.errors import SecretsUnresolved, UsageError
 
 
 def add_config_option(p: argparse.ArgumentParser) -> None:
@@ -31,17 +31,11 @@ def load_from_args(args: argparse.Namespace) -> LoadedConfig:
     return load_config(config_path(getattr(args, "config", None)))
 
 
-class SecretsUnresolved(KeywardError):
-    """Secrets that could not be read, each at its `file:line`, with what to do about it."""
-
-    exit_code = EXIT_USAGE
-
-
 @contextlib.contextmanager
 def explained_secret_errors(loaded: LoadedConfig) -> Iterator[None]:
     """Turn a failure to resolve secrets into lines a newcomer can act on: where each secret
     is declared, and where its value may come from (never the value)."""
-    from gateway.credentials.sources import SecretsError
+    from gateway.errors import SecretsError
 
     try:
         yield

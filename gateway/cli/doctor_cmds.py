@@ -25,9 +25,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from gateway.cli.config_cmds import add_config_option, explained_secret_errors
-from gateway.cli.errors import EXIT_FAILURE, EXIT_OK, KeywardError
+from gateway.cli.main import EXIT_FAILURE, EXIT_OK
 from gateway.config.loader import LoadedConfig, load_config
 from gateway.config.paths import config_path, state_dir
+from gateway.errors import KeywardError
 from gateway.tls.ca import CA_DIR, CERT_FILE, KEY_FILE, CertificateAuthority, write_bundle
 from gateway.tls.trust import agent_env, is_proxy_var
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from gateway.cli.console import console as make_console
 from gateway.cli.console import table as make_table
-from gateway.cli.errors import EXIT_FAILURE, EXIT_OK
+from gateway.cli.main import EXIT_FAILURE, EXIT_OK
 from gateway.engine.client import EngineClient
 from gateway.engine.discovery import ENV_EXPLICIT, Discovery, find_engine
 from gateway.engine.errors import Attempt, EngineError, EngineNotFound

@@ -10,9 +10,9 @@ from typing import Any
 from gateway.audit.reader import follow, read_records, summarise
 from gateway.cli.console import console as make_console
 from gateway.cli.console import table as make_table
-from gateway.cli.errors import UsageError
 from gateway.config.loader import load_config
 from gateway.config.paths import config_path
+from gateway.errors import UsageError
 
 SUMMARY_COLUMNS = ("host", "allow", "warn", "deny", "injected", "bytes_up", "bytes_down", "alerts")
 COLUMNS = ("ts", "plane", "decision", "method", "host", "path", "status", "reason", "injected")

@@ -10,7 +10,28 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from gateway import __version__
-from gateway.cli.errors import EXIT_FAILURE, EXIT_USAGE, KeywardError
+from gateway.errors import (
+    KeywardError,
+    SecretError,
+    SecretsError,
+    SecretsUnresolved,
+    StaleTokenError,
+    UsageError,
+)
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+# The exit status of each error class: the nearest class of an error's MRO found here decides.
+# Errors carry no status of their own; this table is the only place one is chosen.
+EXIT_CODES: dict[type[KeywardError], int] = {
+    StaleTokenError: EXIT_FAILURE,  # a token that ran out is not bad input (a SecretError)
+    UsageError: EXIT_USAGE,
+    SecretError: EXIT_USAGE,
+    SecretsError: EXIT_USAGE,
+    SecretsUnresolved: EXIT_USAGE,
+    KeywardError: EXIT_FAILURE,
+}
 
 # Modules under gateway.cli, each defining register(subparsers). Order = order in --help.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -139,12 +160,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _reader_went_away()
     except KeywardError as e:
         _report(e, args.debug)
-        return e.exit_code
+        return exit_code(e)
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # an unexpected failure still gets one redacted line
         _report(e, args.debug, prefix="" if _engine_error(e) else "internal error: ")
         return EXIT_FAILURE
+
+
+def exit_code(exc: KeywardError) -> int:
+    """The exit status for `exc`: that of the nearest class in its MRO listed in EXIT_CODES."""
+    return next((EXIT_CODES[c] for c in type(exc).__mro__ if c in EXIT_CODES), EXIT_FAILURE)
 
 
 def _engine_error(e: Exception) -> bool:

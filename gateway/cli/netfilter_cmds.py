@@ -7,8 +7,9 @@ import json
 import sys
 from dataclasses import replace
 
-from gateway.cli.errors import EXIT_FAILURE, EXIT_OK, UsageError
+from gateway.cli.main import EXIT_FAILURE, EXIT_OK
 from gateway.cli.serve_cmds import add_port_options, ports_from_args, proxy_ids
+from gateway.errors import UsageError
 from gateway.netfilter.rules import FAMILIES, Family, PodPorts, render
 
 

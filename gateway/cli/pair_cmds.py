@@ -18,11 +18,12 @@ from gateway.cli.config_cmds import add_config_option, load_from_args
 from gateway.cli.console import console as make_console
 from gateway.cli.console import table as make_table
 from gateway.cli.engine_cmds import add_engine_socket_option
-from gateway.cli.errors import EXIT_OK, KeywardError, UsageError
+from gateway.cli.main import EXIT_OK
 from gateway.engine.client import EngineClient, ExecStream
 from gateway.engine.discovery import find_engine
 from gateway.engine.errors import EngineError, EngineUnavailable, NotFound
 from gateway.engine.stream import Stream
+from gateway.errors import KeywardError, UsageError
 
 T = TypeVar("T")
 

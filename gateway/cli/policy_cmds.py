@@ -15,8 +15,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from gateway.cli.config_cmds import add_config_option, load_from_args
-from gateway.cli.errors import UsageError
 from gateway.config.compile import build_policy
+from gateway.errors import UsageError
 from gateway.policy.addresses import REASON, parse_ip
 from gateway.policy.core import Decision, Plane, Policy, RequestFacts
 from gateway.policy.hosts import DEFAULT_PORTS, normalise_host

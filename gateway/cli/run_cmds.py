@@ -15,9 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gateway.cli.config_cmds import add_config_option, explained_secret_errors, load_from_args
-from gateway.cli.errors import UsageError
 from gateway.config.paths import state_dir
 from gateway.credentials.sources import secret_env_names, withdraw_env
+from gateway.errors import UsageError
 from gateway.planes.context import build_context
 from gateway.planes.embedded import EmbeddedGateway
 from gateway.planes.reload import Reloader

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 from gateway.cli.config_cmds import add_config_option, load_from_args
-from gateway.cli.errors import KeywardError, UsageError
 from gateway.config.paths import state_dir
+from gateway.errors import KeywardError, UsageError
 from gateway.netfilter.rules import PodPorts
 
 DEFAULT_PROXY_USER = "keyward"

@@ -15,8 +15,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from gateway.cli.errors import UsageError
 from gateway.config.model import Config
+from gateway.errors import ConfigError, UsageError
 from gateway.policy.hosts import parse_pattern
 from gateway.policy.templates import parse_template
 
@@ -37,19 +37,6 @@ class ConfigIssue:
     def __str__(self) -> str:
         key = f" {self.key}:" if self.key else ""
         return f"{self.file}:{self.line}:{key} {self.message}"
-
-
-class ConfigError(UsageError):
-    """Every problem in a config file, one per line."""
-
-    def __init__(self, issues: list[ConfigIssue]) -> None:
-        self.issues = issues
-        super().__init__("\n".join(str(i) for i in issues))
-
-    def __str__(self) -> str:
-        n = len(self.issues)
-        head = f"{n} error{'s' if n != 1 else ''} in config:\n" if n > 1 else ""
-        return head + "\n".join(str(i) for i in self.issues)
 
 
 @dataclass(slots=True)

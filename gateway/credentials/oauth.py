@@ -25,23 +25,15 @@ import aiohttp
 
 from gateway.config.paths import write_atomic
 from gateway.credentials.redact import global_redactor
-from gateway.credentials.store import OAuthCredentials, SecretStore, StaleTokenError
+from gateway.credentials.store import OAuthCredentials, SecretStore
+from gateway.errors import AddressRefused, TokenUnavailable
 from gateway.planes.http.resolver import Dial, DialResolver
-from gateway.policy.addresses import AddressRefused
 
 log = logging.getLogger("keyward.oauth")
 
 DEFAULT_EXPIRES_IN = 3600.0
 # An OAuth error code (RFC 6749 §5.2) is safe to repeat; anything else in a body is not.
 _ERROR_CODE = re.compile(r"^[a-z_]{1,64}$")
-
-
-class TokenUnavailable(StaleTokenError):
-    """No fresh access token could be minted. The message never holds a secret value."""
-
-    def __init__(self, name: str, reason: str) -> None:
-        self.reason = reason
-        super().__init__(name, "oauth", f"no fresh access token: {reason}")
 
 
 class TokenMinter:

@@ -19,9 +19,9 @@ import string
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from gateway.cli.errors import KeywardError
 from gateway.config.paths import write_atomic
 from gateway.credentials.secret import SecretValue
+from gateway.errors import PlaceholderError
 
 SEED_FILE = "placeholder.seed"
 SEED_SIZE = 32
@@ -58,10 +58,6 @@ _AKIA = re.compile(r"AKIA[A-Z0-9]{16}")
 # A generic value keeps a short lowercase vendor prefix such as "glpat-", "pk_live_", "hf_".
 _GENERIC_PREFIX = re.compile(r"(?:[a-z][a-z0-9]{1,5}[-_]){1,2}")
 _JWT_HEADER = {"alg": "HS256", "typ": "JWT"}
-
-
-class PlaceholderError(KeywardError):
-    """The placeholder seed is unusable, or no fake can be made for a value."""
 
 
 def install_seed(state_dir: Path, source: Path) -> None:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import hmac
 from typing import Any, NoReturn, final
 
-from gateway.cli.errors import EXIT_USAGE, KeywardError
-
 REDACTED_TEXT = "<redacted>"
 
 
@@ -69,17 +67,3 @@ class SecretValue:
 
     def __getstate__(self) -> NoReturn:
         raise TypeError("SecretValue cannot be pickled")
-
-
-class SecretError(KeywardError):
-    """One secret could not be loaded. The message names the secret and its source, never a
-    value (nor anything a command printed)."""
-
-    exit_code = EXIT_USAGE
-
-    def __init__(self, secret: str | None, source: str, problem: str) -> None:
-        self.secret = secret
-        self.source = source
-        self.problem = problem
-        where = f"{source} {problem}" if source else problem
-        super().__init__(f"secret {secret!r}: {where}" if secret is not None else where)

@@ -21,7 +21,6 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from gateway.cli.errors import EXIT_USAGE, KeywardError
 from gateway.config.loader import read_bounded
 from gateway.config.model import (
     CommandSource,
@@ -30,8 +29,9 @@ from gateway.config.model import (
     OAuthSource,
 )
 from gateway.credentials.redact import Redactor
-from gateway.credentials.secret import SecretError, SecretValue
+from gateway.credentials.secret import SecretValue
 from gateway.credentials.store import OAuthCredentials, SecretStore
+from gateway.errors import SecretError, SecretsError
 
 __all__ = [
     "SecretError",
@@ -48,16 +48,6 @@ AnySource = EnvSource | FileSource | CommandSource | OAuthSource
 
 _DOTENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 _DOTENV_ESCAPES = {"n": "\n", "r": "\r", "t": "\t", '"': '"', "\\": "\\", "$": "$"}
-
-
-class SecretsError(KeywardError):
-    """Every secret that failed to load, one line each."""
-
-    exit_code = EXIT_USAGE
-
-    def __init__(self, errors: list[SecretError]) -> None:
-        self.errors = list(errors)
-        super().__init__("\n".join(str(e) for e in self.errors))
 
 
 def read_dotenv(path: Path) -> dict[str, str]:

@@ -7,17 +7,10 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from gateway.cli.errors import EXIT_FAILURE
 from gateway.config.model import OAuthConfig
 from gateway.credentials.redact import Redactor, global_redactor
-from gateway.credentials.secret import SecretError, SecretValue
-
-
-class StaleTokenError(SecretError):
-    """An OAuth secret has no current access token (never minted, or expired). Raised instead of
-    injecting a stale token."""
-
-    exit_code = EXIT_FAILURE
+from gateway.credentials.secret import SecretValue
+from gateway.errors import StaleTokenError
 
 
 @dataclass(frozen=True, eq=False)

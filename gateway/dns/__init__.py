@@ -1,7 +1,8 @@
 """The DNS plane: a listener that answers only names the policy allows, and its resolver."""
 
-from gateway.dns.resolver import NameNotFound, NotSupported, ResolveError, Resolver
+from gateway.dns.resolver import Resolver
 from gateway.dns.server import AnswerLog, DnsListener, TokenBuckets
+from gateway.errors import NameNotFound, NotSupported, ResolveError
 
 __all__ = [
     "AnswerLog",

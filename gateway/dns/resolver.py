@@ -20,24 +20,13 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 
 from gateway.dns import wire
+from gateway.errors import NameNotFound, NotSupported, ResolveError
 from gateway.policy.hosts import is_ip, normalise_host, split_hostport
 
 ADDRESS_TYPES = {"A": socket.AF_INET, "AAAA": socket.AF_INET6}
 # getaddrinfo runs in asyncio's default thread pool, whose module is imported on first use: the
 # import above loads it at start-up, before the sidecar drops privileges (after that, a Python
 # installed where the proxy uid cannot read failed every system lookup).
-
-
-class ResolveError(Exception):
-    """The answer could not be found out (upstream failed or timed out): SERVFAIL."""
-
-
-class NameNotFound(ResolveError):
-    """The name does not exist: NXDOMAIN."""
-
-
-class NotSupported(ResolveError):
-    """No configured source can answer this record type: NOTIMP."""
 
 
 _Value = list[str] | list[bytes]

@@ -22,7 +22,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from gateway.dns import wire
-from gateway.dns.resolver import NameNotFound, NotSupported, ResolveError, Resolver
+from gateway.dns.resolver import Resolver
+from gateway.errors import NameNotFound, NotSupported, ResolveError
 from gateway.policy.addresses import REASON as REFUSED_ADDRESS
 from gateway.policy.core import Policy, Verdict
 from gateway.policy.hosts import normalise_host

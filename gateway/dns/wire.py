@@ -15,6 +15,8 @@ import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from gateway.errors import WireError
+
 Labels = tuple[bytes, ...]
 
 HEADER = struct.Struct("!HHHHHH")
@@ -113,10 +115,6 @@ def type_code(name: str) -> int | None:
     if up.startswith("TYPE") and up[4:].isdigit() and 0 <= int(up[4:]) < 65536:
         return int(up[4:])
     return None
-
-
-class WireError(ValueError):
-    """A message that is not well-formed DNS."""
 
 
 @dataclass(frozen=True, slots=True)

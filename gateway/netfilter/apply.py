@@ -17,16 +17,12 @@ import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
 
-from gateway.cli.errors import KeywardError
+from gateway.errors import NetfilterError
 from gateway.netfilter.rules import CHAINS, FAMILIES, Table, parse, to_restore
 
 log = logging.getLogger("keyward.netfilter")
 
 TIMEOUT = 30.0
-
-
-class NetfilterError(KeywardError):
-    """iptables is missing, legacy, or refused the rules."""
 
 
 def _tool(family: int, suffix: str = "") -> str:

@@ -2,6 +2,7 @@
 up, checking and restarting it (`lifecycle`), attacking it from inside (`verify`), and host
 facts that break it silently (`hostnet`). The engine client itself is `gateway.engine`."""
 
+from gateway.errors import NameHeld, PairError
 from gateway.pair.lifecycle import (
     PairHealth,
     PairInfo,
@@ -21,8 +22,6 @@ from gateway.pair.spec import (
     GATEWAY_CAPS,
     LABEL_PAIR,
     LABEL_ROLE,
-    NameHeld,
-    PairError,
     PairNames,
     PairOptions,
 )

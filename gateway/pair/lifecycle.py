@@ -19,6 +19,7 @@ from gateway.credentials.store import SecretStore
 from gateway.engine.client import EngineClient, ExecStream, Stdin
 from gateway.engine.errors import Conflict, EngineError, NotFound
 from gateway.engine.stream import Stream
+from gateway.errors import NameHeld, PairError
 from gateway.pair.agent_trust import add_ca_to_system_bundles
 from gateway.pair.hostnet import forward_drop_problems
 from gateway.pair.spec import (
@@ -32,8 +33,6 @@ from gateway.pair.spec import (
     LABEL_ROLE,
     LABEL_UP,
     READY_TIMEOUT,
-    NameHeld,
-    PairError,
     PairNames,
     PairOptions,
     agent_config,

@@ -21,12 +21,12 @@ from typing import Any
 
 import yaml
 
-from gateway.cli.errors import KeywardError
 from gateway.config.loader import LoadedConfig, load_config
 from gateway.config.rewrite import shipped_config
 from gateway.credentials.sources import load_secrets
 from gateway.credentials.store import SecretStore
 from gateway.engine.client import parse_version, rootless_from_info
+from gateway.errors import KeywardError, PairError
 
 LABEL_PAIR = "keyward.pair"
 LABEL_ROLE = "keyward.role"
@@ -72,14 +72,6 @@ HOLDER_MEMORY = 32 * 1024 * 1024
 AGENT_START_WAITS = 300
 # `keyward exec` waits less: a user is watching.
 EXEC_WAITS = 50
-
-
-class PairError(KeywardError):
-    """The pair could not be brought up, found or inspected."""
-
-
-class NameHeld(PairError):
-    """A name the pair needs belongs to something else (another pair, or not a pair at all)."""
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,9 @@ import yaml
 
 from gateway.credentials.store import SecretStore
 from gateway.engine.client import EngineClient
+from gateway.errors import PairError
 from gateway.pair.lifecycle import exec_text
-from gateway.pair.spec import GW_CA_KEY, GW_CONFIG, GW_CONFIG_DIR, GW_STATE, PairError
+from gateway.pair.spec import GW_CA_KEY, GW_CONFIG, GW_CONFIG_DIR, GW_STATE
 from gateway.pod.contract import DEFAULT_PROBES, check_script, contract_spec, parse_results
 from gateway.tls.ca import CertificateAuthority
 

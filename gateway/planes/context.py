@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gateway.audit.writer import AuditRecord, AuditWriter, new_id
-from gateway.cli.errors import UsageError
 from gateway.config.compile import build_policy, parse_nameservers, parse_resolve
 from gateway.config.loader import LoadedConfig, writable_file_problem
 from gateway.credentials.placeholders import detect_format, load_seed, make_placeholder
@@ -21,8 +20,8 @@ from gateway.credentials.redact import Redactor
 from gateway.credentials.sources import load_secrets
 from gateway.credentials.store import SecretStore
 from gateway.dns.resolver import Resolver
+from gateway.errors import AddressRefused, UsageError
 from gateway.planes.resources import ConnectionLimiter
-from gateway.policy.addresses import AddressRefused
 from gateway.policy.core import Decision, Placeholder, Policy, RequestFacts
 from gateway.policy.hosts import is_ip, normalise_host
 from gateway.policy.refusal import RefusalMode

@@ -20,13 +20,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.cli.errors import KeywardError
 from gateway.config.compile import build_policy, parse_nameservers, parse_resolve
 from gateway.config.loader import LoadedConfig, load_config
 from gateway.credentials.placeholders import load_seed
 from gateway.credentials.sources import load_secrets, secret_files
 from gateway.credentials.store import SecretStore
 from gateway.dns.resolver import Resolver
+from gateway.errors import KeywardError
 from gateway.planes.context import GatewayContext, build_placeholders
 from gateway.policy.core import Placeholder, Policy
 

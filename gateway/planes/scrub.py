@@ -28,8 +28,9 @@ import brotli
 import zstandard
 
 from gateway.credentials.redact import REPLACEMENT_BYTES, Redactor, StreamScrubber
+from gateway.errors import UNSCRUBBABLE_ENCODING, ScrubError, UnscrubbableEncoding
 
-UNSCRUBBABLE = "unscrubbable-encoding"
+UNSCRUBBABLE = UNSCRUBBABLE_ENCODING
 DECODABLE = frozenset({"gzip", "x-gzip", "deflate", "br", "zstd", "identity"})
 MAX_CODINGS = 4  # stacked content codings accepted on one response
 PIECE = 256 * 1024  # largest piece of decoded output handed on at once
@@ -43,19 +44,6 @@ ENCODED_ONLY = ("content-encoding", "content-length", "content-md5", "digest", "
 # Request headers a credentialed request never carries: a reflection of the key could otherwise
 # be fetched in slices, each too short to recognise, and put together by the agent.
 RANGE_HEADERS = ("range", "if-range")
-
-
-class ScrubError(Exception):
-    """The body cannot be scrubbed past this point; `reason` goes into the audit record."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class UnscrubbableEncoding(ScrubError):
-    def __init__(self) -> None:
-        super().__init__(UNSCRUBBABLE)
 
 
 def standard_reason(status: int) -> str:

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway.cli.errors import KeywardError
 from gateway.config.loader import load_config
+from gateway.errors import KeywardError, NetnsError
 from gateway.netfilter.rules import PodPorts
 from gateway.pod.masking import MountPlan, Workspace, make_mask_sources, protected_paths
-from gateway.pod.netns import NetNamespace, NetnsError, VethLink, ip, setpriv_argv, unique_name
+from gateway.pod.netns import NetNamespace, VethLink, ip, setpriv_argv, unique_name
 from gateway.pod.privileges import blocked_ancestors
 from gateway.tls.trust import SYSTEM_BUNDLE_PATHS
 

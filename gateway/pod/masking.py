@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from gateway.errors import MaskError
+
 if TYPE_CHECKING:
     from gateway.config.loader import LoadedConfig
 
@@ -38,10 +40,6 @@ MASK_FLAGS = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
 SYS_OPEN_TREE, SYS_MOVE_MOUNT, SYS_MOUNT_SETATTR = 428, 429, 442
 AT_FDCWD, AT_EMPTY_PATH, AT_RECURSIVE = -100, 0x1000, 0x8000
 OPEN_TREE_CLONE, MOVE_MOUNT_F_EMPTY_PATH, MOUNT_ATTR_IDMAP = 0x1, 0x4, 0x00100000
-
-
-class MaskError(OSError):
-    """A mount step failed: the agent is not started."""
 
 
 @dataclass(frozen=True)

@@ -19,14 +19,12 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal
 
+from gateway.errors import NetnsError
+
 log = logging.getLogger("keyward.netns")
 
 PREFIX = "kw-"
 STOP_GRACE = 3.0
-
-
-class NetnsError(RuntimeError):
-    """An `ip` command failed; the message carries its stderr."""
 
 
 def unique_name(prefix: str = PREFIX) -> str:

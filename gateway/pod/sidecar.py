@@ -21,7 +21,6 @@ from typing import Any
 from aiohttp import web
 
 from gateway.audit.writer import AuditRecord
-from gateway.cli.errors import UsageError
 from gateway.config.compile import parse_nameservers
 from gateway.config.loader import LoadedConfig
 from gateway.credentials.oauth import TokenMinter
@@ -29,6 +28,7 @@ from gateway.credentials.placeholders import install_seed
 from gateway.credentials.sources import secret_env_names, secret_files, withdraw_env
 from gateway.dns.resolver import Resolver
 from gateway.dns.server import DnsListener
+from gateway.errors import UsageError
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import Metrics
 from gateway.netfilter.rules import PodPorts, render_all

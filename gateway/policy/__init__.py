@@ -1,6 +1,7 @@
 """Sans-IO egress policy: host matching, decisions and injection plans."""
 
-from gateway.policy.apply import NotAllowedError, apply_plan, swap_placeholders
+from gateway.errors import NotAllowedError
+from gateway.policy.apply import apply_plan, swap_placeholders
 from gateway.policy.core import (
     ConnectionDecision,
     Decision,

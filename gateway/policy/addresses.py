@@ -26,9 +26,11 @@ from __future__ import annotations
 import functools
 import ipaddress
 
+from gateway.errors import PRIVATE_ADDRESS
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-REASON = "private-address"
+REASON = PRIVATE_ADDRESS
 
 _V4: tuple[tuple[ipaddress.IPv4Network, str], ...] = tuple(
     (ipaddress.IPv4Network(net), cls)
@@ -133,16 +135,3 @@ def unwrap(ip: IPAddress) -> IPAddress:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     return ip
-
-
-class AddressRefused(Exception):
-    """A verified name resolved to (or a connection was headed for) a special address that no
-    rule allows it to reach. Carries what the audit record needs; never a secret."""
-
-    reason = REASON
-
-    def __init__(self, name: str, addr: str, category: str) -> None:
-        super().__init__(f"{name} -> {addr} is a {category} address")
-        self.name = name
-        self.addr = addr
-        self.category = category

@@ -6,13 +6,10 @@ import base64
 import re
 from collections.abc import Callable
 
+from gateway.errors import NotAllowedError
 from gateway.policy.core import Decision, Placeholder, basic_credentials
 
 Resolver = Callable[[str], str]
-
-
-class NotAllowedError(PermissionError):
-    """Raised when a plan is applied for a decision that denied the request."""
 
 
 def no_secret(name: str) -> str:

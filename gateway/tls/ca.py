@@ -27,8 +27,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from gateway.cli.errors import KeywardError
 from gateway.config.paths import write_atomic
+from gateway.errors import CAError
 
 if TYPE_CHECKING:
     from mitmproxy.certs import CertStore
@@ -48,10 +48,6 @@ SYSTEM_BUNDLES = (
     "/etc/ssl/ca-bundle.pem",  # openSUSE
     "/etc/ssl/cert.pem",  # macOS, Alpine, BSDs
 )
-
-
-class CAError(KeywardError):
-    """The CA files are unusable; the message says which file and what to do."""
 
 
 @contextlib.contextmanager

@@ -28,6 +28,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.config.model import LimitsConfig, ServiceConfig
+from gateway.errors import AddressRefused, ScrubError, UnscrubbableEncoding
 from gateway.planes.context import AUDIT_UNAVAILABLE, GatewayContext
 from gateway.planes.http.hop import strip_hop_by_hop
 from gateway.planes.http.resolver import DialResolver
@@ -42,13 +43,10 @@ from gateway.planes.resources import CONNECTION_LIMIT, HEADERS_TIMEOUT, MAX_WAIT
 from gateway.planes.scrub import (
     UNSCRUBBABLE,
     ScrubbedHead,
-    ScrubError,
-    UnscrubbableEncoding,
     scrub_head,
     standard_reason,
     upstream_request_headers,
 )
-from gateway.policy.addresses import AddressRefused
 from gateway.policy.apply import BodySwapper, apply_plan, no_secret, swap_in_target
 from gateway.policy.core import Decision, Plane, RequestFacts, Verdict
 from gateway.policy.hosts import is_ip, normalise_host, split_hostport

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from gateway.dns.resolver import ResolveError
+from gateway.errors import ResolveError
 
 # (verified host, port) -> the checked (address, port) pairs to connect to. Raises
 # AddressRefused for a private address no rule allows, ResolveError if nothing was found.

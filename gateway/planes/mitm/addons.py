@@ -19,7 +19,7 @@ from mitmproxy.flow import Error
 from mitmproxy.proxy import layer, layers, server_hooks
 from mitmproxy.proxy.layers.http import HTTPMode
 
-from gateway.dns.resolver import ResolveError
+from gateway.errors import AddressRefused, ResolveError, ScrubError, UnscrubbableEncoding
 from gateway.planes.context import AUDIT_UNAVAILABLE, GatewayContext
 from gateway.planes.mitm import trailers
 from gateway.planes.mitm.clients import ConnectionLimit, RequestHeadersTimeout
@@ -38,13 +38,10 @@ from gateway.planes.outbound import (
 from gateway.planes.scrub import (
     UNSCRUBBABLE,
     MessageScrubber,
-    ScrubError,
-    UnscrubbableEncoding,
     scrub_head,
     standard_reason,
     upstream_request_headers,
 )
-from gateway.policy.addresses import AddressRefused
 from gateway.policy.apply import (
     BodySwapper,
     apply_plan,
