@@ -32,6 +32,7 @@ from gateway.config.loader import load_config
 from gateway.credentials.sources import load_secrets
 from gateway.engine.client import EngineClient, ExecResult
 from gateway.engine.errors import EngineError, NotFound
+from gateway.pair.agent_trust import add_ca_to_system_bundles
 
 pytestmark = pytest.mark.engine
 
@@ -40,6 +41,7 @@ SOCKETS = {"podman": "/run/podman/podman.sock", "docker": "/run/docker.sock"}
 REAL_KEY = "sk-test-ENGINESECRET-0123456789abcdefXYZ"
 TEST_LABELS = {"keyward.test": "1"}
 UP_DIR = "/tmp/up"
+GO_MODE_SYMLINK = 1 << 27  # os.ModeSymlink in the engines' path stat
 T = TypeVar("T")
 
 CONFIG = """version: 1
@@ -358,6 +360,50 @@ def test_clients_reading_no_ca_variable_trust_the_gateway(world: EngineWorld) ->
     ca = world.run(lambda c: c.exec_run(world.gateway_id, ["cat", "/var/lib/keyward/trust/ca.crt"]))
     assert bundle.count(ca.stdout.strip()) == 1
     assert bundle.count(b"BEGIN CERTIFICATE") > 100  # the image's own roots are still there
+
+
+@pytest.mark.parametrize("kind", ["podman", "docker"])
+def test_system_bundle_links_are_followed_and_the_ca_added_once(kind: str) -> None:
+    """Bundle paths that are links (RHEL's ca-bundle.crt, Alpine's cert.pem) lead to the one
+    file, which gets the CA once, however often it is asked (a pair brought up again)."""
+    require_engine(kind)
+    ca = b"-----BEGIN CERTIFICATE-----\nTESTCA\n-----END CERTIFICATE-----\n"
+    links = {"etc/pki/tls/certs/ca-bundle.crt": "../../../ssl/certs/ca-certificates.crt",
+             "etc/ssl/cert.pem": "/etc/ssl/certs/ca-certificates.crt"}  # fmt: skip
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for d in ("etc/pki", "etc/pki/tls", "etc/pki/tls/certs"):
+            info = tarfile.TarInfo(d)
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            tf.addfile(info)
+        for name, target in links.items():
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            tf.addfile(info)
+    body = {"Image": pair.DEFAULT_AGENT_IMAGE, "Cmd": ["true"], "Labels": TEST_LABELS,
+            "HostConfig": {"NetworkMode": "none"}}  # fmt: skip
+
+    async def go() -> tuple[list[str], list[str], bytes, list[int]]:
+        async with EngineClient(SOCKETS[kind]) as c:
+            cid = await c.container_create(f"keyward-test-links-{secrets.token_hex(3)}", body)
+            try:
+                await c.put_archive(cid, "/", buf.getvalue())
+                first = await add_ca_to_system_bundles(c, cid, ca)
+                again = await add_ca_to_system_bundles(c, cid, ca)
+                raw = await c.get_archive(cid, "/etc/ssl/certs/ca-certificates.crt")
+                modes = [(await c.path_stat(cid, "/" + name))["mode"] for name in links]
+            finally:
+                await c.container_remove(cid, force=True)
+        with tarfile.open(fileobj=io.BytesIO(raw)) as tf:
+            member = tf.extractfile(tf.next())  # type: ignore[arg-type]
+            assert member is not None
+            return first, again, member.read(), modes
+
+    first, again, bundle, modes = asyncio.run(go())
+    assert all(mode & GO_MODE_SYMLINK for mode in modes)  # the links are still links
+    assert first == again == ["/etc/ssl/certs/ca-certificates.crt"]
+    assert bundle.count(ca) == 1 and bundle.endswith(ca)
+    assert bundle.count(b"BEGIN CERTIFICATE") > 100
 
 
 def test_allowed_host_without_injection_gets_nothing(world: EngineWorld) -> None:

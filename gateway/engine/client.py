@@ -698,9 +698,24 @@ class EngineClient:
             headers={"Content-Type": "application/x-tar"},
         )
 
+    async def path_stat(self, container: str, path: str) -> dict[str, Any]:
+        """`path`'s stat in the container (name, size, mode, linkTarget: the path a symlink
+        resolves to); NotFound when there is no such path."""
+        async with self._open(
+            "HEAD", f"/containers/{container}/archive", params={"path": path}
+        ) as resp:
+            raw = resp.headers.get("X-Docker-Container-Path-Stat", "")
+        try:
+            stat = json.loads(base64.b64decode(raw))
+        except ValueError:
+            stat = None
+        if not isinstance(stat, dict):
+            raise EngineError(resp.status, "no path stat in the answer", operation=f"HEAD {path}")
+        return stat
+
     async def get_archive(self, container: str, path: str) -> bytes:
-        """A tar of `path` in the container's filesystem (a symlink comes as the link itself);
-        NotFound when there is no such path. Works on created, not yet started containers."""
+        """A tar of `path` in the container's filesystem (a symlink: Docker sends the link,
+        Podman the file); NotFound when there is no such path. Works before the first start."""
         async with self._open(
             "GET", f"/containers/{container}/archive", params={"path": path}
         ) as resp:

@@ -17,8 +17,6 @@ from gateway.engine.client import EngineClient
 from gateway.engine.errors import NotFound
 from gateway.tls.trust import SYSTEM_BUNDLE_PATHS
 
-MAX_LINKS = 8  # symlink hops followed from a bundle path (RHEL's is a chain of links)
-
 
 @dataclass(frozen=True)
 class _File:
@@ -30,34 +28,30 @@ class _File:
 
 
 async def _read_file(client: EngineClient, container: str, path: str) -> _File | None:
-    """The regular file at `path`, following symlinks inside the container; None if absent."""
-    for _ in range(MAX_LINKS):
-        try:
-            raw = await client.get_archive(container, path)
-        except NotFound:
+    """The regular file `path` leads to (links resolved by the engine); None if absent."""
+    try:
+        path = (await client.path_stat(container, path)).get("linkTarget") or path
+        raw = await client.get_archive(container, path)
+    except NotFound:
+        return None
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tf:
+        member = tf.next()
+        body = tf.extractfile(member) if member is not None and member.isfile() else None
+        if member is None or body is None:
             return None
-        with tarfile.open(fileobj=io.BytesIO(raw)) as tf:
-            member = tf.next()
-            if member is None:
-                return None
-            if member.issym():
-                path = posixpath.normpath(posixpath.join(posixpath.dirname(path), member.linkname))
-                continue
-            if not member.isfile():
-                return None
-            body = tf.extractfile(member)
-            data = body.read() if body is not None else b""
-            return _File(path, data, member.mode, member.uid, member.gid)
-    return None
+        return _File(path, body.read(), member.mode, member.uid, member.gid)
 
 
 def _tar_of(f: _File) -> bytes:
+    """One-file tar that ends at its end-of-archive blocks: Podman 4.3 stops reading there and
+    fails the whole copy ("broken pipe") when the record padding after them is still coming."""
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
         info = tarfile.TarInfo(posixpath.basename(f.path))
         info.size, info.mode, info.uid, info.gid = len(f.data), f.mode, f.uid, f.gid
         tf.addfile(info, io.BytesIO(f.data))
-    return buf.getvalue()
+        end = tf.offset + 2 * tarfile.BLOCKSIZE
+    return buf.getvalue()[:end]
 
 
 def with_ca(bundle: bytes, ca_pem: bytes) -> bytes:
