@@ -3,7 +3,8 @@ only the placeholder key, the fake upstream receives the real one, and a streame
 reaches the SDK event by event.
 
 The SDKs cannot share the test environment (their httpx needs an h11 that mitmproxy 11 refuses),
-so they get their own venv, created once and kept in the pytest cache. Without it the tests skip,
+so they get their own venv, created once and kept under build/ (scripts/test runs pytest without
+its cache plugin). Without it the tests skip,
 or fail when CI=true."""
 
 from __future__ import annotations
@@ -59,14 +60,14 @@ def _unavailable(why: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def sdk_python(request: pytest.FixtureRequest) -> str:
-    """A Python with the openai and anthropic SDKs, in a venv kept in the pytest cache."""
-    venv = request.config.cache.mkdir("sdk-clients-venv")  # type: ignore[union-attr]
+def sdk_python() -> str:
+    """A Python with the openai and anthropic SDKs, in a venv kept under build/."""
+    venv = ROOT / "build" / "sdk-clients-venv"
     python = venv / "bin" / "python"
     probe = [str(python), "-c", "import " + ", ".join(SDKS)]
     if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
         return str(python)
-    shutil.rmtree(venv)
+    shutil.rmtree(venv, ignore_errors=True)
     steps = (
         [sys.executable, "-m", "venv", str(venv)],
         [str(python), "-m", "pip", "install", "--quiet", *SDKS],
