@@ -52,6 +52,29 @@ def die_with_parent(parent: int) -> Callable[[], None]:
     return setup
 
 
+async def wait_or_drain(
+    proc: asyncio.subprocess.Process,
+    gw: EmbeddedGateway,
+    stopping: asyncio.Event,
+    seconds: float,
+) -> int:
+    """CMD's exit status. On SIGTERM (CMD got it too) the gateway drains as `serve` does: it
+    stops accepting, lets requests and streams in flight finish for up to `seconds` while CMD
+    winds down, and cuts and audits what is left; a CMD still running then is killed (it has
+    no gateway any more)."""
+    exited = asyncio.ensure_future(proc.wait())
+    stop = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait({exited, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if not exited.done():
+            await asyncio.gather(gw.drain(seconds), asyncio.wait({exited}, timeout=seconds))
+            if proc.returncode is None:
+                proc.kill()
+        return await exited
+    finally:
+        stop.cancel()
+
+
 async def run_command(args: argparse.Namespace) -> int:
     make_undumpable()  # before any secret is read: the child is of our uid
     loaded = load_from_args(args)
@@ -84,10 +107,17 @@ async def run_command(args: argparse.Namespace) -> int:
         except FileNotFoundError:
             raise UsageError(f"command not found: {args.cmd[0]}") from None
         loop = asyncio.get_running_loop()
+        stopping = asyncio.Event()
+
+        def forward(sig: signal.Signals) -> None:
+            proc.send_signal(sig)
+            if sig == signal.SIGTERM:  # not SIGINT: Ctrl-C may only interrupt an agent's turn
+                stopping.set()
+
         for sig in FORWARDED_SIGNALS:
-            loop.add_signal_handler(sig, proc.send_signal, sig)
+            loop.add_signal_handler(sig, forward, sig)
         try:
-            code = await proc.wait()
+            code = await wait_or_drain(proc, gw, stopping, args.drain)
         finally:
             for sig in FORWARDED_SIGNALS:
                 loop.remove_signal_handler(sig)
@@ -200,6 +230,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         " only for this run",
     )
     p.add_argument("--agent", default="agent", help="agent name written to audit records")
+    p.add_argument(
+        "--drain",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="on SIGTERM: seconds CMD's requests and streams in flight may take to finish"
+        " (then they are cut and CMD is killed)",
+    )
     p.add_argument(
         "--isolate",
         action="store_true",

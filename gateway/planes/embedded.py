@@ -10,6 +10,7 @@ from pathlib import Path
 
 from gateway.credentials.oauth import TokenMinter
 from gateway.planes.context import GatewayContext, freeze_startup_heap
+from gateway.planes.drain import drain_planes
 from gateway.planes.http.proxy import HttpPlane
 from gateway.planes.mitm.master import MitmPlane, start_mitm
 from gateway.tls.ca import write_bundle
@@ -32,6 +33,10 @@ class EmbeddedGateway:
         self.http = HttpPlane(self.ctx)
         self.service_ports = await self.http.start(host)
         freeze_startup_heap()
+
+    async def drain(self, seconds: float) -> None:
+        """Stop accepting; in-flight requests and streams get up to `seconds` (as `serve`)."""
+        await drain_planes(seconds, self.mitm, self.http)
 
     async def close(self) -> None:
         if self.mitm is not None:

@@ -33,6 +33,7 @@ from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import Metrics
 from gateway.netfilter.rules import PodPorts, render_all
 from gateway.planes.context import GatewayContext, build_context, freeze_startup_heap
+from gateway.planes.drain import drain_planes
 from gateway.planes.http.proxy import HttpPlane
 from gateway.planes.mitm.master import MitmPlane, start_mitm
 from gateway.planes.reload import Reloader
@@ -294,9 +295,7 @@ class Sidecar:
         for task in list(self._tasks):
             task.cancel()
         # stop accepting; in-flight requests and streams on both planes get up to --drain
-        drains = [p.drain(self.opts.drain_seconds) for p in (self.mitm, self.http) if p]
-        with contextlib.suppress(Exception):
-            await asyncio.gather(*drains)
+        await drain_planes(self.opts.drain_seconds, self.mitm, self.http)
         if self.opts.ready_file is not None:
             with contextlib.suppress(OSError):
                 self.opts.ready_file.unlink()
