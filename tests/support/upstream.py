@@ -146,9 +146,17 @@ def make_app(seen: Seen) -> web.Application:
         return web.Response(status=204, headers={"X-Empty": "1"})
 
     async def hang(request: web.Request) -> web.Response:
-        """Answers only after a minute: far past any timeout a test sets, however loaded."""
+        """Answers only after a minute (far past any timeout a test sets, however loaded), or
+        with `?gate=NAME` once the test releases NAME."""
         await record(request)
-        await asyncio.sleep(60)
+        gate = request.query.get("gate")
+        if gate is None:
+            await asyncio.sleep(60)
+        else:
+            try:
+                await asyncio.wait_for(seen.gate(gate).get(), GATE_BOUND)
+            except TimeoutError:
+                seen.stalled_gates.append(gate)
         return web.Response(text="late")
 
     async def stall(request: web.Request) -> web.StreamResponse:
