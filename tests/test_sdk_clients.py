@@ -1,15 +1,16 @@
 """The real openai and anthropic SDKs as an agent runs them, under `keyward run`: the SDK holds
 only the placeholder key, the fake upstream receives the real one, and a streamed (SSE) answer
-reaches the SDK event by event.
+reaches the SDK event by event. Python, and Node when node and npm are installed.
 
-The SDKs cannot share the test environment (their httpx needs an h11 that mitmproxy 11 refuses),
-so they get their own venv, created once and kept under build/ (scripts/test runs pytest without
-its cache plugin). Without it the tests skip,
-or fail when CI=true."""
+The Python SDKs cannot share the test environment (their httpx needs an h11 that mitmproxy 11
+refuses), so they get their own venv; the Node SDKs their own node_modules; both are made once
+and kept under build/ (scripts/test runs pytest without its cache plugin). When they cannot be
+made the tests skip, or fail when CI=true."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import subprocess
@@ -59,6 +60,16 @@ def _unavailable(why: str) -> None:
     pytest.skip(why)
 
 
+def _make(steps: list[list[str]], cwd: Path | None = None) -> None:
+    for argv in steps:
+        try:
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=900, cwd=cwd)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            _unavailable(f"{argv[:4]}: {e}")
+        if r.returncode != 0:
+            _unavailable(f"{argv[:4]} exited {r.returncode}: {r.stderr[-1500:]}")
+
+
 @pytest.fixture(scope="session")
 def sdk_python() -> str:
     """A Python with the openai and anthropic SDKs, in a venv kept under build/."""
@@ -68,19 +79,36 @@ def sdk_python() -> str:
     if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
         return str(python)
     shutil.rmtree(venv, ignore_errors=True)
-    steps = (
-        [sys.executable, "-m", "venv", str(venv)],
-        [str(python), "-m", "pip", "install", "--quiet", *SDKS],
-        probe,
+    _make(
+        [
+            [sys.executable, "-m", "venv", str(venv)],
+            [str(python), "-m", "pip", "install", "--quiet", *SDKS],
+            probe,
+        ]
     )
-    for argv in steps:
-        try:
-            r = subprocess.run(argv, capture_output=True, text=True, timeout=900)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            _unavailable(f"{argv[1:4]}: {e}")
-        if r.returncode != 0:
-            _unavailable(f"{argv[1:4]} exited {r.returncode}: {r.stderr[-1500:]}")
     return str(python)
+
+
+# undici: its EnvHttpProxyAgent is how a Node older than 22.21 / 24.5 (whose fetch ignores
+# HTTPS_PROXY) sends these SDKs through a proxy; newer Nodes would not need it.
+NODE_PACKAGES = {"openai": "openai", "anthropic": "@anthropic-ai/sdk", "undici": "undici"}
+
+
+@pytest.fixture(scope="session")
+def node_modules() -> Path:
+    """A directory whose node_modules has the openai and anthropic SDKs (and undici)."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        pytest.skip("node and npm are not installed")
+    where = ROOT / "build" / "sdk-clients-node"
+    where.mkdir(parents=True, exist_ok=True)
+    probe = [node, "-e", "".join(f"require({p!r});" for p in NODE_PACKAGES.values())]
+    if subprocess.run(probe, capture_output=True, cwd=where).returncode == 0:
+        return where
+    (where / "package.json").write_text('{"private": true}\n')
+    install = [npm, "install", "--no-audit", "--no-fund", "--no-save", *NODE_PACKAGES.values()]
+    _make([install, probe], cwd=where)
+    return where
 
 
 class SdkWorld:
@@ -158,15 +186,20 @@ PATHS = {"openai": "/v1/chat/completions", "anthropic": "/v1/messages"}
 async def test_sdk_holds_placeholder_upstream_gets_key_stream_flows(
     world: SdkWorld, sdk_python: str, sdk: str
 ) -> None:
-    real = {"openai": OPENAI_KEY, "anthropic": ANTHROPIC_KEY}[sdk]
     script = textwrap.dedent(RELEASE + SCRIPTS[sdk])
     code, out, err = await world.run(sdk_python, "-c", script)
     assert code == 0, f"stdout: {out[-2000:]}\nstderr: {err[-4000:]}"
+    _check(world, sdk, out, err, [repr(model_api.FIRST), repr(model_api.SECOND)])
+
+
+def _check(world: SdkWorld, sdk: str, out: str, err: str, deltas: list[str]) -> None:
+    """The SDK printed the placeholder it holds, the plain answer, then `deltas` one a line."""
+    real = {"openai": OPENAI_KEY, "anthropic": ANTHROPIC_KEY}[sdk]
     held, plain, *streamed = out.splitlines()
     assert held and held != real  # the SDK only ever had the placeholder
     assert real not in out + err
     assert plain == model_api.FIRST + model_api.SECOND
-    assert streamed == [repr(model_api.FIRST), repr(model_api.SECOND)]
+    assert streamed == deltas
     hits = world.seen(PATHS[sdk])
     assert len(hits) == 2
     for hit in hits:
@@ -179,3 +212,59 @@ async def test_sdk_holds_placeholder_upstream_gets_key_stream_flows(
         assert held not in str(headers)
     assert len(world.seen("/release?gate=model")) == 1
     assert world.upstream.seen.stalled_gates == []
+
+
+NODE_PRELUDE = """
+const undici = require("undici");
+undici.setGlobalDispatcher(new undici.EnvHttpProxyAgent());
+const opts = { maxRetries: 0, timeout: 120000, fetch: undici.fetch };
+async function release() {
+  await (await undici.fetch("https://api.openai.test/release?gate=model")).text();
+}
+const msgs = [{ role: "user", content: "hi" }];
+"""
+NODE_SCRIPTS = {
+    "openai": """
+const OpenAI = require("openai").default;
+(async () => {
+  const client = new OpenAI({ ...opts, baseURL: "https://api.openai.test/v1" });
+  console.log(process.env.OPENAI_API_KEY);
+  const plain = await client.chat.completions.create({ model: "gpt-test", messages: msgs });
+  console.log(plain.choices[0].message.content);
+  const stream = await client.chat.completions.create({ model: "gpt-test", messages: msgs, stream: true });
+  let n = 0;
+  for await (const chunk of stream) {
+    const text = chunk.choices[0] && chunk.choices[0].delta.content;
+    if (!text) continue;
+    console.log(JSON.stringify(text));
+    if (n++ === 0) await release();
+  }
+})().catch((e) => { console.error(e); process.exit(1); });
+""",
+    "anthropic": """
+const Anthropic = require("@anthropic-ai/sdk").default;
+(async () => {
+  const client = new Anthropic({ ...opts, baseURL: "https://api.anthropic.test" });
+  console.log(process.env.ANTHROPIC_API_KEY);
+  const req = { model: "claude-test", max_tokens: 8, messages: msgs };
+  console.log((await client.messages.create(req)).content[0].text);
+  let n = 0;
+  for await (const ev of client.messages.stream(req)) {
+    if (ev.type !== "content_block_delta") continue;
+    console.log(JSON.stringify(ev.delta.text));
+    if (n++ === 0) await release();
+  }
+})().catch((e) => { console.error(e); process.exit(1); });
+""",
+}
+
+
+@pytest.mark.parametrize("sdk", SDKS)
+async def test_node_sdk_holds_placeholder_upstream_gets_key_stream_flows(
+    world: SdkWorld, node_modules: Path, sdk: str
+) -> None:
+    script = node_modules / f"{sdk}-client.js"
+    script.write_text(NODE_PRELUDE + NODE_SCRIPTS[sdk])
+    code, out, err = await world.run("node", str(script))
+    assert code == 0, f"stdout: {out[-2000:]}\nstderr: {err[-4000:]}"
+    _check(world, sdk, out, err, [json.dumps(model_api.FIRST), json.dumps(model_api.SECOND)])
