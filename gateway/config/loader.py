@@ -200,7 +200,8 @@ def parse_config_text(text: str, file: str) -> LoadedConfig:
             )
     issues.extend(_cross_check(data, file, walker.lines))
     if issues or config is None:
-        raise ConfigError(sorted(issues, key=lambda i: i.line))
+        issues.sort(key=lambda i: i.line)
+        raise ConfigError(issues)
     digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:12]
     return LoadedConfig(config, Path(file), walker.lines, digest)
 

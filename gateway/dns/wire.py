@@ -15,7 +15,7 @@ import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from gateway.errors import WireError
+from gateway.errors import WireError as WireError  # callers catch it as wire.WireError
 
 Labels = tuple[bytes, ...]
 
