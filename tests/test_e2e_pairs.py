@@ -477,6 +477,19 @@ def test_workspace_files_stay_owned_by_the_invoking_user(world: World, tmp_path:
     assert world.cli("down", "--name", name).returncode == 0
 
 
+def test_read_only_agent_is_told_its_system_bundle_stays_the_images(world: World) -> None:
+    """Neither engine writes into a read-only root filesystem, so `up` says that only the CA
+    variables carry the trust there, and the agent still starts."""
+    name = world.new_name("ro")
+    r = world.cli_up(name, "--agent-read-only")
+    assert r.returncode == 0, r.stderr
+    assert "system CA bundle stays the image's" in " ".join(r.stderr.split())
+    ex = world.cli("exec", "--name", name, "--", "sh", "-c", "echo $SSL_CERT_FILE")
+    assert ex.returncode == 0, ex.stderr
+    assert ex.stdout.strip() == "/etc/keyward/ca-bundle.crt"
+    assert world.cli("down", "--name", name).returncode == 0
+
+
 # -- 7. the host gateway -----------------------------------------------------------------------
 
 

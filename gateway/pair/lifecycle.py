@@ -264,6 +264,9 @@ async def _create_container(
     return cid
 
 
+ENV_TRUST_ONLY = "only clients that read SSL_CERT_FILE and the like trust the gateway"
+
+
 async def up(
     client: EngineClient,
     loaded: LoadedConfig,
@@ -319,12 +322,18 @@ async def up(
         agent = await _create_container(
             client, names.agent, agent_config(opts, holder, trust, kind), opts, made
         )
-        ca_pem = (await exec_text(client, gw, ["cat", f"{GW_TRUST}/ca.crt"])).encode()
-        try:
-            await add_ca_to_system_bundles(client, agent, ca_pem)
-        except EngineError as e:  # e.g. Docker writes nothing into a read-only root filesystem
-            warnings.append(f"the agent's system CA bundle was left as is ({e}): only clients "
-                            "that read SSL_CERT_FILE and the like trust the gateway")  # fmt: skip
+        if opts.agent_read_only:  # neither engine writes into a read-only root filesystem
+            warnings.append(
+                f"read-only agent: its system CA bundle stays the image's; {ENV_TRUST_ONLY}"
+            )
+        else:
+            ca_pem = (await exec_text(client, gw, ["cat", f"{GW_TRUST}/ca.crt"])).encode()
+            try:
+                await add_ca_to_system_bundles(client, agent, ca_pem)
+            except EngineError as e:
+                warnings.append(
+                    f"the agent's system CA bundle was not written ({e}); {ENV_TRUST_ONLY}"
+                )
         await client.container_start(agent)
     except BaseException:
         with contextlib.suppress(Exception):
