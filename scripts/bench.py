@@ -49,8 +49,11 @@ JSON keys (stable; every number is > 0 unless marked "may be <= 0"):
 - `startup`: {median_s, min_s, max_s, runs}: `keyward run -c F -- curl` from exec to the end
   of the first proxied request.
 - `wrk`: null, or {direct|service: {rps_c1, rps_c16, rps_c64}} measured with wrk (one thread).
-- `compare`: absent, or {tree, and per plane service|mitm: {rps_c1, rps_c64, p50_ms: {before,
-  after, ratio (after / before)}}, startup_s: {before, after, ratio}} (medians, interleaved).
+- `compare`: absent, or {tree, and per plane service|mitm: {rps_c1, rps_c64, p50_ms,
+  down_mb_s, down_cpu_s_per_gib (a `bigbody`-sized download; the gateway process's CPU
+  seconds per GiB, in clock ticks: may be 0 with --tiny bodies, and its ratio then 0):
+  {before, after, ratio (after / before)}}, startup_s: {before, after, ratio}} (medians,
+  interleaved).
 """
 
 from __future__ import annotations
@@ -219,6 +222,12 @@ def peak_rss_reset(pid: int) -> bool:
         return True
     except OSError:
         return False
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (its threads included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def proc_status_mb(pid: int, field: str) -> float:
@@ -592,6 +601,18 @@ def measure_compare(world: World, prof: Profile, tree: Path) -> dict[str, Any]:
                         args += ["--duration", str(prof.rps_seconds)]
                         res = world.loadgen("rps", args, prof.rps_seconds + 60)
                         runs.setdefault((which, plane, c), []).append(res)
+        budget = prof.body_bytes / 5e6 + 60
+        for _ in range(prof.compare_rounds):
+            for which, gw in gateways.items():
+                for plane in ("service", "mitm"):
+                    cpu = cpu_seconds(int(gw["pid"]))
+                    args = [*world.target(plane, gateway=gw), "--direction", "down"]
+                    args += ["--duration", f"{budget}", "--size", str(prof.body_bytes)]
+                    res = world.loadgen("body", args, budget)
+                    res["cpu_s_per_gib"] = (cpu_seconds(int(gw["pid"])) - cpu) / (
+                        prof.body_bytes / (1 << 30)
+                    )
+                    runs.setdefault((which, plane, 0), []).append(res)
         for _ in range(prof.compare_rounds):
             for which, root in (("before", tree), ("after", ROOT)):
                 one = replace(prof, startup_runs=1)
@@ -600,7 +621,11 @@ def measure_compare(world: World, prof: Profile, tree: Path) -> dict[str, Any]:
         world.procs.stop(proc)
 
     def pair(before: float, after: float) -> dict[str, float]:
-        return {"before": before, "after": after, "ratio": round(after / before, 3)}
+        return {
+            "before": before,
+            "after": after,
+            "ratio": round(after / before, 3) if before else 0,
+        }
 
     out: dict[str, Any] = {"tree": str(tree)}
     for plane in ("service", "mitm"):
@@ -610,6 +635,9 @@ def measure_compare(world: World, prof: Profile, tree: Path) -> dict[str, Any]:
             fig[f"rps_c{c}"] = pair(b, a)
         b, a = (med([r["p50_ms"] for r in runs[(w, plane, 1)]]) for w in ("before", "after"))
         fig["p50_ms"] = pair(b, a)
+        for key in ("mb_s", "cpu_s_per_gib"):
+            b, a = (med([r[key] for r in runs[(w, plane, 0)]]) for w in ("before", "after"))
+            fig[f"down_{key}"] = pair(b, a)
         out[plane] = fig
     out["startup_s"] = pair(med(starts["before"]), med(starts["after"]))
     return out
@@ -622,7 +650,13 @@ def render_compare(cmp: dict[str, Any]) -> None:
     rows = [
         (f"{plane} {label}", cmp[plane][key])
         for plane in ("service", "mitm")
-        for key, label in (("rps_c1", "rps c=1"), ("rps_c64", "rps c=64"), ("p50_ms", "p50 ms"))
+        for key, label in (
+            ("rps_c1", "rps c=1"),
+            ("rps_c64", "rps c=64"),
+            ("p50_ms", "p50 ms"),
+            ("down_mb_s", "download MB/s"),
+            ("down_cpu_s_per_gib", "download gateway CPU s/GiB"),
+        )
     ]
     rows.append(("keyward run -> first request, s", cmp["startup_s"]))
     for label, f in rows:

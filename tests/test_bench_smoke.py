@@ -98,8 +98,9 @@ def test_bench_tiny_writes_every_key(tmp_path: Path) -> None:
     cmp = data["compare"]
     assert Path(cmp["tree"]) == ROOT.resolve()
     for plane in ("service", "mitm"):
-        for key in ("rps_c1", "rps_c64", "p50_ms"):
+        for key in ("rps_c1", "rps_c64", "p50_ms", "down_mb_s"):
             positive(cmp[plane][key], ("before", "after", "ratio"), f"compare.{plane}.{key}")
+        assert all(v >= 0 for v in cmp[plane]["down_cpu_s_per_gib"].values())
     positive(cmp["startup_s"], ("before", "after", "ratio"), "compare.startup_s")
     if data["wrk"] is not None:
         for plane in ("direct", "service"):

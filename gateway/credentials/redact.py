@@ -141,9 +141,39 @@ class _Pass:
     # A buffer this does not find holds no match of the pass (for escaped spellings: one of
     # the escapes a value can be written with; random binary data almost never has one).
     needs: re.Pattern[bytes] | None = None
+    # The literal forms that hold no other form: a buffer holding none of them holds no match
+    # of the fixed pass, and `in` skips through bytes many times faster than the regex scans.
+    anchors: tuple[bytes, ...] = ()
+    # Anchors with a zero byte (UTF-16 forms): `in` crawls through zero-heavy data for them, so
+    # there their every other byte is looked for first, in every other byte of the data.
+    zero_anchors: tuple[bytes, ...] = ()
 
     def applies(self, data: bytes) -> bool:
-        return bool(data) and (self.needs is None or self.needs.search(data) is not None)
+        if not data:
+            return False
+        if self.anchors or self.zero_anchors:
+            if any(a in data for a in self.anchors):
+                return True
+            if not self.zero_anchors:
+                return False
+            if data.count(0, 0, 1024) < 128:  # few zero bytes: `in` is fast enough
+                return any(a in data for a in self.zero_anchors)
+            halves = (data[0::2], data[1::2])
+            return any(
+                (a[0::2] in halves[0] or a[0::2] in halves[1]) and a in data
+                for a in self.zero_anchors
+            )
+        return self.needs is None or self.needs.search(data) is not None
+
+    def window(self, data: bytes) -> tuple[int, int]:
+        """Where in `data` a match can lie. An escaped spelling holds a backslash (its literal
+        spelling is the fixed pass's), so its matches lie within `max_len` of one."""
+        if self.needs is None:
+            return 0, len(data)
+        first, last = data.find(b"\\"), data.rfind(b"\\")
+        if first < 0:
+            return 0, 0
+        return max(0, first - self.max_len), min(len(data), last + self.max_len + 1)
 
     def pending(self, buf: bytes, start: int) -> int:
         """The first position at or after `start` where the rest of `buf` is a proper prefix of
@@ -185,15 +215,38 @@ def _first_class(firsts: Iterable[int]) -> re.Pattern[bytes]:
     return re.compile(b"[" + b"".join(re.escape(bytes([b])) for b in sorted(firsts)) + b"]")
 
 
+def _escape_trigger(values: Iterable[str]) -> str:
+    """Regex source for an escape of a character some value holds (a `\\uXXXX` in either hex
+    case, or a short escape): a spelling with escapes holds at least one, so text without any
+    (a body whose only escapes are of other characters, say) skips the escaped pass."""
+    alts = set()
+    for ch in {c for v in values for c in v}:
+        for esc in _escapes(ch):
+            alts.add("".join(f"[{c}{c.upper()}]" if c in "abcdef" else re.escape(c) for c in esc))
+    return "|".join(sorted(alts))
+
+
+def _anchors(forms: Iterable[bytes]) -> tuple[bytes, ...]:
+    """The forms that contain no other form (every form contains one of them)."""
+    out: list[bytes] = []
+    for f in sorted(forms, key=len):
+        if not any(a in f for a in out):
+            out.append(f)
+    return tuple(sorted(out, key=len, reverse=True))
+
+
 def _build(values: frozenset[str]) -> _State:
     forms: set[str] = set()
     raw_forms: set[bytes] = set()
     escaped_sources: list[str] = []
     escaped: dict[int, list[_Units]] = {}
     escaped_len = 0
+    anchor_set: set[bytes] = set()
     for v in values:
         forms |= derived_forms(v)
-        raw_forms |= derived_bytes(v)
+        own = derived_bytes(v)
+        raw_forms |= own
+        anchor_set.update(_anchors(own))  # per value: linear in the number of values
         pattern = _escaped_pattern(v)
         if pattern is None:
             continue
@@ -209,19 +262,21 @@ def _build(values: frozenset[str]) -> _State:
     literals: dict[int, list[bytes]] = {}
     for f in encoded:
         literals.setdefault(f[0], []).append(f)
+    anchors = sorted(anchor_set, key=len, reverse=True)
     fixed = _Pass(
         bytes_re=re.compile(b"|".join(re.escape(f) for f in encoded)),
         max_len=len(encoded[0]),
         first_re=_first_class(literals),
         literals={k: tuple(v) for k, v in literals.items()},
+        anchors=tuple(a for a in anchors if 0 not in a),
+        zero_anchors=tuple(a for a in anchors if 0 in a),
     )
     text_res = [re.compile("|".join(re.escape(f) for f in ordered))]
     passes = [fixed]
     text_needs = None
     if escaped_sources:
         text_res.append(re.compile("|".join(escaped_sources)))
-        shorts = sorted({_JSON_SHORT[c][1] for v in values for c in v if c in _JSON_SHORT})
-        trigger = "\\\\(?:u[0-9a-fA-F]{4}" + "".join("|" + re.escape(c) for c in shorts) + ")"
+        trigger = _escape_trigger(values)
         text_needs = re.compile(trigger)
         passes.append(
             _Pass(
@@ -328,7 +383,8 @@ def _scrub_step(p: _Pass, held: bytes, chunk: bytes) -> tuple[bytes, bytes]:
         return buf[:hold], buf[hold:]  # no match possible; only a start may be pending
     pieces: list[bytes] = []
     pos = 0
-    for m in p.bytes_re.finditer(buf, 0, n):
+    lo, hi = p.window(buf)
+    for m in p.bytes_re.finditer(buf, lo, hi):
         if m.start() >= hold:
             break
         pieces.append(buf[pos : m.start()])
