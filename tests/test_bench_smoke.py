@@ -45,6 +45,7 @@ def finite(section: dict[str, object], keys: tuple[str, ...], where: str) -> Non
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and pins cores")
 @pytest.mark.skipif(shutil.which("curl") is None, reason="the start-up figure runs curl")
+@pytest.mark.slow
 def test_bench_tiny_writes_every_key(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     env = {k: v for k, v in os.environ.items() if "PROXY" not in k.upper()}

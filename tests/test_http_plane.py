@@ -261,6 +261,7 @@ def _rss_kb(field_name: str) -> int:
     raise AssertionError(f"{field_name} not in /proc/self/status")
 
 
+@pytest.mark.slow
 async def test_200mb_each_way_with_bounded_memory(env: Env) -> None:
     size = 200 * MB
     with contextlib.suppress(OSError):  # reset the peak-RSS mark: measure this test only

@@ -60,6 +60,7 @@ def test_readme_commands_readable_as_written() -> None:
     assert any(c.startswith("keyward run -- ") for c in cmds)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_readme_first_commands_work_on_a_fresh_clone(tmp_path: Path) -> None:
     repo = fresh_copy(tmp_path / "keyward")

@@ -187,6 +187,7 @@ async def test_sse_events_arrive_one_by_one(world: World) -> None:
     assert json.loads(out) == [f"data: event {i}" for i in range(5)]
 
 
+@pytest.mark.slow
 async def test_big_bodies_stream_with_bounded_memory(world: World) -> None:
     size = 200 * 1024 * 1024
     code, out, err = await run(

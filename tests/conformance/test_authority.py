@@ -9,6 +9,9 @@ from tests.conformance.wire import Outcome, explicit, ids, pod, pod_ids
 
 __all__ = ["explicit", "pod"]
 
+# the explicit and pod outcomes run every wire attack once per module: minutes of set-up
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize("attack", ids("authority"))
 def test_explicit(explicit: Outcome, attack: str) -> None:

@@ -28,6 +28,9 @@ import pytest
 from gateway.audit.writer import redact_query
 from tests.support.world import REAL_KEY, make_world
 
+# every case runs once per plane and mode in module fixtures: minutes of set-up
+pytestmark = pytest.mark.slow
+
 CLIENT = Path(__file__).with_name("attack_client.py")
 HOST = "api.example.test"
 RULES = '["DELETE /repos/**", "PUT /repos/*/*/collaborators/**", "GET /secret/**"]'
