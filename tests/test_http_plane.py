@@ -22,7 +22,7 @@ from gateway.credentials.oauth import TokenMinter
 from gateway.errors import AddressRefused
 from gateway.planes.context import GatewayContext, build_context
 from gateway.planes.http.proxy import HttpPlane
-from gateway.planes.http.resolver import DialResolver
+from gateway.upstream.connector import DialResolver
 from tests.support.pki import TestCA, make_ca
 from tests.support.upstream import GATE_BOUND, Upstream
 from tests.support.wait import async_wait_until

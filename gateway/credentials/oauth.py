@@ -27,7 +27,7 @@ from gateway.config.paths import write_atomic
 from gateway.credentials.redact import global_redactor
 from gateway.credentials.store import OAuthCredentials, SecretStore
 from gateway.errors import AddressRefused, TokenUnavailable
-from gateway.planes.http.resolver import Dial, DialResolver
+from gateway.upstream.connector import Dial, make_connector
 
 log = logging.getLogger("keyward.oauth")
 
@@ -144,11 +144,10 @@ class TokenMinter:
     # -- the token request ---------------------------------------------------------------
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            resolver = DialResolver(self.dial) if self.dial is not None else None
             ssl_context = self.ssl_context
             if callable(ssl_context):
                 ssl_context = ssl_context()
-            connector = aiohttp.TCPConnector(ssl=ssl_context, resolver=resolver, limit=16)
+            connector = make_connector(self.dial, ssl_context, limit=16)
             self._session = aiohttp.ClientSession(
                 connector=connector,
                 timeout=aiohttp.ClientTimeout(total=self.timeout),

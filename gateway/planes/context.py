@@ -13,19 +13,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gateway.audit.writer import AuditRecord, AuditWriter, new_id
-from gateway.config.compile import build_policy, parse_nameservers, parse_resolve
+from gateway.config.compile import build_policy
 from gateway.config.loader import LoadedConfig, writable_file_problem
 from gateway.credentials.placeholders import detect_format, load_seed, make_placeholder
 from gateway.credentials.redact import Redactor
 from gateway.credentials.sources import load_secrets
 from gateway.credentials.store import SecretStore
-from gateway.dns.resolver import Resolver
-from gateway.errors import AddressRefused, UsageError
+from gateway.errors import UsageError
 from gateway.planes.resources import ConnectionLimiter
 from gateway.policy.core import Decision, Placeholder, Policy, RequestFacts
-from gateway.policy.hosts import is_ip, normalise_host
 from gateway.policy.refusal import RefusalMode
-from gateway.tls.ca import CertificateAuthority, system_roots_path
+from gateway.tls.ca import CertificateAuthority
+from gateway.upstream.routes import Routes
+from gateway.upstream.tls import UpstreamTLS
 
 if TYPE_CHECKING:
     from gateway.credentials.oauth import TokenMinter
@@ -47,17 +47,15 @@ class GatewayContext:
     ca: CertificateAuthority
     state_dir: Path
     placeholders: tuple[Placeholder, ...]
-    resolve_overrides: dict[tuple[str, int], tuple[str, int]]
-    upstream_ca_file: str | None
+    # Where upstream names are dialled (`upstream.resolve`, `upstream.nameservers`): reloaded.
+    routes: Routes
+    upstream_tls: UpstreamTLS  # not reloaded: `upstream.ca_bundle` needs a restart
     agent: str = "agent"
-    # How the gateway itself resolves upstream names (`upstream.nameservers` or the system).
-    resolver: Resolver = field(default_factory=Resolver)
     prepare_tokens: TokenPreparer | None = None
     metrics: Metrics | None = None  # `keyward serve` counts every audit record here too
     extra: dict[str, Any] = field(default_factory=dict)
     # Agent connections held by both planes (`limits.max_connections*`, read per connection).
     connections: ConnectionLimiter = field(init=False, repr=False)
-    _upstream_ssl: ssl.SSLContext | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.connections = ConnectionLimiter(lambda: self.config.config.limits)
@@ -91,40 +89,19 @@ class GatewayContext:
         return minter
 
     def upstream_ssl_context(self) -> ssl.SSLContext:
-        """Verified TLS to upstreams: system roots plus `upstream.ca_bundle`. Built once, on
-        first use, and shared by the service plane and the token minter."""
-        if self._upstream_ssl is None:
-            roots = system_roots_path()
-            ctx = ssl.create_default_context(cafile=str(roots) if roots else None)
-            if self.upstream_ca_file:
-                ctx.load_verify_locations(cafile=self.upstream_ca_file)
-            self._upstream_ssl = ctx
-        return self._upstream_ssl
+        """The one verified TLS context to upstreams (service plane and token minter)."""
+        return self.upstream_tls.context()
 
     def connect_target(self, host: str, port: int) -> tuple[str, int]:
         """Where a (verified) host:port is actually dialled: `upstream.resolve` or itself."""
-        return self.resolve_overrides.get((host, port), (host, port))
+        return self.routes.target(host, port)
 
     async def dial_addresses(
         self, host: str, port: int, *, via: tuple[str, int] | None = None
     ) -> list[tuple[str, int]]:
-        """The checked addresses to connect to for the verified `host`:`port`.
-
-        `via` is where the connection is already headed (a transparent original destination,
-        or a target already routed): it is checked, or resolved and checked, in place of the
-        `upstream.resolve` target. Otherwise the `upstream.resolve`
-        target or the name itself is resolved once, and every answer is checked, so what is
-        dialled is exactly what was checked (a rebinding name cannot change it in between).
-        Raises AddressRefused (reason private-address) or the resolver's errors.
-        """
-        name = normalise_host(host)
-        thost, tport = via if via is not None else self.connect_target(name, port)
-        addrs = [thost.strip("[]")] if is_ip(thost) else await self.resolver.addresses(thost)
-        for addr in addrs:
-            category = self.policy.address_refusal(name, port, addr)
-            if category is not None:
-                raise AddressRefused(name, addr, category)
-        return [(a, tport) for a in addrs]
+        """The checked addresses for `host`:`port` under the current routes and policy
+        (`Routes.addresses`): the one dial path of every plane and the token minter."""
+        return await self.routes.addresses(host, port, self.policy.address_refusal, via=via)
 
     async def resolver_for(self, decision: Decision) -> Callable[[str], str]:
         """The secret resolver for an allowed decision, minting OAuth tokens first if needed."""
@@ -246,8 +223,7 @@ def build_context(
         ca=ca or CertificateAuthority.load_or_create(state_dir),
         state_dir=state_dir,
         placeholders=placeholders,
-        resolve_overrides=parse_resolve(loaded.config.upstream.resolve),
-        resolver=Resolver(upstream=parse_nameservers(loaded.config.upstream.nameservers)),
-        upstream_ca_file=ca_bundle,
+        routes=Routes.from_config(loaded.config.upstream),
+        upstream_tls=UpstreamTLS(ca_bundle),
         agent=agent,
     )

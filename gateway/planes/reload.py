@@ -20,15 +20,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.config.compile import build_policy, parse_nameservers, parse_resolve
+from gateway.config.compile import build_policy
 from gateway.config.loader import LoadedConfig, load_config
 from gateway.credentials.placeholders import load_seed
 from gateway.credentials.sources import load_secrets, secret_files
 from gateway.credentials.store import SecretStore
-from gateway.dns.resolver import Resolver
 from gateway.errors import KeywardError
 from gateway.planes.context import GatewayContext, build_placeholders
 from gateway.policy.core import Placeholder, Policy
+from gateway.upstream.routes import Routes
 
 log = logging.getLogger("keyward.reload")
 
@@ -108,9 +108,7 @@ class Reloader:
             ctx.config = new.config
             ctx.secrets = new.secrets
             ctx.placeholders = new.placeholders
-            upstream = new.config.config.upstream
-            ctx.resolve_overrides = parse_resolve(upstream.resolve)
-            ctx.resolver = Resolver(upstream=parse_nameservers(upstream.nameservers))
+            ctx.routes = Routes.from_config(new.config.config.upstream)
             ctx.policy = new.policy
             ctx.__dict__.pop("oauth_names", None)  # cached per store
             ctx.audit.reopen()

@@ -31,7 +31,6 @@ from gateway.config.model import LimitsConfig, ServiceConfig
 from gateway.errors import AddressRefused, ScrubError, UnscrubbableEncoding
 from gateway.planes.context import AUDIT_UNAVAILABLE, GatewayContext
 from gateway.planes.http.hop import strip_hop_by_hop
-from gateway.planes.http.resolver import DialResolver
 from gateway.planes.outbound import (
     AUTHORITY_MISMATCH,
     Rejection,
@@ -53,6 +52,7 @@ from gateway.policy.hosts import is_ip, normalise_host, split_hostport
 from gateway.policy.methods import NO_SIGNALS, MethodSignals
 from gateway.policy.paths import normalise_path
 from gateway.policy.refusal import RefusalMode, refusal, unavailable
+from gateway.upstream.connector import make_connector
 
 log = logging.getLogger("keyward.http")
 
@@ -207,13 +207,13 @@ class HttpPlane:
     def session(self) -> aiohttp.ClientSession:
         """Created on first use, inside the running loop; reused for every request."""
         if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(
+            connector = make_connector(
+                self.ctx.dial_addresses,
+                self.ctx.upstream_ssl_context(),
                 limit=self.limit,
                 limit_per_host=self.limit_per_host,
                 keepalive_timeout=self.keepalive_timeout,
                 ttl_dns_cache=60,
-                ssl=self.ctx.upstream_ssl_context(),
-                resolver=DialResolver(self.ctx.dial_addresses),
             )
             self._session = aiohttp.ClientSession(
                 connector=connector,

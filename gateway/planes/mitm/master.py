@@ -81,7 +81,7 @@ class MitmPlane:
 
 def upstream_trust_file(ctx: GatewayContext) -> Path:
     """mitmproxy takes one CA file for upstream verification: system roots + upstream.ca_bundle."""
-    extra = Path(ctx.upstream_ca_file).read_bytes() if ctx.upstream_ca_file else b""
+    extra = Path(ctx.upstream_tls.ca_file).read_bytes() if ctx.upstream_tls.ca_file else b""
     return write_with_system_roots(ctx.state_dir / "upstream-trust.pem", extra)
 
 

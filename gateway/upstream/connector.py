@@ -1,4 +1,4 @@
-"""aiohttp resolution through the gateway's one dial path (`GatewayContext.dial_addresses`):
+"""aiohttp connections through the gateway's one dial path (`GatewayContext.dial_addresses`):
 `upstream.resolve` targets (like curl --resolve), the configured name servers, and the
 private-address guard on every answer, while TLS still checks the real name."""
 
@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
+from typing import Any
 
+import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from gateway.errors import ResolveError
@@ -53,3 +56,11 @@ class DialResolver(AbstractResolver):
 
     async def close(self) -> None:
         return None
+
+
+def make_connector(
+    dial: Dial | None, ssl_context: ssl.SSLContext, **options: Any
+) -> aiohttp.TCPConnector:
+    """A connector that dials only checked addresses and verifies with the upstream context."""
+    resolver = DialResolver(dial) if dial is not None else None
+    return aiohttp.TCPConnector(ssl=ssl_context, resolver=resolver, **options)
