@@ -457,35 +457,6 @@ async def test_client_abort_is_audited_once(env: Env) -> None:
     assert records[0]["error"] == "client disconnected"
 
 
-async def test_forward_app_trusts_host_only_for_the_original_destination(env: Env) -> None:
-    dst = ("127.0.0.1", env.plain.port)
-    names = {"127.0.0.1": {"dns.example.test", "api.example.test"}}
-    port = await env.plane.serve(
-        env.plane.make_forward_app(lambda _req: dst, lambda ip: names.get(ip, set()))
-    )
-    p = env.plain.port
-    cases = [
-        (f"plain.example.test:{p}", 200, None),  # verified by upstream.resolve
-        (f"dns.example.test:{p}", 200, None),  # verified by the DNS answer
-        ("evil.example.test", 403, "host-mismatch"),  # claims a name that is not this address
-        ("plain.example.test:9", 403, "host-mismatch"),  # wrong port
-        (f"10.9.9.9:{p}", 403, "host-mismatch"),  # another IP
-        (f"127.0.0.1:{p}", 403, "no-rule"),  # verified, but no rule for the bare IP
-        (f"api.example.test:{p}", 403, "plain-http-credentials"),  # never a key over http
-    ]
-    for host, status, reason in cases:
-        async with env.client.get(f"http://127.0.0.1:{port}/p?q=1", headers={"Host": host}) as r:
-            assert r.status == status, (host, await r.text())
-            if reason:
-                assert r.headers["X-Keyward-Reason"] == reason
-    hosts = [req["headers"]["Host"] for req in env.plain.seen.requests]  # type: ignore[index]
-    assert hosts == [f"plain.example.test:{p}", f"dns.example.test:{p}"]
-    assert all(req["path"] == "/p?q=1" for req in env.plain.seen.requests)
-    records = assert_one_record_each(env, len(cases))
-    assert {r["plane"] for r in records} == {"http"}
-    assert records[2]["host"] == "evil.example.test" and records[2]["reason"] == "host-mismatch"
-
-
 async def test_override_resolver_keeps_the_name(env: Env) -> None:
     resolver = DialResolver(env.ctx.dial_addresses)
     try:

@@ -3,7 +3,7 @@ path or method while a naive gateway reads something harmless.
 
 Each attack is sent byte for byte by a hostile agent (tests/conformance/attack_client.py): on the
 mitm plane through `keyward run`'s explicit proxy, on the services plane, and in a pod in
-transparent mode (HTTPS through mitmproxy, plain HTTP through the aiohttp forward app). An attack
+transparent mode (HTTPS and plain HTTP through mitmproxy). An attack
 fails (the test passes) when the agent gets a refusal (4xx, never a hang or a 2xx) and the fake
 upstream never saw the request at all: the assertion is on what the upstream received.
 
@@ -360,7 +360,7 @@ def test_explicit_upstream_gets_the_decided_path(
     _sent_as_decided(explicit[plane], control, expected, f"{plane}:{control.id}")
 
 
-# -- transparent mode in a pod: HTTPS through mitmproxy, plain HTTP through the forward app ----
+# -- transparent mode in a pod: HTTPS and plain HTTP through mitmproxy ------------------------
 POD_CONFIG = (
     CONFIG_HEAD
     + """    "plain.example.test:80":

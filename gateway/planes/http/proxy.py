@@ -1,8 +1,8 @@
 """The aiohttp data plane: plain HTTP in from the agent, pooled verified HTTPS out.
 
-Two front doors share one forwarding path (`HttpPlane._exchange`):
-- service apps ("base URL" mode): `http://127.0.0.1:<listen>/v1/...` -> `service.upstream/v1/...`;
-- the forward app: transparent plain-HTTP traffic whose original destination is known.
+Its front door is the service apps ("base URL" mode): `http://127.0.0.1:<listen>/v1/...` ->
+`service.upstream/v1/...`. Transparent plain HTTP goes through the mitm plane, which names a
+connection with the one transparent verifier, `planes.transparent`.
 
 Every request decides through the policy core before any secret is touched, streams both
 bodies (nothing waits for the end of a body), scrubs real secret values out of the response,
@@ -14,12 +14,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import ipaddress
 import json
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -48,18 +47,12 @@ from gateway.planes.scrub import (
 )
 from gateway.policy.apply import BodySwapper, apply_plan, no_secret, swap_in_target
 from gateway.policy.core import Decision, Plane, RequestFacts, Verdict
-from gateway.policy.hosts import is_ip, normalise_host, split_hostport
+from gateway.policy.hosts import is_ip, normalise_host
 from gateway.policy.methods import NO_SIGNALS, MethodSignals
-from gateway.policy.paths import normalise_path
 from gateway.policy.refusal import RefusalMode, refusal, unavailable
 from gateway.upstream.connector import make_connector
 
 log = logging.getLogger("keyward.http")
-
-# (ip, port) the agent's connection was really addressed to (SO_ORIGINAL_DST in pod mode).
-OriginalDestination = Callable[[web.BaseRequest], tuple[str, int]]
-# Names the gateway's DNS answered with this IP: proof that a Host header names that address.
-NamesFor = Callable[[str], Collection[str]]
 
 # Headers aiohttp would otherwise add on its own: the upstream sees what the agent sent.
 SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
@@ -275,93 +268,11 @@ class HttpPlane:
         app.router.add_route("*", "/{tail:.*}", handle)
         return app
 
-    def make_forward_app(
-        self,
-        original_destination: OriginalDestination,
-        names_for: NamesFor | None = None,
-    ) -> web.Application:
-        """Transparent plain HTTP: the Host header is believed only if it names the address
-        the connection was really going to; otherwise the request is denied (host-mismatch)."""
-
-        async def handle(request: web.Request) -> web.StreamResponse:
-            dst_ip, dst_port = original_destination(request)
-            target = request.raw_path
-            hosts = request.headers.getall("Host", [])
-            host_header = hosts[0] if hosts else None
-            name, verified = self._verify_host(host_header, dst_ip, dst_port, names_for)
-            facts = RequestFacts(
-                plane=Plane.HTTP,
-                method=request.method,
-                scheme="http",
-                host=name,
-                port=dst_port,
-                path=target,
-                host_header=host_header,
-                client=_peer(request),
-                addr=dst_ip,
-                headers=tuple(outbound_headers(request.headers.items(), None)),
-                signals=self._signals(request),
-            )
-            rejected = _refuse_unverifiable(request, self.limits)
-            if rejected is None and len(hosts) > 1:
-                rejected = Rejection(403, AUTHORITY_MISMATCH)
-            decision = None
-            if not verified:
-                decision = Decision(
-                    Verdict.DENY, None, "host-mismatch", normalised_path=normalise_path(target)
-                )
-            origin = f"http://{_authority(dst_ip, dst_port)}"
-            return await self._exchange(
-                request,
-                facts,
-                origin,
-                target,
-                host_value=authority(name, dst_port, "http"),
-                decision=decision,
-                rejected=rejected,
-                dial_ip=dst_ip,
-            )
-
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", handle)
-        return app
-
     def _signals(self, request: web.BaseRequest) -> MethodSignals:
         """What the core needs to find every method a request could mean (path-rule configs)."""
         if not self.ctx.policy.reads_methods:
             return NO_SIGNALS
         return MethodSignals.from_headers(lambda name: request.headers.getall(name, ()))
-
-    def _verify_host(
-        self,
-        host_header: str | None,
-        dst_ip: str,
-        dst_port: int,
-        names_for: NamesFor | None,
-    ) -> tuple[str, bool]:
-        """(name for policy, whether the Host header provably names the original destination)."""
-        if not host_header:
-            return dst_ip, True
-        try:
-            raw, hport = split_hostport(host_header.strip())
-            name = normalise_host(raw)
-        except ValueError:
-            return host_header, False
-        if hport is not None and hport != dst_port:
-            return name, False
-        if is_ip(name):
-            return name, _same_ip(name, dst_ip)
-        thost, tport = self.ctx.connect_target(name, dst_port)
-        if tport == dst_port and _same_ip(thost, dst_ip):
-            return name, True
-        if names_for is not None:
-            for n in names_for(dst_ip):
-                try:
-                    if normalise_host(n) == name:
-                        return name, True
-                except ValueError:
-                    continue
-        return name, False
 
     # -- the one forwarding path ---------------------------------------------------------
     async def _exchange(
@@ -817,10 +728,3 @@ class HttpPlane:
         if self._session is not None:
             await self._session.close()
             self._session = None
-
-
-def _same_ip(a: str, b: str) -> bool:
-    try:
-        return ipaddress.ip_address(a.strip("[]")) == ipaddress.ip_address(b.strip("[]"))
-    except ValueError:
-        return False
