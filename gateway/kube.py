@@ -32,8 +32,8 @@ from typing import Any
 import yaml
 
 from gateway.config.loader import LoadedConfig
-from gateway.config.rewrite import shipped_config
 from gateway.credentials.placeholders import SEED_FILE, SEED_SIZE
+from gateway.credentials.rewrite import shipped_config
 from gateway.credentials.store import SecretStore
 from gateway.netfilter.rules import PodPorts
 from gateway.planes.context import build_placeholders

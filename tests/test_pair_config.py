@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config.loader import load_config
-from gateway.config.rewrite import secret_key as secret_env_name
+from gateway.credentials.rewrite import secret_key as secret_env_name
 from gateway.credentials.sources import load_secrets, read_dotenv
 from gateway.errors import ConfigError, PairError
 from gateway.pair.spec import (

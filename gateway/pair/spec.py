@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from gateway.config.loader import LoadedConfig, load_config
-from gateway.config.rewrite import shipped_config
+from gateway.credentials.rewrite import shipped_config
 from gateway.credentials.sources import load_secrets
 from gateway.credentials.store import SecretStore
 from gateway.engine.client import parse_version, rootless_from_info
