@@ -36,7 +36,7 @@ from gateway.credentials.placeholders import SEED_FILE, SEED_SIZE
 from gateway.credentials.rewrite import shipped_config
 from gateway.credentials.store import SecretStore
 from gateway.netfilter.rules import PodPorts
-from gateway.planes.context import build_placeholders
+from gateway.runtime.assemble import build_placeholders
 from gateway.tls.trust import agent_env
 
 PROXY_UID = 10101

@@ -20,8 +20,9 @@ from gateway.config.loader import load_config
 from gateway.config.model import TimeoutsConfig
 from gateway.credentials.oauth import TokenMinter
 from gateway.errors import AddressRefused
-from gateway.planes.context import GatewayContext, build_context
+from gateway.planes.context import GatewayContext
 from gateway.planes.http.proxy import HttpPlane
+from gateway.runtime.assemble import build_context
 from gateway.upstream.connector import DialResolver
 from tests.support.pki import TestCA, make_ca
 from tests.support.upstream import GATE_BOUND, Upstream

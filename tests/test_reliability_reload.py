@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.planes.reload import Reloader
+from gateway.runtime.reload import Reloader
 from tests.support.embedded import running, with_service
 from tests.support.wait import async_wait_until
 from tests.support.world import REAL_KEY, World, make_world

@@ -18,11 +18,11 @@ from gateway.cli.config_cmds import add_config_option, explained_secret_errors, 
 from gateway.config.paths import state_dir
 from gateway.credentials.sources import secret_env_names, withdraw_env
 from gateway.errors import UsageError
-from gateway.planes.context import build_context
-from gateway.planes.embedded import EmbeddedGateway
-from gateway.planes.reload import Reloader
 from gateway.planes.resources import AcceptErrorLimiter, raise_fd_limit
 from gateway.pod.privileges import make_undumpable
+from gateway.runtime.assemble import build_context
+from gateway.runtime.embedded import EmbeddedGateway
+from gateway.runtime.reload import Reloader
 from gateway.tls.ca import CertificateAuthority
 
 # `sudo keyward run --isolate`: root's home is 0700, and the gateway drops to its own uid.

@@ -63,7 +63,7 @@ def wait_ready(port: int, timeout: float) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     if args.wait_ready:
         return wait_ready(args.explicit_port, args.timeout)
-    from gateway.pod.sidecar import ServeOptions, serve
+    from gateway.runtime.sidecar import ServeOptions, serve
 
     loaded = load_from_args(args)
     uid, gid = proxy_ids(args.proxy_uid)

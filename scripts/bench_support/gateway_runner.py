@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 
 from gateway.config.loader import load_config
-from gateway.planes.context import build_context
-from gateway.planes.embedded import EmbeddedGateway
+from gateway.runtime.assemble import build_context
+from gateway.runtime.embedded import EmbeddedGateway
 
 
 async def serve(config: Path, state: Path, audit: str) -> None:

@@ -12,8 +12,9 @@ from pathlib import Path
 import aiohttp
 
 from gateway.config.loader import load_config
-from gateway.planes.context import GatewayContext, build_context
-from gateway.planes.embedded import EmbeddedGateway
+from gateway.planes.context import GatewayContext
+from gateway.runtime.assemble import build_context
+from gateway.runtime.embedded import EmbeddedGateway
 from tests.support.world import REAL_KEY, World
 
 SERVICE = """services:

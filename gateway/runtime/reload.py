@@ -26,8 +26,9 @@ from gateway.credentials.placeholders import load_seed
 from gateway.credentials.sources import load_secrets, secret_files
 from gateway.credentials.store import SecretStore
 from gateway.errors import KeywardError
-from gateway.planes.context import GatewayContext, build_placeholders
+from gateway.planes.context import GatewayContext
 from gateway.policy.core import Placeholder, Policy
+from gateway.runtime.assemble import build_placeholders
 from gateway.upstream.routes import Routes
 
 log = logging.getLogger("keyward.reload")

@@ -9,10 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.credentials.oauth import TokenMinter
-from gateway.planes.context import GatewayContext, freeze_startup_heap
+from gateway.planes.context import GatewayContext
 from gateway.planes.drain import drain_planes
 from gateway.planes.http.proxy import HttpPlane
 from gateway.planes.mitm.master import MitmPlane, start_mitm
+from gateway.runtime.assemble import freeze_startup_heap
 from gateway.tls.ca import write_bundle
 from gateway.tls.trust import agent_env, is_proxy_var
 

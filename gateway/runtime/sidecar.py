@@ -32,11 +32,10 @@ from gateway.errors import UsageError
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import Metrics
 from gateway.netfilter.rules import PodPorts, render_all
-from gateway.planes.context import GatewayContext, build_context, freeze_startup_heap
+from gateway.planes.context import GatewayContext
 from gateway.planes.drain import drain_planes
 from gateway.planes.http.proxy import HttpPlane
 from gateway.planes.mitm.master import MitmPlane, start_mitm
-from gateway.planes.reload import Reloader
 from gateway.planes.resources import AcceptErrorLimiter, raise_fd_limit
 from gateway.planes.transparent import make_verifier
 from gateway.pod.privileges import (
@@ -46,6 +45,8 @@ from gateway.pod.privileges import (
     readable_by,
     user_groups,
 )
+from gateway.runtime.assemble import build_context, freeze_startup_heap
+from gateway.runtime.reload import Reloader
 from gateway.tls.trust import render_agent_trust
 
 log = logging.getLogger("keyward.serve")
