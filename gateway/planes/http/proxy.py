@@ -14,11 +14,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -28,6 +27,7 @@ from yarl import URL
 
 from gateway.config.model import LimitsConfig, ServiceConfig
 from gateway.errors import AddressRefused, ScrubError, UnscrubbableEncoding
+from gateway.planes.common import Reason, error_body, error_headers, error_status
 from gateway.planes.context import AUDIT_UNAVAILABLE, GatewayContext
 from gateway.planes.http.hop import strip_hop_by_hop
 from gateway.planes.outbound import (
@@ -99,15 +99,6 @@ class _ClientGone(Exception):
     """The agent went away while we were writing to it."""
 
 
-def _json_response(status: int, body: Mapping[str, str | None], reason: str) -> web.Response:
-    return web.Response(
-        status=status,
-        body=json.dumps(body).encode(),
-        content_type="application/json",
-        headers={"X-Keyward-Reason": reason},
-    )
-
-
 def deny_response(
     decision: Decision,
     facts: RequestFacts,
@@ -132,21 +123,20 @@ def unavailable_response(reason: str, detail: str) -> web.Response:
 
 
 def error_response(reason: str, status: int = 502) -> web.Response:
-    body = {"error": "keyward could not complete the request", "reason": reason}
-    return _json_response(status, body, reason)
+    return web.Response(status=status, body=error_body(reason), headers=error_headers(reason))
 
 
 def classify_upstream_error(exc: BaseException) -> str:
     """A short, stable reason for an upstream failure (goes into a header and the audit)."""
     if isinstance(exc, (aiohttp.ClientSSLError, ssl.SSLError)):
-        return "upstream-tls-error"
+        return Reason.UPSTREAM_TLS_ERROR
     if isinstance(exc, aiohttp.ClientConnectorDNSError):
-        return "upstream-dns-error"
+        return Reason.UPSTREAM_DNS_ERROR
     if isinstance(exc, (TimeoutError, aiohttp.ServerTimeoutError)):
-        return "upstream-timeout"
+        return Reason.UPSTREAM_TIMEOUT
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return "upstream-connect-error"
-    return "upstream-error"
+        return Reason.UPSTREAM_CONNECT_ERROR
+    return Reason.UPSTREAM_ERROR
 
 
 def _peer(request: web.BaseRequest) -> str:
@@ -463,7 +453,7 @@ class HttpPlane:
             if ex.client_gone:
                 raise _ClientGone() from e
             ex.reason = classify_upstream_error(e)
-            ex.status = 504 if ex.reason == "upstream-timeout" else 502
+            ex.status = error_status(ex.reason)
             ex.error = self.ctx.redactor.redact(f"{type(e).__name__}: {e}")
             return error_response(ex.reason, ex.status)
         try:
@@ -536,7 +526,7 @@ class HttpPlane:
             body = redactor.redact_bytes(await upstream.read())
         except (TimeoutError, aiohttp.ClientError, OSError) as e:
             ex.reason = classify_upstream_error(e)
-            ex.status = 504 if ex.reason == "upstream-timeout" else 502
+            ex.status = error_status(ex.reason)
             ex.error = redactor.redact(f"{type(e).__name__}: {e}")
             return error_response(ex.reason, ex.status)
         resp = web.Response(

@@ -7,7 +7,6 @@ before the injector, so a denied request never reaches code that can read a secr
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 import time
@@ -20,11 +19,12 @@ from mitmproxy.proxy import layer, layers, server_hooks
 from mitmproxy.proxy.layers.http import HTTPMode
 
 from gateway.errors import AddressRefused, ResolveError, ScrubError, UnscrubbableEncoding
+from gateway.planes.common import Reason, error_body, error_headers, error_status
 from gateway.planes.context import AUDIT_UNAVAILABLE, GatewayContext
 from gateway.planes.mitm import trailers
 from gateway.planes.mitm.clients import ConnectionLimit, RequestHeadersTimeout
 from gateway.planes.mitm.drain import DRAIN_REASON, Drain
-from gateway.planes.mitm.errors import ERROR_PAGE, error_reason, status_for
+from gateway.planes.mitm.errors import ERROR_PAGE, error_reason
 from gateway.planes.mitm.timeouts import M_TIMED_OUT, Timeouts
 from gateway.planes.outbound import (
     Rejection,
@@ -90,10 +90,7 @@ def deny_response(
 
 
 def error_response(reason: str, status: int = 502) -> http.Response:
-    body = json.dumps({"error": "keyward could not complete the request", "reason": reason})
-    return http.Response.make(
-        status, body.encode(), {"Content-Type": "application/json", "X-Keyward-Reason": reason}
-    )
+    return http.Response.make(status, error_body(reason), error_headers(reason))
 
 
 def _latin1(headers: http.Headers) -> list[tuple[str, str]]:
@@ -940,7 +937,7 @@ class Audit:
                 reason = "bad-request"  # the agent's own request was malformed (framing)
             if status is None and reason != "client-aborted":
                 # no response started: the agent gets our JSON error page, with this status
-                status = status_for(reason, 400 if reason == "bad-request" else 502)
+                status = error_status(reason, 400 if reason == Reason.BAD_REQUEST else 502)
                 ERROR_PAGE.set((status, reason))
         self.ctx.record(
             flow.metadata[M_FACTS],

@@ -12,11 +12,12 @@ the message, which is never echoed.
 from __future__ import annotations
 
 import contextvars
-import json
 
 from mitmproxy import http
 from mitmproxy.net.http import http1
 from mitmproxy.proxy.layers.http import _http1, _http2
+
+from gateway.planes.common import Reason, error_body, error_headers, error_status
 
 # (status, reason) decided by the error hook for the page built right after it.
 ERROR_PAGE: contextvars.ContextVar[tuple[int, str] | None] = contextvars.ContextVar(
@@ -28,18 +29,14 @@ def error_reason(msg: str) -> str:
     """A short, stable reason for a mitmproxy error message."""
     low = msg.lower()
     if "client disconnected" in low or "client closed" in low:
-        return "client-aborted"
+        return Reason.CLIENT_ABORTED
     if "timed out" in low or "timeout" in low or "connection cancelled" in low:
-        return "upstream-timeout"
+        return Reason.UPSTREAM_TIMEOUT
     if "certificate" in low or "tls" in low or "ssl" in low:
-        return "upstream-tls-error"
+        return Reason.UPSTREAM_TLS_ERROR
     if low.startswith("request") or "bad request" in low or "invalid" in low:
-        return "bad-request"
-    return "upstream-error"
-
-
-def status_for(reason: str, code: int = 502) -> int:
-    return 504 if reason == "upstream-timeout" else code
+        return Reason.BAD_REQUEST
+    return Reason.UPSTREAM_ERROR
 
 
 def _decided(code: int, message: str) -> tuple[int, str]:
@@ -48,21 +45,13 @@ def _decided(code: int, message: str) -> tuple[int, str]:
         ERROR_PAGE.set(None)
         return page
     reason = error_reason(message)
-    return (status_for(reason, code) if code >= 500 else code), reason
-
-
-def body(reason: str) -> bytes:
-    return json.dumps(
-        {"error": "keyward could not complete the request", "reason": reason}
-    ).encode()
+    return (error_status(reason, code) if code >= 500 else code), reason
 
 
 def _make_error_response(status_code: int, message: str = "") -> bytes:
     status, reason = _decided(status_code, message)
     resp = http.Response.make(
-        status,
-        body(reason),
-        {"Content-Type": "application/json", "X-Keyward-Reason": reason, "Connection": "close"},
+        status, error_body(reason), {**error_headers(reason), "Connection": "close"}
     )
     raw: bytes = http1.assemble_response(resp)
     return raw
@@ -70,7 +59,7 @@ def _make_error_response(status_code: int, message: str = "") -> bytes:
 
 def _format_error(status_code: int, message: str) -> bytes:
     # HTTP/2 writes the status line itself (mitmproxy's code); the body is ours.
-    return body(_decided(status_code, message)[1])
+    return error_body(_decided(status_code, message)[1])
 
 
 def install() -> None:
