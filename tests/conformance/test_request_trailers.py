@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from tests.conformance.test_response_echo import start_hostile
+from tests.conformance.test_response_echo import hostile_pod, read_audit, start_hostile
 from tests.conformance.wire import LoopThread
 from tests.support.h2upstream import H2Upstream
 from tests.support.pki import make_ca
@@ -193,38 +193,18 @@ def explicit() -> Iterator[Seen]:
 
 @pytest.fixture(scope="module")
 def transparent(root_ok: None) -> Iterator[Seen]:
-    from gateway.pod.isolate import IsolatedPod
-    from gateway.pod.netns import Topology
+    def config(ca: Path, audit: Path) -> str:
+        return CONFIG.format(api=API, h2=H2, ca=ca, target=f"{API_IP}:443", h2port=9,
+                             service_port=POD_SERVICE_PORT, audit=audit)  # fmt: skip
 
-    base = Path(tempfile.mkdtemp(prefix="keyward-trailers-pod-"))
-    base.chmod(0o755)
-    up_dir = base / "upstream"
-    with Topology() as topo:
-        proc, _ = start_hostile(up_dir, topo.upstream.argv([]), API_IP, 443, 80)
-        try:
-            for p in (up_dir, up_dir / "pki"):
-                p.chmod(0o755)
-            (up_dir / "pki" / "test-ca.pem").chmod(0o644)
-            config = base / "keyward.yaml"
-            config.write_text(CONFIG.format(
-                api=API, h2=H2, ca=up_dir / "pki" / "test-ca.pem", target=f"{API_IP}:443",
-                h2port=9, service_port=POD_SERVICE_PORT, audit=base / "audit.jsonl"))  # fmt: skip
-            pod = IsolatedPod(topo.pod, config, base / "state", work=base / "pod")
-            pod.start(env={**os.environ, "TEST_API_KEY": REAL_KEY, "TEST_OTHER_KEY": OTHER_KEY})
-            try:
-                r = pod.run_agent([sys.executable, str(CLIENT)],
-                                  input=json.dumps(_attacks(POD_SERVICE_PORT, True)), timeout=300)  # fmt: skip
-                assert r.returncode == 0, r.stderr[-3000:]
-                results = json.loads(r.stdout.strip().splitlines()[-1])
-                audit_path = base / "audit.jsonl"
-                audit = [json.loads(x) for x in audit_path.read_text().splitlines() if x]
-                yield Seen(results, _hostile_seen(up_dir / "seen.jsonl"), audit)
-            finally:
-                pod.stop_gateway()
-        finally:
-            proc.terminate()
-            proc.wait(timeout=10)
-    shutil.rmtree(base, ignore_errors=True)
+    env = {"TEST_API_KEY": REAL_KEY, "TEST_OTHER_KEY": OTHER_KEY}
+    with hostile_pod("keyward-trailers-pod-", config, env) as (pod, base):
+        attacks = json.dumps(_attacks(POD_SERVICE_PORT, True))
+        r = pod.run_agent([sys.executable, str(CLIENT)], input=attacks, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        results = json.loads(r.stdout.strip().splitlines()[-1])
+        seen = _hostile_seen(base / "upstream" / "seen.jsonl")
+        yield Seen(results, seen, read_audit(base))
 
 
 @pytest.fixture(params=["explicit", "transparent"])

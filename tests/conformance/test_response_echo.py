@@ -18,9 +18,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -146,12 +148,17 @@ def explicit() -> Iterator[Results]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def transparent(root_ok: None) -> Iterator[Results]:
+@contextmanager
+def hostile_pod(
+    prefix: str, config_text: Callable[[Path, Path], str], env: dict[str, str]
+) -> Iterator[tuple[Any, Path]]:
+    """A pod whose upstream side runs the hostile reflector at API (443 and 80), its gateway
+    started with `config_text(upstream CA, audit path)` and `env`: (the pod, its base dir; the
+    audit is base/audit.jsonl, what the upstream saw base/upstream/seen.jsonl)."""
     from gateway.pod.isolate import IsolatedPod
     from gateway.pod.netns import Topology
 
-    base = Path(tempfile.mkdtemp(prefix="keyward-echo-pod-"))
+    base = Path(tempfile.mkdtemp(prefix=prefix))
     base.chmod(0o755)
     up_dir = base / "upstream"
     with Topology() as topo:
@@ -161,32 +168,35 @@ def transparent(root_ok: None) -> Iterator[Results]:
                 p.chmod(0o755)
             (up_dir / "pki" / "test-ca.pem").chmod(0o644)
             config = base / "keyward.yaml"
-            ca = up_dir / "pki" / "test-ca.pem"
-            config.write_text(
-                CONFIG.format(
-                    ca=ca,
-                    target=f"{API}:443",
-                    audit=base / "audit.jsonl",
-                    service_port=POD_SERVICE_PORT,
-                )
-            )
+            config.write_text(config_text(up_dir / "pki" / "test-ca.pem", base / "audit.jsonl"))
             pod = IsolatedPod(topo.pod, config, base / "state", work=base / "pod")
-            pod.start(env={**os.environ, "TEST_API_KEY": REAL_KEY})
+            pod.start(env={**os.environ, **env})
             try:
-                names = [a[0] for a in attacks()]
-                raw = {}
-                for plane in ("mitm", "service"):
-                    got = run_agent([], requests_for(plane, False), {}, base, pod.run_agent)
-                    raw[plane] = dict(zip(names, got, strict=True))
-                audit_path = base / "audit.jsonl"
-                audit = [json.loads(x) for x in audit_path.read_text().splitlines() if x]
-                yield Results(raw, audit)
+                yield pod, base
             finally:
                 pod.stop_gateway()
         finally:
             proc.terminate()
             proc.wait(timeout=10)
     shutil.rmtree(base, ignore_errors=True)
+
+
+def read_audit(base: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in (base / "audit.jsonl").read_text().splitlines() if x]
+
+
+@pytest.fixture(scope="module")
+def transparent(root_ok: None) -> Iterator[Results]:
+    def config(ca: Path, audit: Path) -> str:
+        return CONFIG.format(ca=ca, target=f"{API}:443", audit=audit, service_port=POD_SERVICE_PORT)
+
+    with hostile_pod("keyward-echo-pod-", config, {"TEST_API_KEY": REAL_KEY}) as (pod, base):
+        names = [a[0] for a in attacks()]
+        raw = {}
+        for plane in ("mitm", "service"):
+            got = run_agent([], requests_for(plane, False), {}, base, pod.run_agent)
+            raw[plane] = dict(zip(names, got, strict=True))
+        yield Results(raw, read_audit(base))
 
 
 @pytest.fixture(params=["explicit", "transparent"])
