@@ -347,3 +347,28 @@ def test_plain_text_drops_style_markup_only() -> None:
 
     assert plain("[green]pass[/] [red]FAIL[/] [bold]x[/bold]") == "pass FAIL x"
     assert plain("[::1]:443 [2001:db8::1] [a]") == "[::1]:443 [2001:db8::1] [a]"
+
+
+def test_check_of_a_large_config_lists_every_host_without_rich_layout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """rich lays a table out at ~1 ms a row: a 200,000-host `check` spent minutes there. A table
+    past RICH_MAX_ROWS is printed as plain aligned text, every host on its own line."""
+    import rich.table
+
+    from gateway.cli.console import RICH_MAX_ROWS
+    from gateway.cli.main import main
+
+    n = RICH_MAX_ROWS + 1
+    hosts = "".join(f"    h{i}.example.test: {{}}\n" for i in range(n))
+    config = tmp_path / "keyward.yaml"
+    config.write_text(f"version: 1\negress:\n  default: deny\n  hosts:\n{hosts}")
+
+    def no_rich_layout(*_: object, **__: object) -> None:
+        raise AssertionError("a large table went through rich's layout")
+
+    monkeypatch.setattr(rich.table.Table, "__init__", no_rich_layout)
+    assert main(["check", "-c", str(config)]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if ".example.test " in line]
+    assert len(rows) == n and rows[-1] == [f"h{n - 1}.example.test", "allow", "-", "-"]

@@ -135,9 +135,11 @@ def cmd_check(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         return 0
     from gateway.cli.console import console as make_console
+    from gateway.cli.console import is_large
     from gateway.cli.console import table as make_table
 
-    table = make_table(f"{info['config']}: default {info['default']}")
+    large = is_large(len(info["hosts"]))
+    table = make_table(f"{info['config']}: default {info['default']}", plain=large)
     for col in ("host", "decision", "injects", "denied paths"):
         table.add_column(col)
     for h in info["hosts"]:
@@ -145,7 +147,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         table.add_row(
             h["host"], "allow" if h["allow"] else "deny", injects, ", ".join(h["deny"]) or "-"
         )
-    console = make_console()
+    console = make_console(plain=large)
     console.print(table)
     if info["secrets"]:
         console.print("secrets: " + ", ".join(f"{n} ({k})" for n, k in info["secrets"].items()))

@@ -45,18 +45,29 @@ def _rich_available() -> bool:
     return True
 
 
-def console(stderr: bool = False) -> Console:
+# rich lays a table out at about a millisecond a row (every cell measured, wrapped, padded):
+# `check` on a 200,000-host config spent minutes there. Past this many rows, plain text.
+RICH_MAX_ROWS = 1000
+
+
+def console(stderr: bool = False, *, plain: bool = False) -> Console:
+    """`plain`: plain text even with rich installed (for `table(..., rows=N)` past the bound)."""
     stream = sys.stderr if stderr else sys.stdout
     width = None if stream.isatty() else PIPED_WIDTH
-    if _rich_available():
+    if _rich_available() and not plain:
         from rich.console import Console as RichConsole
 
         return RichConsole(stderr=stderr, width=width)
     return PlainConsole(stream, width or PIPED_WIDTH)
 
 
-def table(title: str, *, show_header: bool = True) -> Table:
-    if _rich_available():
+def is_large(rows: int) -> bool:
+    """Whether a table of `rows` rows is printed as plain text (see RICH_MAX_ROWS)."""
+    return rows > RICH_MAX_ROWS
+
+
+def table(title: str, *, show_header: bool = True, plain: bool = False) -> Table:
+    if _rich_available() and not plain:
         from rich.table import Table as RichTable
 
         return RichTable(title=title, title_justify="left", show_header=show_header)
