@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.support.world import ROOT
 
 
@@ -30,6 +32,7 @@ def doctor(cwd: Path, home: Path) -> tuple[int, dict[str, dict[str, object]]]:
     return r.returncode, {str(c["name"]): c for c in report["checks"]}
 
 
+@pytest.mark.slow
 def test_doctor_after_init_then_fixed_then_a_client_that_overrides_trust(tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir()

@@ -473,6 +473,7 @@ async def test_override_resolver_keeps_the_name(env: Env) -> None:
         await resolver.close()
 
 
+@pytest.mark.slow
 async def test_measure_latency_and_throughput(env: Env) -> None:
     """Printed for the notes, not asserted: direct HTTPS vs through the service."""
     direct = aiohttp.ClientSession(

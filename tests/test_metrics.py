@@ -70,6 +70,7 @@ def settled(world: PodWorld) -> tuple[collections.Counter[tuple[str, str]], str]
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_metrics_equal_the_audit_log_after_a_load_run(world: PodWorld) -> None:
     # the system Python: the test runner's may live where the agent uid cannot read
     r = world.agent("/usr/bin/python3", "-c", LOAD, timeout=300)

@@ -218,6 +218,7 @@ async def test_oauth_token_endpoint_name_to_loopback(run_world: RunWorld) -> Non
     assert run_world.trap.connects == []
 
 
+@pytest.mark.slow
 async def test_explicit_allowances_still_reach_private_addresses(run_world: RunWorld) -> None:
     p = run_world.ports
     cases = {

@@ -28,6 +28,9 @@ import pytest
 
 from tests.support.reflections import leaks, parse, reassemble
 
+# a hostile upstream per plane and mode, every reflection run in module fixtures: minutes
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 AGENT = ROOT / "tests" / "support" / "raw_agent.py"
 HOSTILE = ROOT / "tests" / "support" / "hostile.py"
