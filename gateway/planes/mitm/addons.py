@@ -25,7 +25,8 @@ from gateway.planes.mitm import trailers
 from gateway.planes.mitm.clients import ConnectionLimit, RequestHeadersTimeout
 from gateway.planes.mitm.drain import DRAIN_REASON, Drain
 from gateway.planes.mitm.errors import ERROR_PAGE, error_reason
-from gateway.planes.mitm.timeouts import M_TIMED_OUT, Timeouts
+from gateway.planes.mitm.state import state
+from gateway.planes.mitm.timeouts import Timeouts
 from gateway.planes.outbound import (
     Rejection,
     authority,
@@ -56,19 +57,6 @@ from gateway.policy.refusal import REASON_HEADER, RefusalMode, refusal
 
 log = logging.getLogger("keyward.mitm")
 
-M_DECISION = "keyward.decision"
-M_FACTS = "keyward.facts"
-M_STARTED = "keyward.started"
-M_AUDITED = "keyward.audited"
-M_UP = "keyward.bytes_up"
-M_DOWN = "keyward.bytes_down"
-M_ERROR = "keyward.error"
-M_BODY = "keyward.body_swapper"
-M_REASON = "keyward.reason"  # why a response was refused or cut while scrubbing
-M_POLICY = "keyward.policy"
-M_DEFERRED = "keyward.deferred"  # decided again once the (bounded) form body is in
-M_REDECIDED = "keyward.redecided"  # ... and that second decision has been made
-M_WS_SCRUB = "keyward.ws_scrubber"  # the upstream's WebSocket messages, scrubbed across messages
 
 # The start of an HTTP/1 request line: a method token, one space.
 HTTP_START = re.compile(rb"^[A-Z][A-Z-]{2,19} ")
@@ -339,7 +327,7 @@ class ConnectionGate:
         if decision.allowed:
             if not self.ctx.audit.available():
                 flow.response = error_response(AUDIT_UNAVAILABLE, 503)
-                flow.metadata[M_AUDITED] = True
+                state(flow).audited = True
                 self.ctx.record(
                     facts,
                     _as_decision(decision),
@@ -352,7 +340,7 @@ class ConnectionGate:
         if mode is RefusalMode.RESET:
             denied = _as_decision(decision)
             flow.response = deny_response(denied, facts, mode)
-            flow.metadata[M_AUDITED] = True
+            state(flow).audited = True
             self.ctx.record(facts, denied, started=started, status=403, refusal=mode)
             return
         # explain: complete the CONNECT; every request inside is answered by PolicyGate with
@@ -534,7 +522,7 @@ class PolicyGate:
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:  # already answered (e.g. a refused CONNECT)
             return
-        flow.metadata[M_STARTED] = time.monotonic()
+        state(flow).started = time.monotonic()
         req = flow.request
         host, port, addr = self.dest.verified(flow)
         sni = flow.client_conn.sni if flow.client_conn.tls_established else None
@@ -557,39 +545,40 @@ class PolicyGate:
                 else NO_SIGNALS
             ),
         )
-        flow.metadata[M_FACTS] = facts
+        state(flow).facts = facts
         if flow.error is not None:  # mitmproxy refused the request itself (framing headers)
             decision = Decision(Verdict.DENY, None, "bad-request")
-            flow.metadata[M_DECISION] = decision
-            flow.metadata[M_AUDITED] = True
+            state(flow).decision = decision
+            state(flow).audited = True
             ERROR_PAGE.set((400, "bad-request"))
-            self.ctx.record(facts, decision, started=flow.metadata[M_STARTED], status=400)
+            self.ctx.record(facts, decision, started=state(flow).started, status=400)
             return
         rejected = refuse_unverifiable(req, host, port, self.ctx)
         if rejected is not None:
             decision = Decision(Verdict.DENY, None, rejected.reason, status=rejected.status)
-            flow.metadata[M_DECISION] = decision
+            state(flow).decision = decision
             self._refuse(flow, facts, decision)
             return
         await self._settle(flow, facts, self.ctx.policy.decide(facts))
 
     async def request(self, flow: http.HTTPFlow) -> None:
         """A deferred request's form body is in (unstreamed, bounded): decide it for good."""
-        if not flow.metadata.pop(M_DEFERRED, False):
+        st = state(flow)
+        facts = st.facts
+        if not st.deferred or facts is None:  # deferred only once decided
             return
-        flow.metadata[M_REDECIDED] = True
-        facts: RequestFacts = flow.metadata[M_FACTS]
+        st.deferred, st.redecided = False, True
         body = flow.request.raw_content or b""
         facts = dataclasses.replace(facts, signals=dataclasses.replace(facts.signals, body=body))
         await self._settle(flow, facts, self.ctx.policy.decide(facts))
 
     async def _settle(self, flow: http.HTTPFlow, facts: RequestFacts, decision: Decision) -> None:
         req, host, port = flow.request, facts.host, facts.port
-        flow.metadata[M_FACTS] = facts
-        flow.metadata[M_DECISION] = decision
-        flow.metadata[M_POLICY] = self.ctx.config.digest  # the policy that decided
+        state(flow).facts = facts
+        state(flow).decision = decision
+        state(flow).policy = self.ctx.config.digest  # the policy that decided
         if decision.body_limit:  # not streamed: mitmproxy buffers it, the length is bounded
-            flow.metadata[M_DEFERRED] = True
+            state(flow).deferred = True
         elif decision.allowed and not self.ctx.audit.available():
             # Pre-flight: nothing reaches an upstream while its record could not be written.
             self._fail(flow, facts, decision, 503, AUDIT_UNAVAILABLE)
@@ -602,7 +591,7 @@ class PolicyGate:
                 decision = Decision(
                     Verdict.DENY, decision.rule, e.reason, normalised_path=decision.normalised_path
                 )
-                flow.metadata[M_DECISION] = decision
+                state(flow).decision = decision
                 self._refuse(flow, facts, decision, addr=e.addr, error=str(e))
             except ResolveError as e:
                 self._fail(flow, facts, decision, 502, "upstream-dns-error", str(e))
@@ -621,11 +610,11 @@ class PolicyGate:
     ) -> None:
         """Answer a request here (nothing goes upstream) and write its one record."""
         flow.response = response
-        flow.metadata[M_AUDITED] = True
+        state(flow).audited = True
         self.ctx.record(
             facts,
             decision,
-            started=flow.metadata[M_STARTED],
+            started=state(flow).started,
             status=response.status_code,
             **record,
         )
@@ -667,7 +656,7 @@ class CredentialInjector:
         await self._inject(flow)
 
     async def request(self, flow: http.HTTPFlow) -> None:
-        if flow.metadata.get(M_REDECIDED):  # decided after its body: not injected yet
+        if state(flow).redecided:  # decided after its body: not injected yet
             await self._inject(flow)
         self._trailers(flow)
 
@@ -675,7 +664,7 @@ class CredentialInjector:
         """Request trailers (HTTP/1.1 chunked or HTTP/2) arrive with the end of the body, before
         mitmproxy sends them on: only fields the head could not smuggle leave, never swapped."""
         req = flow.request
-        decision: Decision | None = flow.metadata.get(M_DECISION)
+        decision: Decision | None = state(flow).decision
         if not req.trailers or flow.response is not None or decision is None:
             return
         redact = self.ctx.redactor.redact
@@ -691,8 +680,9 @@ class CredentialInjector:
             log.warning("request trailers to %s: %s", flow.request.host, "; ".join(checked.alerts))
 
     async def _inject(self, flow: http.HTTPFlow) -> None:
-        decision: Decision | None = flow.metadata.get(M_DECISION)
-        if flow.response is not None or decision is None or not decision.allowed:
+        st = state(flow)
+        decision, facts = st.decision, st.facts
+        if flow.response is not None or decision is None or facts is None or not decision.allowed:
             return
         plan = decision.plan
         if plan is None or not (plan.headers or plan.swaps or plan.swappable("body")):
@@ -705,16 +695,11 @@ class CredentialInjector:
                 flow.request.path = swap_in_target(decision, flow.request.path, resolve)
         except Exception as e:  # token endpoint down, stale token: fail closed with a reason
             reason = f"credentials-unavailable: {type(e).__name__}"
-            flow.metadata[M_ERROR] = self.ctx.redactor.redact(str(e))
+            st.error = self.ctx.redactor.redact(str(e))
             flow.response = error_response(reason)
-            flow.metadata[M_AUDITED] = True
+            st.audited = True
             self.ctx.record(
-                flow.metadata[M_FACTS],
-                decision,
-                started=flow.metadata[M_STARTED],
-                status=502,
-                reason=reason,
-                error=flow.metadata[M_ERROR],
+                facts, decision, started=st.started, status=502, reason=reason, error=st.error
             )
             return
         flow.request.headers = _headers(headers)
@@ -731,7 +716,7 @@ class CredentialInjector:
         swapper = BodySwapper(
             decision, placeholders, resolve, lambda p: _alert(flow, f"placeholder {p.env} in body")
         )
-        flow.metadata[M_BODY] = swapper
+        state(flow).body = swapper
         req = flow.request
         if swapper.swaps and "content-length" in req.headers:
             del req.headers["content-length"]
@@ -744,32 +729,32 @@ class Streaming:
     (request bodies pass the placeholder swapper when there is one)."""
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None or flow.metadata.get(M_DEFERRED):
+        if flow.response is not None or state(flow).deferred:
             return
-        flow.metadata[M_UP] = 0
-        swapper: BodySwapper | None = flow.metadata.get(M_BODY)
+        state(flow).bytes_up = 0
+        swapper: BodySwapper | None = state(flow).body
 
         def count(chunk: bytes) -> list[bytes]:
             if swapper is not None:
                 chunk = swapper.feed(chunk) if chunk else swapper.flush()
-            flow.metadata[M_UP] += len(chunk)
+            state(flow).bytes_up += len(chunk)
             return [chunk] if chunk else []  # an empty chunk would end a chunked body
 
         flow.request.stream = count
 
     def request(self, flow: http.HTTPFlow) -> None:
-        """A body decided after it was read whole (`M_REDECIDED`) passes the swapper here."""
-        if not flow.metadata.get(M_REDECIDED) or flow.response is not None:
+        """A body decided after it was read whole (`redecided`) passes the swapper here."""
+        if not state(flow).redecided or flow.response is not None:
             return
         req = flow.request
         body = req.raw_content or b""
-        swapper: BodySwapper | None = flow.metadata.get(M_BODY)
+        swapper: BodySwapper | None = state(flow).body
         if swapper is not None:
             body = swapper.feed(body) + swapper.flush()
             req.raw_content = body
             if "content-length" in req.headers:
                 req.headers["content-length"] = str(len(body))
-        flow.metadata[M_UP] = len(body)
+        state(flow).bytes_up = len(body)
 
 
 class ResponseScrubber:
@@ -781,14 +766,14 @@ class ResponseScrubber:
         self.ctx = ctx
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        decision: Decision | None = flow.metadata.get(M_DECISION)
+        decision: Decision | None = state(flow).decision
         if flow.response is not None or decision is None or not decision.allowed:
             return
         self._request_headers(flow, decision)
 
     def request(self, flow: http.HTTPFlow) -> None:
-        """A request decided after its body (`M_REDECIDED`) gets its headers adjusted now."""
-        if flow.metadata.get(M_REDECIDED):
+        """A request decided after its body (`redecided`) gets its headers adjusted now."""
+        if state(flow).redecided:
             self.requestheaders(flow)
 
     def _request_headers(self, flow: http.HTTPFlow, decision: Decision) -> None:
@@ -799,10 +784,10 @@ class ResponseScrubber:
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         resp = flow.response
-        if resp is None or flow.metadata.get(M_AUDITED):
+        if resp is None or state(flow).audited:
             return
         resp.reason = standard_reason(resp.status_code)
-        flow.metadata[M_DOWN] = 0
+        state(flow).bytes_down = 0
         items = _latin1(resp.headers)
         try:
             head = scrub_head(items, self.ctx.redactor)
@@ -836,10 +821,10 @@ class ResponseScrubber:
             except ScrubError as e:
                 # Headers are out: the honest signal left is a body that does not end well.
                 failed.append(e.reason)
-                flow.metadata[M_REASON] = e.reason
+                state(flow).reason = e.reason
                 flow.kill()
                 return []
-            flow.metadata[M_DOWN] += sum(len(p) for p in out)
+            state(flow).bytes_down += sum(len(p) for p in out)
             return out
 
         resp.stream = scrub
@@ -851,7 +836,7 @@ class ResponseScrubber:
         flow.response.status_code = refused.status_code
         flow.response.reason = standard_reason(refused.status_code)
         flow.response.headers = refused.headers
-        flow.metadata[M_REASON] = UNSCRUBBABLE
+        state(flow).reason = UNSCRUBBABLE
         sent: list[bool] = []
         content = refused.content or b""
 
@@ -859,7 +844,7 @@ class ResponseScrubber:
             if sent:
                 return []
             sent.append(True)
-            flow.metadata[M_DOWN] = len(content)
+            state(flow).bytes_down = len(content)
             return [content]
 
         flow.response.stream = replace
@@ -875,14 +860,14 @@ class ResponseScrubber:
     def websocket_message(self, flow: http.HTTPFlow) -> None:
         assert flow.websocket is not None
         message = flow.websocket.messages[-1]
-        decision: Decision | None = flow.metadata.get(M_DECISION)
+        decision: Decision | None = state(flow).decision
         if message.from_client:
             if self.ctx.policy.placeholders and decision is not None:
                 self._client_message(flow, message, decision)
             return
-        scrubber: MessageScrubber | None = flow.metadata.get(M_WS_SCRUB)
+        scrubber: MessageScrubber | None = state(flow).ws_scrub
         if scrubber is None:
-            scrubber = flow.metadata[M_WS_SCRUB] = MessageScrubber(self.ctx.redactor)
+            scrubber = state(flow).ws_scrub = MessageScrubber(self.ctx.redactor)
         content = message.content
         clean = scrubber.feed(content)
         if clean is content:
@@ -926,13 +911,15 @@ class Audit:
         self.ctx = ctx
 
     def _write(self, flow: http.HTTPFlow, error: str | None = None) -> None:
-        if flow.metadata.get(M_AUDITED) or M_FACTS not in flow.metadata:
+        st = state(flow)
+        facts = st.facts
+        if st.audited or facts is None:
             return
-        flow.metadata[M_AUDITED] = True
+        st.audited = True
         status = flow.response.status_code if flow.response is not None else None
         reason = None
         if error is not None:
-            reason = "upstream-timeout" if flow.metadata.get(M_TIMED_OUT) else error_reason(error)
+            reason = Reason.UPSTREAM_TIMEOUT if st.timed_out else error_reason(error)
             if flow.request.timestamp_end is None and "protocol error" in error.lower():
                 reason = "bad-request"  # the agent's own request was malformed (framing)
             if status is None and reason != "client-aborted":
@@ -940,15 +927,15 @@ class Audit:
                 status = error_status(reason, 400 if reason == Reason.BAD_REQUEST else 502)
                 ERROR_PAGE.set((status, reason))
         self.ctx.record(
-            flow.metadata[M_FACTS],
-            flow.metadata[M_DECISION],
-            started=flow.metadata[M_STARTED],
+            facts,
+            st.decision,
+            started=st.started,
             status=status,
-            bytes_up=flow.metadata.get(M_UP, 0),
-            bytes_down=flow.metadata.get(M_DOWN, 0),
+            bytes_up=st.bytes_up,
+            bytes_down=st.bytes_down,
             error=error,
-            reason=flow.metadata.get(M_REASON) or reason,
-            policy=flow.metadata.get(M_POLICY),
+            reason=st.reason or reason,
+            policy=st.policy,
         )
 
     def response(self, flow: http.HTTPFlow) -> None:
@@ -964,7 +951,7 @@ class Audit:
 
     def stopped(self, flow: http.HTTPFlow) -> None:
         """The gateway stopped with this flow still live (drain bound reached)."""
-        flow.metadata[M_REASON] = DRAIN_REASON
+        state(flow).reason = DRAIN_REASON
         self._write(flow, "gateway stopping: drain bound reached")
 
 
@@ -974,15 +961,15 @@ def _credentialed(decision: Decision) -> bool:
 
 def _alert(flow: http.HTTPFlow, what: str) -> None:
     """Mark the flow's audit record as an alert (written when the flow ends)."""
-    decision: Decision | None = flow.metadata.get(M_DECISION)
+    decision: Decision | None = state(flow).decision
     if decision is not None and not decision.alert:
         extra = {**decision.extra, "alert": what}
-        flow.metadata[M_DECISION] = dataclasses.replace(decision, alert=True, extra=extra)
+        state(flow).decision = dataclasses.replace(decision, alert=True, extra=extra)
 
 
 def _counter(flow: http.HTTPFlow) -> Callable[[bytes], bytes]:
     def count(chunk: bytes) -> bytes:
-        flow.metadata[M_DOWN] += len(chunk)
+        state(flow).bytes_down += len(chunk)
         return chunk
 
     return count

@@ -20,9 +20,7 @@ from mitmproxy import http
 from mitmproxy.proxy import server_hooks
 
 from gateway.config.model import TimeoutsConfig
-
-M_TIMER = "keyward.timer"
-M_TIMED_OUT = "keyward.timed_out"
+from gateway.planes.mitm.state import state
 
 
 class Timeouts:
@@ -63,19 +61,20 @@ class Timeouts:
     def _arm(self, flow: http.HTTPFlow, seconds: float) -> None:
         self._disarm(flow)
         loop = asyncio.get_running_loop()
-        flow.metadata[M_TIMER] = loop.call_later(seconds, self._expire, flow)
+        state(flow).timer = loop.call_later(seconds, self._expire, flow)
 
     @staticmethod
     def _disarm(flow: http.HTTPFlow) -> None:
-        timer = flow.metadata.pop(M_TIMER, None)
+        st = state(flow)
+        timer, st.timer = st.timer, None
         if timer is not None:
             timer.cancel()
 
     def _expire(self, flow: http.HTTPFlow) -> None:
         """Close the upstream connection: mitmproxy then errors the flow (504 via the error
         hook) or, mid-body, ends the response unterminated."""
-        flow.metadata[M_TIMED_OUT] = True
-        flow.metadata.pop(M_TIMER, None)
+        state(flow).timed_out = True
+        state(flow).timer = None
         server = flow.server_conn
         self.timed_out_servers.add(server.id)
         ps: Any = mitm_ctx.master.addons.get("proxyserver")
@@ -103,7 +102,7 @@ class Timeouts:
             flow.request.stream = watch
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.metadata.get(M_TIMER) is None:
+        if state(flow).timer is None:
             return
         idle = self.timeouts().idle
         self._arm(flow, idle)
@@ -131,4 +130,4 @@ class Timeouts:
     def error(self, flow: http.HTTPFlow) -> None:
         self._disarm(flow)
         if flow.server_conn.id in self.timed_out_servers:
-            flow.metadata[M_TIMED_OUT] = True
+            state(flow).timed_out = True
