@@ -156,6 +156,7 @@ def test_redact_bytes_matches_redact(r: Redactor) -> None:
     assert r.redact_bytes(text.encode()) == r.redact(text).encode()
 
 
+@pytest.mark.slow
 def test_add_is_thread_safe_while_redacting() -> None:
     r = Redactor()
     values = [f"value-{i:04d}-padding" for i in range(60)]
