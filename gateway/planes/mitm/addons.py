@@ -25,7 +25,7 @@ from gateway.planes.mitm import trailers
 from gateway.planes.mitm.clients import ConnectionLimit, RequestHeadersTimeout
 from gateway.planes.mitm.drain import DRAIN_REASON, Drain
 from gateway.planes.mitm.errors import ERROR_PAGE, error_reason
-from gateway.planes.mitm.state import state
+from gateway.planes.mitm.state import ConnState, state
 from gateway.planes.mitm.timeouts import Timeouts
 from gateway.planes.outbound import (
     Rejection,
@@ -148,24 +148,27 @@ class Destinations:
     def __init__(self, ctx: GatewayContext, verify_transparent: TransparentVerifier | None) -> None:
         self.ctx = ctx
         self.verify_transparent = verify_transparent
-        self.targets: dict[str, tuple[str, int]] = {}
-        self.tunnelled: set[str] = set()
-        # Per client connection: the server addresses a decision has allowed it to dial.
-        self.approved: dict[str, set[tuple[str, int]]] = {}
-        # Per client connection: dial address -> the verified (name, port) it was approved for.
-        self.names: dict[str, dict[tuple[str, int], tuple[str, int]]] = {}
-        # Per client connection: dial address -> the checked address to connect to instead.
-        self.checked: dict[str, dict[tuple[str, int], tuple[str, int]]] = {}
-        self.refused: set[str] = set()  # already audited by server_connect
-        self.explained: set[str] = set()  # denied CONNECTs completed to explain the refusal
+        self.conns: dict[str, ConnState] = {}  # by client connection id
+
+    def conn(self, client_id: str) -> ConnState:
+        """A live connection's state, created on first use (dropped on disconnect)."""
+        c = self.conns.get(client_id)
+        if c is None:
+            c = self.conns[client_id] = ConnState()
+        return c
+
+    def known(self, client_id: str) -> ConnState:
+        """What is known of a connection, for reading only: nothing is kept for it here."""
+        return self.conns.get(client_id) or ConnState()
 
     def approve(
         self, client: connection.Client, address: tuple[str, int], name: str | None = None
     ) -> None:
         key = (address[0], address[1])
-        self.approved.setdefault(client.id, set()).add(key)
+        c = self.conn(client.id)
+        c.approved.add(key)
         if name is not None:
-            self.names.setdefault(client.id, {})[key] = (name, address[1])
+            c.names[key] = (name, address[1])
 
     def route(self, flow: http.HTTPFlow, name: str, port: int) -> None:
         """Approve an allowed request's dial and point it where `upstream.resolve` says.
@@ -182,7 +185,7 @@ class Destinations:
             key = (name, port)
         target = self.ctx.connect_target(*key)
         self.approve(flow.client_conn, target)
-        self.names.setdefault(flow.client_conn.id, {})[target] = (name, port)
+        self.conn(flow.client_conn.id).names[target] = (name, port)
         if target != (req.host, req.port):
             req.data.host, req.data.port = target
 
@@ -193,19 +196,21 @@ class Destinations:
         compares addresses, finds the connection again). AddressRefused, ResolveError."""
         req, client = flow.request, flow.client_conn
         address = (req.host, req.port)
-        name, port = self.names[client.id][address]
+        names = self.conn(client.id).names
+        name, port = names[address]
         checked = (await self.ctx.dial_addresses(name, port, via=self._target(address)))[0]
         if checked != address:
             self.approve(client, checked)
-            self.names[client.id][checked] = (name, port)
+            names[checked] = (name, port)
             req.data.host, req.data.port = checked
 
     async def check(self, client: connection.Client, address: tuple[str, int]) -> None:
         """Resolve and check a connection-level dial (TLS passed through) before deciding to
         pass it through; `server_connect` dials what was checked."""
-        name, port = self.names[client.id][address]
+        c = self.conn(client.id)
+        name, port = c.names[address]
         addrs = await self.ctx.dial_addresses(name, port, via=self._target(address))
-        self.checked.setdefault(client.id, {})[address] = addrs[0]
+        c.checked[address] = addrs[0]
 
     def _target(self, address: tuple[str, int]) -> tuple[str, int]:
         """Where a dial address really goes: its `upstream.resolve` target, or itself."""
@@ -215,18 +220,11 @@ class Destinations:
             return address
 
     def client_disconnected(self, client: connection.Client) -> None:
-        self.targets.pop(client.id, None)
-        self.tunnelled.discard(client.id)
-        self.approved.pop(client.id, None)
-        self.names.pop(client.id, None)
-        self.checked.pop(client.id, None)
-        self.refused.discard(client.id)
-        self.explained.discard(client.id)
+        self.conns.pop(client.id, None)
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
-        cid = flow.client_conn.id
-        self.targets[cid] = (flow.request.host, flow.request.port)
-        self.tunnelled.add(cid)
+        c = self.conn(flow.client_conn.id)
+        c.target, c.tunnelled = (flow.request.host, flow.request.port), True
 
     async def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         """Every upstream connection passes here: nothing is dialled that no decision allowed
@@ -236,17 +234,18 @@ class Destinations:
         address = data.server.address
         if address is None:
             return
-        cid = data.client.id
+        c = self.conn(data.client.id)
         address = (address[0], address[1])
-        self.targets.setdefault(cid, address)
-        if address not in self.approved.get(cid, ()):
+        if c.target is None:
+            c.target = address
+        if address not in c.approved:
             tcp = self.ctx.policy.connection(address[0], address[1])
             if not (tcp.allowed and tcp.tcp):
                 self._refuse(data, tcp.reason, _as_decision(tcp), "non-http-killed")
                 return
-        routed = self.names.get(cid, {}).get(address)
+        routed = c.names.get(address)
         name, port = routed or address
-        checked = self.checked.get(cid, {}).get(address)
+        checked = c.checked.get(address)
         if checked is None:
             try:
                 addrs = await self.ctx.dial_addresses(name, port, via=address if routed else None)
@@ -277,19 +276,21 @@ class Destinations:
         assert data.server.address is not None
         host, port = data.server.address[0], data.server.address[1]
         data.server.error = f"keyward: {why}"
-        self.refused.add(data.client.id)
+        self.conn(data.client.id).refused = True
         facts = RequestFacts(Plane.MITM, "TCP", "tcp", host, port, client=_client(data.client))
         self.ctx.record(facts, decision, started=time.monotonic(), reason=reason, addr=addr)
 
     def verified(self, flow: http.HTTPFlow) -> tuple[str, int, str | None]:
         """(host, port, addr): the destination the policy decides on."""
-        cid = flow.client_conn.id
+        c = self.conn(flow.client_conn.id)
         if flow.client_conn.proxy_mode.type_name != "transparent":
-            if cid in self.tunnelled:  # explicit proxy: the CONNECT target
-                return (*self.targets[cid], None)
+            if c.tunnelled and c.target is not None:  # explicit proxy: the CONNECT target
+                return (*c.target, None)
             return flow.request.host, flow.request.port, None  # absolute-form plain HTTP
         # transparent: the original destination (an IP), remembered before any resolve rewrite
-        host, port = self.targets.setdefault(cid, (flow.request.host, flow.request.port))
+        if c.target is None:
+            c.target = (flow.request.host, flow.request.port)
+        host, port = c.target
         if self.verify_transparent is None:
             return host, port, None
         name = self.verify_transparent(host, port, flow.client_conn.sni, flow.request.host_header)
@@ -346,7 +347,7 @@ class ConnectionGate:
         # explain: complete the CONNECT; every request inside is answered by PolicyGate with
         # the explanation, and nothing is ever dialled (server_connect still refuses). The
         # reason is on the 200 too, for a client that then rejects our certificate.
-        self.dest.explained.add(flow.client_conn.id)
+        self.dest.conn(flow.client_conn.id).explained = True
         flow.response = http.Response(
             flow.request.data.http_version,
             200,
@@ -364,12 +365,12 @@ class ConnectionGate:
         its address passes the private-address guard (else it is intercepted, and the request
         gate answers the refusal with a 403)."""
         client = data.context.client
-        target = self.dest.targets.get(client.id) or data.context.server.address
+        target = self.dest.known(client.id).target or data.context.server.address
         if target is None or self._over_limit(client):
             return
         sni = data.client_hello.sni
         host, addr = target[0], None
-        if client.id not in self.dest.tunnelled and self.dest.verify_transparent is not None:
+        if not self.dest.known(client.id).tunnelled and self.dest.verify_transparent is not None:
             name = self.dest.verify_transparent(target[0], target[1], sni, None)
             if name is None:
                 return  # intercept; the request gate will refuse the unverified name
@@ -410,13 +411,13 @@ class ConnectionGate:
         client = data.context.client
         if self._over_limit(client):
             return  # audited once, as connection-limit
-        target = self.dest.targets.get(client.id) or data.context.server.address
+        target = self.dest.known(client.id).target or data.context.server.address
         host, port = target if target else (client.sni or "unknown", 0)
         decision = self.ctx.policy.connection(host, port)
         facts = RequestFacts(
             Plane.MITM, "TLS", "tls", host, port, sni=client.sni, client=_client(client)
         )
-        explained = client.id in self.dest.explained
+        explained = self.dest.known(client.id).explained
         self.ctx.record(
             facts,
             _as_decision(decision),
@@ -435,7 +436,7 @@ class ConnectionGate:
         if not isinstance(chosen, layers.TCPLayer) or chosen.flow is None:
             return  # not raw TCP, or a passthrough the policy chose (no flow: ignored)
         ctx = nextlayer.context
-        addr = self.dest.targets.get(ctx.client.id) or ctx.server.address
+        addr = self.dest.known(ctx.client.id).target or ctx.server.address
         if addr is None:
             return
         if not ctx.client.tls_established and not HTTP_START.match(nextlayer.data_client()):
@@ -454,7 +455,7 @@ class ConnectionGate:
         if self._over_limit(flow.client_conn):
             flow.kill()  # audited once, as connection-limit, when it closes
             return
-        addr = self.dest.targets.get(flow.client_conn.id) or flow.server_conn.address
+        addr = self.dest.known(flow.client_conn.id).target or flow.server_conn.address
         started = time.monotonic()
         host, port = addr if addr else ("unknown", 0)
         decision = self.ctx.policy.connection(host, port)
@@ -464,7 +465,7 @@ class ConnectionGate:
             self.ctx.record(facts, _as_decision(decision), started=started)
             return
         flow.kill()
-        if flow.client_conn.id not in self.dest.refused:
+        if not self.dest.known(flow.client_conn.id).refused:
             reason = "non-http-killed" if audited else AUDIT_UNAVAILABLE
             self.ctx.record(facts, _as_decision(decision), started=started, reason=reason)
 

@@ -5,7 +5,7 @@ read what a flow carries, instead of string keys in `flow.metadata` spread over 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mitmproxy import http
 
@@ -42,3 +42,18 @@ def state(flow: http.HTTPFlow) -> FlowState:
         st = flow.metadata[KEY] = FlowState()
     assert isinstance(st, FlowState)
     return st
+
+
+@dataclass(slots=True)
+class ConnState:
+    """Everything keyward keeps about one client connection, dropped when it disconnects."""
+
+    target: tuple[str, int] | None = None  # the CONNECT target or the original destination
+    tunnelled: bool = False  # came through an explicit CONNECT
+    approved: set[tuple[str, int]] = field(default_factory=set)  # dials a decision allowed
+    # dial address -> the verified (name, port) it was approved for
+    names: dict[tuple[str, int], tuple[str, int]] = field(default_factory=dict)
+    # dial address -> the checked address to connect to instead
+    checked: dict[tuple[str, int], tuple[str, int]] = field(default_factory=dict)
+    refused: bool = False  # a dial was refused and audited by server_connect
+    explained: bool = False  # a denied CONNECT completed to explain the refusal
