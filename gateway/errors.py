@@ -25,12 +25,10 @@ secret value. This module imports nothing of keyward's, so every layer may raise
     ├── ResolveError              a name could not be resolved (SERVFAIL)
     │   ├── NameNotFound          the name does not exist (NXDOMAIN)
     │   └── NotSupported          no source answers this record type (NOTIMP)
-    ├── WireError                 not well-formed DNS (also a `ValueError`)
     └── ScrubError                a body cannot be scrubbed past this point
         └── UnscrubbableEncoding  a content coding keyward cannot decode
 
-Two keep a builtin second base because callers rely on it: `MaskError` is built with an errno,
-and `WireError` is caught with the `ValueError`s of parsing.
+One keeps a builtin second base because callers rely on it: `MaskError` is built with an errno.
 
 Outside the tree: `gateway.engine.errors` (`EngineError` and its status classes, `EngineNotFound`)
 and `gateway.engine.service.ServiceError` belong to the engine client, which imports nothing of
@@ -163,10 +161,6 @@ class NameNotFound(ResolveError):
 
 class NotSupported(ResolveError):
     """No configured source can answer this record type: NOTIMP."""
-
-
-class WireError(KeywardError, ValueError):
-    """A message that is not well-formed DNS."""
 
 
 class ScrubError(KeywardError):

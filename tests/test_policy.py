@@ -10,12 +10,14 @@ from gateway.config.compile import build_policy
 from gateway.config.loader import parse_config_text
 from gateway.errors import NotAllowedError
 from gateway.policy import (
+    HostRule,
     Placeholder,
     Plane,
     Policy,
     RequestFacts,
     Verdict,
     apply_plan,
+    parse_pattern,
     swap_placeholders,
 )
 from gateway.policy.apply import swap_in_target
@@ -238,7 +240,78 @@ def test_connection_decisions() -> None:
 
 def test_dns_names() -> None:
     p = policy()
-    assert p.name_allowed("api.openai.com")[0]
-    assert p.name_allowed("localhost")[0] is False  # host rule says allow: false
-    assert p.name_allowed("evil.example") == (False, None)
-    assert p.name_allowed("api.openai.com", "TXT")[0] is False
+    assert p.decide_name("api.openai.com").allowed
+    assert not p.decide_name("localhost").allowed  # host rule says allow: false
+    evil = p.decide_name("evil.example")
+    assert (evil.allowed, evil.rule) == (False, None)
+    assert not p.decide_name("api.openai.com", "TXT").allowed
+
+
+def name_policy(default: Verdict) -> Policy:
+    def rule(text: str, **kw: object) -> HostRule:
+        return HostRule(parse_pattern(text), **kw)  # type: ignore[arg-type]
+
+    return Policy(
+        [
+            rule("api.example.test"),
+            rule("*.wild.example.test"),
+            rule("txt.example.test", dns_types=frozenset({"TXT", "AXFR"})),
+            rule("blocked.example.test", allow=False),
+            rule("svc.example.test:8443"),
+        ],
+        default=default,
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "qtype", "verdict", "rule", "reason", "rcode"),
+    [
+        ("API.Example.Test.", "A", "allow", "api.example.test", "rule", None),
+        ("api.example.test", "aaaa", "allow", "api.example.test", "rule", None),
+        ("a.wild.example.test", "A", "allow", "*.wild.example.test", "rule", None),
+        ("svc.example.test", "A", "allow", "svc.example.test:8443", "rule", None),
+        ("txt.example.test", "TXT", "allow", "txt.example.test", "rule", None),
+        # meta types are refused whatever dns_types says; other types need dns_types
+        ("txt.example.test", "AXFR", "deny", "txt.example.test", "axfr-refused", 5),
+        ("txt.example.test", "MX", "deny", "txt.example.test", "mx-refused", 5),
+        ("api.example.test", "TXT", "deny", "api.example.test", "txt-refused", 5),
+        ("api.example.test", "TYPE65280", "deny", "api.example.test", "type65280-refused", 5),
+        # a refused name is NXDOMAIN whatever the type
+        ("blocked.example.test", "A", "deny", "blocked.example.test", "host-denied", 3),
+        ("blocked.example.test", "TXT", "deny", "blocked.example.test", "host-denied", 3),
+        ("wild.example.test", "A", "deny", None, "no-rule", 3),
+        ("bad name.test", "A", "deny", None, "bad-name", 3),
+    ],
+)
+def test_decide_name(
+    name: str, qtype: str, verdict: str, rule: str | None, reason: str, rcode: int | None
+) -> None:
+    d = name_policy(Verdict.DENY).decide_name(name, qtype)
+    assert (d.verdict.value, d.rule, d.reason) == (verdict, rule, reason)
+    assert d.allowed is (verdict == "allow")
+    if rcode is not None:
+        assert d.status == rcode
+    assert d.injections == ()
+
+
+@pytest.mark.parametrize(
+    ("default", "verdict", "reason"),
+    [
+        (Verdict.DENY, "deny", "no-rule"),
+        (Verdict.WARN, "warn", "would-deny: no-rule"),
+        (Verdict.ALLOW, "allow", "default-allow"),
+    ],
+)
+def test_decide_name_default_verdict_comes_from_the_core(
+    default: Verdict, verdict: str, reason: str
+) -> None:
+    p = name_policy(default)
+    d = p.decide_name("unlisted.test", "AAAA")
+    assert (d.verdict.value, d.rule, d.reason) == (verdict, None, reason)
+    # Even where the default lets the name resolve, data-carrying types stay refused.
+    txt = p.decide_name("unlisted.test", "TXT")
+    expected = ("deny", "no-rule", 3) if default is Verdict.DENY else ("deny", "txt-refused", 5)
+    assert (txt.verdict.value, txt.reason, txt.status) == expected
+    # A rule's verdict does not depend on the default.
+    assert p.decide_name("api.example.test").verdict is Verdict.ALLOW
+    assert p.decide_name("blocked.example.test").verdict is Verdict.DENY

@@ -141,11 +141,8 @@ def decide_record(policy: Policy, rec: Mapping[str, Any]) -> Outcome:
     method = str(rec.get("method") or "GET")
     host = str(rec["host"])
     if plane == Plane.DNS.value:
-        ok, rule = policy.name_allowed(host, method)
-        verdict = ("allow" if policy.default.value == "allow" else "warn") if ok else "deny"
-        if ok and rule is not None:
-            verdict = "allow"
-        return Outcome(verdict, rule)
+        named = policy.decide_name(host, method)
+        return Outcome(named.verdict.value, named.rule)
     port = int(rec["port"])
     if plane == Plane.PASSTHROUGH.value or method in CONNECTION_METHODS:
         cd = policy.connection(host, port)

@@ -20,9 +20,12 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.credentials.redact import Redactor, global_redactor
+
+if TYPE_CHECKING:
+    from gateway.policy.core import Decision, RequestFacts
 
 QUERY_REDACTED = "REDACTED"
 log = logging.getLogger("keyward.audit")
@@ -71,6 +74,50 @@ class AuditRecord:
         data = dict(self.__dict__)
         data["injected"] = [dict(i) for i in self.injected]
         return data
+
+
+def build_record(
+    facts: RequestFacts,
+    decision: Decision | None,
+    *,
+    started: float,
+    agent: str,
+    policy: str,
+    status: int | None = None,
+    bytes_up: int = 0,
+    bytes_down: int = 0,
+    error: str | None = None,
+    reason: str | None = None,
+    record_id: str | None = None,
+    refusal: str | None = None,
+    addr: str | None = None,
+) -> AuditRecord:
+    """The record of one request, refused connection or DNS query, from what the plane verified
+    and what the policy decided (no decision = denied before the policy was asked)."""
+    return AuditRecord(
+        id=record_id or new_id(),
+        agent=agent,
+        client=facts.client,
+        plane=str(facts.plane),
+        method=facts.method,
+        scheme=facts.scheme,
+        host=facts.host,
+        port=facts.port,
+        path=facts.path,
+        decision=str(decision.verdict) if decision else "deny",
+        rule=decision.rule if decision else None,
+        reason=reason or (decision.reason if decision else "error"),
+        injected=[i.as_dict() for i in decision.injections] if decision else [],
+        status=status,
+        bytes_up=bytes_up,
+        bytes_down=bytes_down,
+        duration_ms=round((time.monotonic() - started) * 1000, 3),
+        error=error,
+        alert=bool(decision and decision.alert),
+        refusal=refusal,
+        policy=policy,
+        addr=addr or facts.addr,
+    )
 
 
 def redact_query(path: str) -> str:

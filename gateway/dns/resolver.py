@@ -3,7 +3,8 @@
 The listener asks only after the policy allowed the name, so nothing here decides anything; it
 only has to be correct (answers match the question, spoofed replies are ignored), bounded (short
 timeouts, a size-capped cache) and cheap under repetition (concurrent identical lookups share one
-upstream query).
+upstream query). Messages to and from an upstream server are dnspython's (`dns.message`),
+imported on the first upstream query: most gateways never ask one, and the import is not free.
 """
 
 from __future__ import annotations
@@ -18,10 +19,18 @@ import struct
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING
 
-from gateway.dns import wire
+import dns.exception
+import dns.flags
+import dns.rdatatype
+
 from gateway.errors import NameNotFound, NotSupported, ResolveError
 from gateway.policy.hosts import is_ip, normalise_host, split_hostport
+
+if TYPE_CHECKING:
+    import dns.message
+    import dns.rdata
 
 ADDRESS_TYPES = {"A": socket.AF_INET, "AAAA": socket.AF_INET6}
 # getaddrinfo runs in asyncio's default thread pool, whose module is imported on first use: the
@@ -29,7 +38,9 @@ ADDRESS_TYPES = {"A": socket.AF_INET, "AAAA": socket.AF_INET6}
 # installed where the proxy uid cannot read failed every system lookup).
 
 
-_Value = list[str] | list[bytes]
+_Value = list[str] | list["dns.rdata.Rdata"]
+EDNS_PAYLOAD = 1232  # what upstream queries advertise
+MAX_MESSAGE = 65535
 Upstream = tuple[str, int] | list[tuple[str, int]] | None
 
 
@@ -120,16 +131,19 @@ class Resolver:
             raise failure or NameNotFound(f"{name} has no address")
         return found
 
-    async def lookup(self, name: str, qtype: str) -> list[bytes]:
-        """RDATA (embedded names expanded) of records of another type, from the upstream only."""
+    async def lookup(self, name: str, qtype: str) -> list[dns.rdata.Rdata]:
+        """Records of another type than A/AAAA (as dnspython rdata), from the upstream only."""
         qtype = qtype.upper()
-        code = wire.type_code(qtype)
+        try:
+            code = dns.rdatatype.from_text(qtype)
+        except dns.exception.DNSException:
+            code = None
         if code is None or qtype in ADDRESS_TYPES:
             raise ValueError(f"lookup() needs a non-address record type, not {qtype}")
         if not self._servers:
             raise NotSupported(f"no upstream DNS server to ask for {qtype}")
         host = normalise_host(name)
-        got = await self._cached(host, qtype, lambda: self._lookup_rdata(host, code))
+        got = await self._cached(host, qtype, lambda: self._query_upstream(host, code))
         return list(got)  # type: ignore[arg-type]
 
     def clear_cache(self) -> None:
@@ -204,16 +218,12 @@ class Resolver:
 
     async def _resolve_real(self, host: str, qtype: str) -> tuple[list[str], float]:
         if self._servers:
-            records, ttl = await self._query_upstream(host, wire.TYPE_CODES[qtype])
-            addrs = [a for r in records if (a := r.address()) is not None]
+            rdatas, ttl = await self._query_upstream(host, dns.rdatatype.from_text(qtype))
+            addrs = [str(r.address) for r in rdatas]  # type: ignore[attr-defined]
             return list(dict.fromkeys(addrs)), ttl
         if self.use_system:
             return await self._system(host, qtype), self.cache_ttl
         raise NameNotFound(f"no source knows {host}")
-
-    async def _lookup_rdata(self, host: str, code: int) -> tuple[list[bytes], float]:
-        records, ttl = await self._query_upstream(host, code)
-        return [r.rdata for r in records if r.rtype == code], ttl
 
     async def _system(self, host: str, qtype: str) -> list[str]:
         loop = asyncio.get_running_loop()
@@ -236,56 +246,80 @@ class Resolver:
         addrs = [str(info[4][0]) for info in infos]
         return list(dict.fromkeys(a for a in addrs if ipaddress.ip_address(a).version == version))
 
-    async def _query_upstream(self, host: str, code: int) -> tuple[list[wire.Record], float]:
-        """Ask the upstream servers in turn; UDP first, TCP when the reply is truncated."""
+    async def _query_upstream(
+        self, host: str, code: dns.rdatatype.RdataType
+    ) -> tuple[list[dns.rdata.Rdata], float]:
+        """Records of type `code` answering `host`, asking the upstream servers in turn: UDP
+        first, TCP when the reply is truncated. A CNAME chain is flattened onto `host`."""
+        import dns.message  # lazily: see the module docstring
+        import dns.name
+        import dns.rcode
+
         assert self._servers
-        labels = wire.encode_name(host)
-        question = wire.Question(labels, code)
+        try:
+            qname = dns.name.from_text(host)
+        except dns.exception.DNSException as e:
+            raise ResolveError(f"not a DNS name: {type(e).__name__}") from e
         last: Exception = ResolveError("no answer")
         for attempt in range(self.attempts * len(self._servers)):
             server = self._servers[attempt % len(self._servers)]
-            qid = secrets.randbelow(65536)
-            query = wire.build_query(qid, labels, code)
+            query = dns.message.make_query(
+                qname, code, use_edns=0, payload=EDNS_PAYLOAD, id=secrets.randbelow(65536)
+            )
             try:
-                reply = await _udp_exchange(server, query, qid, question, self.timeout)
-                if reply.header.tc:
-                    reply = await _tcp_exchange(server, query, qid, question, self.timeout)
-            except (OSError, TimeoutError, wire.WireError, asyncio.IncompleteReadError) as e:
+                reply = await _udp_exchange(server, query, self.timeout)
+                if reply.flags & dns.flags.TC:
+                    reply = await _tcp_exchange(server, query, self.timeout)
+            except (OSError, TimeoutError, asyncio.IncompleteReadError, *MALFORMED) as e:
                 last = ResolveError(f"upstream DNS: {type(e).__name__}")
                 continue
-            rcode = reply.header.rcode
-            if rcode == wire.Rcode.NXDOMAIN:
+            rcode = reply.rcode()
+            if rcode == dns.rcode.NXDOMAIN:
                 raise NameNotFound(host)
-            if rcode != wire.Rcode.NOERROR:
-                raise ResolveError(f"upstream DNS answered rcode {rcode}")
-            ttls = [r.ttl for r in reply.answers]
-            return list(reply.answers), float(min(ttls)) if ttls else self.negative_ttl
+            if rcode != dns.rcode.NOERROR:
+                raise ResolveError(f"upstream DNS answered rcode {int(rcode)}")
+            rdatas = [rd for rrset in reply.answer if rrset.rdtype == code for rd in rrset]
+            ttls = [rrset.ttl for rrset in reply.answer]
+            return rdatas, float(min(ttls)) if ttls else self.negative_ttl
         raise last
 
 
-def _matches(msg: wire.Message, qid: int, question: wire.Question) -> bool:
-    if msg.header.id != qid or not msg.header.qr or len(msg.questions) != 1:
+# What a malformed message raises: dnspython's own exceptions (record data errors are wrapped
+# into FormError), or ValueError (our own checks).
+MALFORMED = (dns.exception.DNSException, ValueError)
+
+
+def parse_message(data: bytes) -> dns.message.Message:
+    """A whole message; a TSIG record is carried, not checked (nothing here is signed)."""
+    import dns.message  # lazily: see the module docstring
+
+    if len(data) > MAX_MESSAGE:
+        raise ValueError("message too large")
+    return dns.message.from_wire(data, keyring=False)
+
+
+def _matches(reply: dns.message.Message, query: dns.message.Message) -> bool:
+    if reply.id != query.id or not reply.flags & dns.flags.QR or len(reply.question) != 1:
         return False
-    q = msg.questions[0]
-    return q.qtype == question.qtype and wire.same_name(q.labels, question.labels)
+    q, asked = reply.question[0], query.question[0]
+    return q.rdtype == asked.rdtype and q.name == asked.name  # names compare case-insensitively
 
 
 class _ReplyCatcher(asyncio.DatagramProtocol):
     """Keeps the first datagram that answers our question; anything else is ignored."""
 
-    def __init__(self, qid: int, question: wire.Question) -> None:
-        self.qid = qid
-        self.question = question
-        self.reply: asyncio.Future[wire.Message] = asyncio.get_running_loop().create_future()
+    def __init__(self, query: dns.message.Message) -> None:
+        self.query = query
+        self.reply: asyncio.Future[dns.message.Message] = asyncio.get_running_loop().create_future()
 
     def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
         if self.reply.done():
             return
         try:
-            msg = wire.parse_message(data)
-        except wire.WireError:
+            msg = parse_message(data)
+        except MALFORMED:
             return
-        if _matches(msg, self.qid, self.question):
+        if _matches(msg, self.query):
             self.reply.set_result(msg)
 
     def error_received(self, exc: Exception) -> None:
@@ -294,35 +328,35 @@ class _ReplyCatcher(asyncio.DatagramProtocol):
 
 
 async def _udp_exchange(
-    server: tuple[str, int], query: bytes, qid: int, question: wire.Question, timeout: float
-) -> wire.Message:
+    server: tuple[str, int], query: dns.message.Message, timeout: float
+) -> dns.message.Message:
     loop = asyncio.get_running_loop()
     transport, proto = await loop.create_datagram_endpoint(
-        lambda: _ReplyCatcher(qid, question), remote_addr=server
+        lambda: _ReplyCatcher(query), remote_addr=server
     )
     try:
-        transport.sendto(query)
+        transport.sendto(query.to_wire())
         return await asyncio.wait_for(proto.reply, timeout)
     finally:
         transport.close()
 
 
 async def _tcp_exchange(
-    server: tuple[str, int], query: bytes, qid: int, question: wire.Question, timeout: float
-) -> wire.Message:
-    async def run() -> wire.Message:
+    server: tuple[str, int], query: dns.message.Message, timeout: float
+) -> dns.message.Message:
+    async def run() -> dns.message.Message:
         reader, writer = await asyncio.open_connection(*server)
         try:
-            writer.write(struct.pack("!H", len(query)) + query)
+            writer.write(query.to_wire(prepend_length=True))
             await writer.drain()
             (size,) = struct.unpack("!H", await reader.readexactly(2))
-            msg = wire.parse_message(await reader.readexactly(size))
+            msg = parse_message(await reader.readexactly(size))
         finally:
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
-        if not _matches(msg, qid, question):
-            raise wire.WireError("TCP reply does not answer the question")
+        if not _matches(msg, query):
+            raise ValueError("TCP reply does not answer the question")
         return msg
 
     return await asyncio.wait_for(run(), timeout)

@@ -7,36 +7,78 @@ A/AAAA answers are remembered (`names_for`) so the transparent TLS plane can che
 ClientHello's SNI really resolved to the address the agent connected to. An allowed name whose
 answer holds a loopback, private or metadata address that no rule allows is answered REFUSED
 (reason private-address), the same rule the data planes apply when they dial.
+
+The listener is a thin adapter: the policy decides each name (`Policy.decide_name`), each query
+becomes one audit record through the planes' own record builder (`Recorder`), and the wire
+format is dnspython's. What stays here is transport: rate limits, the answer log, truncation.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
-from gateway.dns import wire
-from gateway.dns.resolver import Resolver
+import dns.flags
+import dns.message
+import dns.opcode
+import dns.rcode
+import dns.rdata
+import dns.rdataclass
+import dns.rdatatype
+
+# dnspython imports a record type's class on first use; the ones every answer needs are loaded
+# here, while the sidecar still runs before its privilege drop (the code may not be readable after).
+import dns.rdtypes.ANY.CNAME
+import dns.rdtypes.ANY.OPT
+import dns.rdtypes.IN.A
+import dns.rdtypes.IN.AAAA
+import dns.rrset
+
+from gateway.dns.resolver import (
+    MALFORMED,
+    MAX_MESSAGE,
+    Resolver,
+    parse_message,
+)
 from gateway.errors import NameNotFound, NotSupported, ResolveError
 from gateway.policy.addresses import REASON as REFUSED_ADDRESS
-from gateway.policy.core import Policy, Verdict
+from gateway.policy.core import Decision, Plane, Policy, RequestFacts, Verdict
 from gateway.policy.hosts import normalise_host
 
 log = logging.getLogger("keyward.dns")
 
 ANSWER_TTL = 30
-ADDRESS_QTYPES = frozenset({"A", "AAAA"})
-# Not record types a stub resolver may ask for, whatever a rule's dns_types says.
-META_QTYPES = frozenset({"OPT", "AXFR", "IXFR", "TKEY", "TSIG", "MAILA", "MAILB"})
-Rcode = wire.Rcode
+ADDRESS_QTYPES = frozenset({dns.rdatatype.A, dns.rdatatype.AAAA})
+UDP_PLAIN_LIMIT = 512  # RFC 1035 §4.2.1, without EDNS
+EDNS_PAYLOAD = 1232  # what we accept and advertise (the DNS flag day 2020 figure)
+Rcode = dns.rcode.Rcode
+# Bytes a label of a host name can hold. Anything else (a dot or a backslash inside a label,
+# binary) would read as a different name once printed, so such a name is answered bad-name.
+_HOST_BYTES = frozenset(b"-_0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
-AuditSink = Callable[[dict[str, object]], None]
+
+class Recorder(Protocol):
+    """Writes one audit record: `GatewayContext.record`, the path every plane's records take."""
+
+    def __call__(
+        self,
+        facts: RequestFacts,
+        decision: Decision | None,
+        *,
+        started: float,
+        status: int | None = None,
+        reason: str | None = None,
+        addr: str | None = None,
+    ) -> object: ...
 
 
 class TokenBuckets:
@@ -138,8 +180,7 @@ class _Outcome:
 
     method: str = ""
     host: str = ""
-    decision: str = "deny"
-    rule: str | None = None
+    decision: Decision | None = None  # None: refused before the policy was asked
     reason: str = "malformed"
     status: int | None = None
     addr: str | None = None
@@ -153,7 +194,7 @@ class DnsListener:
         policy: Policy,
         resolver: Resolver,
         *,
-        audit: AuditSink | None = None,
+        audit: Recorder | None = None,
         rate: float = 50.0,
         burst: int = 100,
         ttl: int = ANSWER_TTL,
@@ -297,130 +338,142 @@ class DnsListener:
             out.status = Rcode.REFUSED if refusal is not None else None
             return refusal
         try:
-            msg = wire.parse_message(data)
-        except wire.WireError:
+            query = parse_message(data)
+        except MALFORMED:
             out.reason = "malformed"
             refusal = _bare(data, Rcode.FORMERR)
             out.status = Rcode.FORMERR if refusal is not None else None
             return refusal
-        header = msg.header
-        if header.qr:
+        if query.flags & dns.flags.QR:
             out.reason = "not-a-query"
             return None
-        question = msg.questions[0] if len(msg.questions) == 1 else None
-        edns = msg.edns_payload()
-        limit = min(edns or wire.UDP_PLAIN_LIMIT, wire.EDNS_PAYLOAD) if udp else wire.MAX_MESSAGE
-
-        def reply(rcode: int, reason: str, records: list[wire.Record] | None = None) -> bytes:
-            out.reason, out.status = reason, rcode
-            return wire.build_response(
-                header, question, rcode, records or (), edns=edns is not None, limit=limit
+        question = query.question[0] if len(query.question) == 1 else None
+        edns = query.edns >= 0
+        limit = MAX_MESSAGE
+        if udp:
+            limit = (
+                min(max(query.payload, UDP_PLAIN_LIMIT), EDNS_PAYLOAD) if edns else UDP_PLAIN_LIMIT
             )
 
-        if header.opcode != wire.OPCODE_QUERY:
+        def reply(rcode: int, reason: str, answer: dns.rrset.RRset | None = None) -> bytes:
+            out.reason, out.status = reason, rcode
+            answers = [answer] if answer is not None and len(answer) else []
+            return _response(query.id, query.flags, question, rcode, answers, edns, limit)
+
+        if query.opcode() != dns.opcode.QUERY:
             return reply(Rcode.NOTIMP, "opcode-not-implemented")
         if question is None:
             return reply(Rcode.FORMERR, "question-count")
-        qtype = question.type_name
+        qtype = dns.rdatatype.to_text(question.rdtype)
         out.method = qtype
-        out.host = question.name
-        if question.qclass != wire.CLASS_IN:
+        out.host = question.name.to_text(omit_final_dot=True)
+        if question.rdclass != dns.rdataclass.IN:
             return reply(Rcode.REFUSED, "class-refused")
         try:
-            host = normalise_host(question.name)
+            if not all(_HOST_BYTES.issuperset(label) for label in question.name.labels):
+                raise ValueError("not a host name")
+            host = normalise_host(out.host)
         except ValueError:
             return reply(Rcode.NXDOMAIN, "bad-name")
         out.host = host
 
-        name_ok, rule = self.policy.name_allowed(host, "A")
-        out.rule = rule
-        if not name_ok:
-            return reply(Rcode.NXDOMAIN, "host-denied" if rule is not None else "no-rule")
-        ok, rule = self.policy.name_allowed(host, qtype)
-        if not ok or qtype in META_QTYPES:
-            return reply(Rcode.REFUSED, f"{qtype.lower()}-refused")
-        out.rule = rule
-        out.decision, allow_reason = self._allowed_verdict(rule)
-
+        decision = out.decision = self.policy.decide_name(host, qtype)
+        if not decision.allowed:
+            return reply(decision.status, decision.reason)
+        answer = dns.rrset.RRset(question.name, dns.rdataclass.IN, question.rdtype)
+        answer.update_ttl(self.ttl)
         try:
-            if qtype in ADDRESS_QTYPES:
+            if question.rdtype in ADDRESS_QTYPES:
                 addrs = await self.resolver.resolve(host, qtype)
                 for addr in addrs:  # the dial-time guard, applied to what the agent is told
                     if self.policy.address_refusal(host, 0, addr) is not None:
-                        out.decision, out.addr = Verdict.DENY.value, addr
+                        out.addr = addr
+                        out.decision = dataclasses.replace(
+                            decision, verdict=Verdict.DENY, reason=REFUSED_ADDRESS
+                        )
                         return reply(Rcode.REFUSED, REFUSED_ADDRESS)
                 self.answers.record(host, addrs)
-                records = [wire.address_record(question.labels, a, self.ttl) for a in addrs]
+                for a in addrs:
+                    answer.add(dns.rdata.from_text(dns.rdataclass.IN, question.rdtype, a))
             else:
-                rdatas = await self.resolver.lookup(host, qtype)
-                records = [
-                    wire.Record(question.labels, question.qtype, wire.CLASS_IN, self.ttl, r)
-                    for r in rdatas
-                ]
+                for rdata in await self.resolver.lookup(host, qtype):
+                    answer.add(rdata)
         except NameNotFound:
             return reply(Rcode.NXDOMAIN, "nxdomain-upstream")
         except NotSupported:
             return reply(Rcode.NOTIMP, "no-upstream-for-type")
         except ResolveError:
             return reply(Rcode.SERVFAIL, "upstream-error")
-        return reply(Rcode.NOERROR, allow_reason if records else "no-data", records)
-
-    def _allowed_verdict(self, rule: str | None) -> tuple[str, str]:
-        if rule is not None:
-            return Verdict.ALLOW.value, "rule"
-        if self.policy.default is Verdict.WARN:
-            return Verdict.WARN.value, "would-deny: no-rule"
-        return Verdict.ALLOW.value, "default-allow"
+        return reply(Rcode.NOERROR, decision.reason if len(answer) else "no-data", answer)
 
     def _emit(self, out: _Outcome, peer: tuple[str, int], started: float) -> None:
         if self.audit is None:
             return
-        record: dict[str, object] = {
-            "plane": "dns",
-            "method": out.method,
-            "scheme": "dns",
-            "host": out.host,
-            "port": 53,
-            "path": "",
-            "client": f"{peer[0]}:{peer[1]}",
-            "decision": out.decision,
-            "rule": out.rule,
-            "reason": out.reason,
-            "status": out.status,
-            "duration_ms": round((time.monotonic() - started) * 1000, 3),
-            "addr": out.addr,
-        }
+        facts = RequestFacts(
+            Plane.DNS, out.method, "dns", out.host, 53, "", client=f"{peer[0]}:{peer[1]}"
+        )
         try:
-            self.audit(record)
+            self.audit(
+                facts,
+                out.decision,
+                started=started,
+                status=out.status,
+                reason=out.reason,
+                addr=out.addr,
+            )
         except Exception:
             log.exception("dns: audit sink failed")
 
 
+def _response(
+    qid: int,
+    query_flags: int,
+    question: dns.rrset.RRset | None,
+    rcode: int,
+    answers: Sequence[dns.rrset.RRset] = (),
+    edns: bool = False,
+    limit: int = MAX_MESSAGE,
+) -> bytes:
+    """A response: the query's id, opcode and RD bit, QR and RA set. Answers that do not fit
+    in `limit` (what the client can take over UDP) are dropped and TC set: it retries on TCP."""
+    msg = dns.message.Message(id=qid)
+    msg.flags = dns.flags.QR | dns.flags.RA | (query_flags & dns.flags.RD)
+    msg.set_opcode(dns.opcode.from_flags(query_flags))
+    msg.set_rcode(dns.rcode.Rcode(rcode))
+    if question is not None:
+        msg.question = [question]
+    msg.answer = list(answers)
+    if edns:
+        msg.use_edns(0, payload=EDNS_PAYLOAD)
+    # An answer set that does not fit is left out whole (never a partial set) and TC is set.
+    return msg.to_wire(max_size=limit, prefer_truncation=True)
+
+
 def _bare(data: bytes, rcode: int) -> bytes | None:
-    """A header-only reply for a message whose header parsed and which is a query."""
-    try:
-        header = wire.parse_header(data)
-    except wire.WireError:
+    """A header-only reply for a message whose header is there and which is a query."""
+    if len(data) < 12:
         return None
-    if header.qr:
+    qid, flags = struct.unpack_from("!HH", data)
+    if flags & dns.flags.QR:
         return None
-    return wire.build_response(header, None, rcode)
+    return _response(qid, flags, None, rcode)
 
 
 def _refuse_quietly(data: bytes, out: _Outcome) -> bytes | None:
     """REFUSED for a rate-limited client, echoing its question when it parses."""
     try:
-        msg = wire.parse_message(data)
-    except wire.WireError:
+        query = parse_message(data)
+    except MALFORMED:
         return _bare(data, Rcode.REFUSED)
-    if msg.header.qr:
+    if query.flags & dns.flags.QR:
         return None
-    question = msg.questions[0] if len(msg.questions) == 1 else None
+    question = query.question[0] if len(query.question) == 1 else None
     if question is not None:
-        out.method, out.host = question.type_name, question.name
+        out.method = dns.rdatatype.to_text(question.rdtype)
+        out.host = question.name.to_text(omit_final_dot=True)
         with contextlib.suppress(ValueError):
-            out.host = normalise_host(question.name)
-    return wire.build_response(msg.header, question, Rcode.REFUSED)
+            out.host = normalise_host(out.host)
+    return _response(query.id, query.flags, question, Rcode.REFUSED)
 
 
 class _UdpProtocol(asyncio.DatagramProtocol):

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import functools
 import ssl
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gateway.audit.writer import AuditRecord, AuditWriter, new_id
+from gateway.audit.writer import AuditRecord, AuditWriter, build_record
 from gateway.config.loader import LoadedConfig
 from gateway.credentials.redact import Redactor
 from gateway.credentials.store import SecretStore
@@ -124,29 +123,20 @@ class GatewayContext:
     ) -> AuditRecord:
         """Write one audit record for a request or refused connection. `policy` is the hash of
         the policy that decided (taken when it decided: a reload may have happened since)."""
-        rec = AuditRecord(
-            id=record_id or new_id(),
+        rec = build_record(
+            facts,
+            decision,
+            started=started,
             agent=self.agent,
-            client=facts.client,
-            plane=str(facts.plane),
-            method=facts.method,
-            scheme=facts.scheme,
-            host=facts.host,
-            port=facts.port,
-            path=facts.path,
-            decision=str(decision.verdict) if decision else "deny",
-            rule=decision.rule if decision else None,
-            reason=reason or (decision.reason if decision else "error"),
-            injected=[i.as_dict() for i in decision.injections] if decision else [],
+            policy=policy or self.config.digest,
             status=status,
             bytes_up=bytes_up,
             bytes_down=bytes_down,
-            duration_ms=round((time.monotonic() - started) * 1000, 3),
             error=error,
-            alert=bool(decision and decision.alert),
+            reason=reason,
+            record_id=record_id,
             refusal=str(refusal) if refusal is not None else None,
-            policy=policy or self.config.digest,
-            addr=addr or facts.addr,
+            addr=addr,
         )
         self.write_record(rec)
         return rec

@@ -196,7 +196,7 @@ class Decision:
     alert: bool = False
     normalised_path: str = "/"
     extra: dict[str, str] = field(default_factory=dict)
-    status: int = 403  # what a refusal answers
+    status: int = 403  # what a refusal answers: an HTTP status (a DNS rcode for a name)
     # Where the rule has path rules: the canonical path + the query as sent. The planes send
     # exactly this, so the upstream never acts on another path than the one matched.
     target: str | None = None
@@ -230,6 +230,11 @@ class ConnectionDecision:
 
 
 DNS_ADDRESS_TYPES = frozenset({"A", "AAAA"})
+# Not record types a stub resolver may ask for, whatever a rule's `dns_types` says.
+DNS_META_TYPES = frozenset({"OPT", "AXFR", "IXFR", "TKEY", "TSIG", "MAILA", "MAILB"})
+# What `decide_name` refusals answer (RFC 1035 §4.1.1 response codes).
+RCODE_NXDOMAIN = 3
+RCODE_REFUSED = 5
 
 
 class Policy:
@@ -445,21 +450,38 @@ class Policy:
             return None
         return category
 
-    def name_allowed(self, name: str, qtype: str = "A") -> tuple[bool, str | None]:
-        """Whether DNS may answer `name` for `qtype` (any port could be allowed)."""
+    def decide_name(self, name: str, qtype: str = "A") -> Decision:
+        """Whether the DNS listener may answer `name` for record type `qtype` (DNS knows no
+        port: a name is answerable if some port of it could be allowed).
+
+        A refusal's `status` is the DNS rcode to answer: NXDOMAIN when the name itself is not
+        allowed (so a client learns nothing about it), REFUSED when only the record type is.
+        Types other than A/AAAA carry data (TXT, NULL, MX: LESSONS "DNS exfiltration") and are
+        answered only where a rule's `dns_types` names them; meta types never.
+        """
         try:
             h = normalise_host(name)
         except ValueError:
-            return False, None
+            return Decision(Verdict.DENY, None, "bad-name", status=RCODE_NXDOMAIN)
         rules = self._name_rules(h)
         rule = rules[0] if rules else None
         if rule is None:
-            ok = self.default is not Verdict.DENY and qtype in DNS_ADDRESS_TYPES
-            return ok, None
-        if not rule.allow:
-            return False, rule.pattern.text
-        ok = qtype in DNS_ADDRESS_TYPES or qtype in rule.dns_types
-        return ok, rule.pattern.text
+            verdict, reason = self._default("no-rule")
+            extra_types: frozenset[str] = frozenset()
+        elif not rule.allow:
+            verdict, reason = Verdict.DENY, "host-denied"
+        else:
+            verdict, reason = Verdict.ALLOW, "rule"
+            extra_types = rule.dns_types
+        rule_text = rule.pattern.text if rule is not None else None
+        if verdict is Verdict.DENY:
+            return Decision(verdict, rule_text, reason, status=RCODE_NXDOMAIN)
+        qtype = qtype.upper()
+        if qtype in DNS_META_TYPES or not (qtype in DNS_ADDRESS_TYPES or qtype in extra_types):
+            return Decision(
+                Verdict.DENY, rule_text, f"{qtype.lower()}-refused", status=RCODE_REFUSED
+            )
+        return Decision(verdict, rule_text, reason, EMPTY_PLAN)
 
 
 def basic_credentials(value: str) -> str | None:

@@ -20,7 +20,6 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.audit.writer import AuditRecord
 from gateway.config.compile import parse_nameservers
 from gateway.config.loader import LoadedConfig
 from gateway.credentials.oauth import TokenMinter
@@ -192,11 +191,6 @@ class Sidecar:
             log.info("dropped to uid %d with no capabilities", opts.proxy_uid)
         return cls(ctx, opts, environ=environ)
 
-    def _audit_dns(self, rec: dict[str, object]) -> None:
-        fields = {k: v for k, v in rec.items() if k in AuditRecord.__dataclass_fields__}
-        fields.setdefault("agent", self.ctx.agent)
-        self.ctx.write_record(AuditRecord(**fields))  # type: ignore[arg-type]
-
     async def start(self) -> None:
         p = self.opts.ports
         self.minter = self.ctx.start_token_minter()
@@ -207,7 +201,7 @@ class Sidecar:
         # Every agent query arrives from 127.0.0.1 and glibc does not cache: a parallel
         # package install asks A and AAAA per connection, so the per-client bucket is generous.
         self.dns = DnsListener(
-            self.ctx.policy, resolver, audit=self._audit_dns, rate=500.0, burst=2000
+            self.ctx.policy, resolver, audit=self.ctx.record, rate=500.0, burst=2000
         )
         await self.dns.start("127.0.0.1", p.dns)
         verifier = make_verifier(self.dns.names_for, self.ctx.connect_target)

@@ -19,7 +19,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from gateway.dns import wire
+import dns.flags
+import dns.message
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import dns.rrset
+
+from gateway.dns.resolver import MALFORMED
 
 # name -> qtype ("A"/"AAAA") -> answer sets: the n-th query gets the n-th set, the last repeats.
 Zone = dict[str, dict[str, list[list[str]]]]
@@ -39,21 +46,27 @@ class ZoneServer:
 
     def answer(self, data: bytes) -> bytes | None:
         try:
-            msg = wire.parse_message(data)
-        except wire.WireError:
+            msg = dns.message.from_wire(data)
+        except MALFORMED:
             return None
-        if msg.header.qr or len(msg.questions) != 1:
+        if msg.flags & dns.flags.QR or len(msg.question) != 1:
             return None
-        q = msg.questions[0]
-        name, qtype = q.name.lower().rstrip("."), q.type_name
+        q = msg.question[0]
+        name = q.name.to_text(omit_final_dot=True).lower()
+        qtype = dns.rdatatype.to_text(q.rdtype)
         n = self.queries.get((name, qtype), 0)
         self.queries[(name, qtype)] = n + 1
+        reply = dns.message.make_response(msg)
         if name not in self.zone:
-            return wire.build_response(msg.header, q, wire.Rcode.NXDOMAIN, ())
+            reply.set_rcode(dns.rcode.NXDOMAIN)
+            return reply.to_wire()
         sets = self.zone[name].get(qtype) or [[]]
         addrs = sets[min(n, len(sets) - 1)]
-        records = [wire.address_record(q.labels, a, 0) for a in addrs]
-        return wire.build_response(msg.header, q, wire.Rcode.NOERROR, records)
+        if addrs:
+            reply.answer.append(
+                dns.rrset.from_text_list(q.name, 0, dns.rdataclass.IN, q.rdtype, addrs)
+            )
+        return reply.to_wire()
 
     async def start(self) -> int:
         loop = asyncio.get_running_loop()
