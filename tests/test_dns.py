@@ -26,8 +26,8 @@ from hypothesis import strategies as st
 
 from gateway.audit.writer import build_record
 from gateway.dns.resolver import MALFORMED, Resolver, parse_message
-from gateway.errors import NameNotFound
 from gateway.dns.server import AnswerLog, DnsListener, Recorder, TokenBuckets
+from gateway.errors import NameNotFound
 from gateway.policy import Decision, HostRule, Policy, RequestFacts, Verdict, parse_pattern
 from tests.support.wait import BOUND, async_wait_until
 
