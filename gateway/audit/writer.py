@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 from gateway.credentials.redact import Redactor, global_redactor
 
@@ -76,6 +76,18 @@ class AuditRecord:
         return data
 
 
+class Outcome(TypedDict, total=False):
+    """How a request ended, as the plane that handled it saw it (all optional)."""
+
+    status: int | None
+    bytes_up: int
+    bytes_down: int
+    error: str | None
+    reason: str | None  # overrides the decision's reason
+    record_id: str | None
+    addr: str | None  # the address connected to (or refused); default: the facts' addr
+
+
 def build_record(
     facts: RequestFacts,
     decision: Decision | None,
@@ -83,19 +95,14 @@ def build_record(
     started: float,
     agent: str,
     policy: str,
-    status: int | None = None,
-    bytes_up: int = 0,
-    bytes_down: int = 0,
-    error: str | None = None,
-    reason: str | None = None,
-    record_id: str | None = None,
     refusal: str | None = None,
-    addr: str | None = None,
+    **outcome: Unpack[Outcome],
 ) -> AuditRecord:
     """The record of one request, refused connection or DNS query, from what the plane verified
     and what the policy decided (no decision = denied before the policy was asked)."""
+    reason = outcome.get("reason")
     return AuditRecord(
-        id=record_id or new_id(),
+        id=outcome.get("record_id") or new_id(),
         agent=agent,
         client=facts.client,
         plane=str(facts.plane),
@@ -108,15 +115,15 @@ def build_record(
         rule=decision.rule if decision else None,
         reason=reason or (decision.reason if decision else "error"),
         injected=[i.as_dict() for i in decision.injections] if decision else [],
-        status=status,
-        bytes_up=bytes_up,
-        bytes_down=bytes_down,
+        status=outcome.get("status"),
+        bytes_up=outcome.get("bytes_up", 0),
+        bytes_down=outcome.get("bytes_down", 0),
         duration_ms=round((time.monotonic() - started) * 1000, 3),
-        error=error,
+        error=outcome.get("error"),
         alert=bool(decision and decision.alert),
         refusal=refusal,
         policy=policy,
-        addr=addr or facts.addr,
+        addr=outcome.get("addr") or facts.addr,
     )
 
 

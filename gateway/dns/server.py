@@ -25,7 +25,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, Unpack
 
 import dns.flags
 import dns.message
@@ -43,6 +43,7 @@ import dns.rdtypes.IN.A
 import dns.rdtypes.IN.AAAA
 import dns.rrset
 
+from gateway.audit.writer import Outcome
 from gateway.dns.resolver import (
     MALFORMED,
     MAX_MESSAGE,
@@ -75,9 +76,7 @@ class Recorder(Protocol):
         decision: Decision | None,
         *,
         started: float,
-        status: int | None = None,
-        reason: str | None = None,
-        addr: str | None = None,
+        **outcome: Unpack[Outcome],
     ) -> object: ...
 
 

@@ -8,9 +8,9 @@ import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Unpack
 
-from gateway.audit.writer import AuditRecord, AuditWriter, build_record
+from gateway.audit.writer import AuditRecord, AuditWriter, Outcome, build_record
 from gateway.config.loader import LoadedConfig
 from gateway.credentials.redact import Redactor
 from gateway.credentials.store import SecretStore
@@ -111,15 +111,9 @@ class GatewayContext:
         decision: Decision | None,
         *,
         started: float,
-        status: int | None = None,
-        bytes_up: int = 0,
-        bytes_down: int = 0,
-        error: str | None = None,
-        reason: str | None = None,
-        record_id: str | None = None,
         refusal: RefusalMode | None = None,
         policy: str | None = None,
-        addr: str | None = None,
+        **outcome: Unpack[Outcome],
     ) -> AuditRecord:
         """Write one audit record for a request or refused connection. `policy` is the hash of
         the policy that decided (taken when it decided: a reload may have happened since)."""
@@ -129,14 +123,8 @@ class GatewayContext:
             started=started,
             agent=self.agent,
             policy=policy or self.config.digest,
-            status=status,
-            bytes_up=bytes_up,
-            bytes_down=bytes_down,
-            error=error,
-            reason=reason,
-            record_id=record_id,
             refusal=str(refusal) if refusal is not None else None,
-            addr=addr,
+            **outcome,
         )
         self.write_record(rec)
         return rec
