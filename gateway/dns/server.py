@@ -31,7 +31,6 @@ import dns.flags
 import dns.message
 import dns.opcode
 import dns.rcode
-import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
 
@@ -392,8 +391,9 @@ class DnsListener:
                         )
                         return reply(Rcode.REFUSED, REFUSED_ADDRESS)
                 self.answers.record(host, addrs)
+                record = dns.rdtypes.IN.A.A if qtype == "A" else dns.rdtypes.IN.AAAA.AAAA
                 for a in addrs:
-                    answer.add(dns.rdata.from_text(dns.rdataclass.IN, question.rdtype, a))
+                    answer.add(record(dns.rdataclass.IN, question.rdtype, a))
             else:
                 for rdata in await self.resolver.lookup(host, qtype):
                     answer.add(rdata)
