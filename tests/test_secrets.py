@@ -428,7 +428,7 @@ def test_oauth_token_is_unavailable_until_minted_and_after_expiry(tmp_path: Path
 
 def test_register_placeholder_is_redacted() -> None:
     store = SecretStore({"x": SecretValue(VALUE)})
-    store.register_placeholder("sk-proj-placeholder-value-123")
+    store.register_placeholders(["sk-proj-placeholder-value-123"])
     assert store.redactor.redact("sk-proj-placeholder-value-123") == "[REDACTED]"
     assert store.resolve("x") == VALUE
 

@@ -53,16 +53,15 @@ class SecretStore:
         self._minted: dict[str, _Minted] = {}
         self._lock = threading.Lock()
         self.redactor = redactor if redactor is not None else Redactor()
-        for v in self._values.values():
-            self._remember(v.reveal())
+        known = [v.reveal() for v in self._values.values()]
         for cred in self._oauth.values():
-            for field in (cred.client_id, cred.client_secret, cred.refresh_token):
-                if field is not None:
-                    self._remember(field.reveal())
+            fields = (cred.client_id, cred.client_secret, cred.refresh_token)
+            known += [f.reveal() for f in fields if f is not None]
+        self._remember(*known)
 
-    def _remember(self, value: str) -> None:
-        self.redactor.add(value)
-        global_redactor().add(value)
+    def _remember(self, *values: str) -> None:
+        self.redactor.update(values)
+        global_redactor().update(values)
 
     def names(self) -> frozenset[str]:
         return frozenset(self._values) | frozenset(self._oauth)
@@ -117,6 +116,6 @@ class SecretStore:
         with self._lock:
             self._minted[name] = _Minted(SecretValue(value), float(expires_at))
 
-    def register_placeholder(self, value: str) -> None:
+    def register_placeholders(self, values: Iterable[str]) -> None:
         """Placeholder values are redacted from audit records and logs like real ones."""
-        self._remember(value)
+        self._remember(*values)

@@ -28,8 +28,8 @@ def build_placeholders(
         real = store.get(ph.secret)
         fmt = ph.format or detect_format(real.reveal())
         value = make_placeholder(env, seed=seed, fmt=fmt, real=real)
-        store.register_placeholder(value)
         out.append(Placeholder(env, ph.secret, value, frozenset(ph.swap_in)))
+    store.register_placeholders(p.value for p in out)
     return tuple(out)
 
 
