@@ -81,10 +81,19 @@ class ZoneServer:
                 if reply is not None:
                     self.transport.sendto(reply, addr)  # type: ignore[attr-defined]
 
-        self._udp, _ = await loop.create_datagram_endpoint(Udp, local_addr=(self.host, self.port))
-        self.port = self._udp.get_extra_info("sockname")[1]
-        self._tcp = await asyncio.start_server(self._serve_tcp, self.host, self.port)
-        return self.port
+        # An ephemeral UDP port's number may be taken for TCP (by any outgoing connection's
+        # local port): try another rather than fail the test's setup.
+        for _ in range(20 if self.port == 0 else 1):
+            udp, _ = await loop.create_datagram_endpoint(Udp, local_addr=(self.host, self.port))
+            port: int = udp.get_extra_info("sockname")[1]
+            try:
+                self._tcp = await asyncio.start_server(self._serve_tcp, self.host, port)
+            except OSError:
+                udp.close()
+                continue
+            self._udp, self.port = udp, port
+            return port
+        raise OSError(f"no port free for both UDP and TCP on {self.host}")
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(asyncio.IncompleteReadError, OSError):
