@@ -405,10 +405,15 @@ def test_user_namespace_and_unapplied_limits_per_engine() -> None:
     assert engine_user_setup("docker", {"MemoryLimit": True, "PidsLimit": True}, o) == (None, [])
     _, notes = engine_user_setup("docker", {"MemoryLimit": False, "PidsLimit": True}, o)
     assert len(notes) == 1 and "memory" in notes[0]
-    # keep-id ends up on the agent only
+    # keep-id is the holder's: the gateway and the agent join its user namespace, which owns the
+    # network namespace (mounting /sys and iptables' owner match need that)
     keep = opts(userns="keep-id")
-    assert agent_config(keep, "h", [])["HostConfig"]["UsernsMode"] == "keep-id"
-    assert "UsernsMode" not in gateway_config(keep, "h")["HostConfig"]
+    assert holder_config(keep)["HostConfig"]["UsernsMode"] == "keep-id"
+    assert agent_config(keep, "h", [])["HostConfig"]["UsernsMode"] == "container:h"
+    assert gateway_config(keep, "h")["HostConfig"]["UsernsMode"] == "container:h"
+    plain = opts()
+    for body in (holder_config(plain), agent_config(plain, "h", []), gateway_config(plain, "h")):
+        assert "UsernsMode" not in body["HostConfig"]
 
 
 def test_default_agent_user_is_the_invoking_user() -> None:

@@ -359,6 +359,10 @@ def holder_config(
         host["ExtraHosts"] = list(opts.extra_hosts)
     if opts.dns:
         host["Dns"] = list(opts.dns)
+    if opts.userns:
+        # the namespace's user namespace is the holder's too: a joiner of another user namespace
+        # cannot mount /sys for it (rootless Podman 4.3: "mount sysfs: operation not permitted")
+        host["UsernsMode"] = opts.userns
     body: dict[str, Any] = {
         "Image": opts.gateway_image,
         "Entrypoint": list(HOLDER_CMD),
@@ -399,6 +403,9 @@ def gateway_config(opts: PairOptions, holder_id: str, kind: str = "docker") -> d
         ],
         "RestartPolicy": restart_policy(kind),
     }
+    if opts.userns:
+        # iptables' owner match is refused (EINVAL) from outside the netns's user namespace
+        host["UsernsMode"] = f"container:{holder_id}"
     return {
         "Image": opts.gateway_image,
         "Cmd": gateway_command(opts),
@@ -464,7 +471,7 @@ def agent_config(
     if opts.agent_memory:
         host["Memory"] = opts.agent_memory
     if opts.userns:
-        host["UsernsMode"] = opts.userns
+        host["UsernsMode"] = f"container:{holder_id}"  # the holder's keep-id, which owns the netns
     cmd = guarded(list(opts.command or DEFAULT_AGENT_CMD), AGENT_START_WAITS)
     return {
         "Image": opts.agent_image,
