@@ -63,9 +63,9 @@ upstream:
 """
 
 
-def _engine_problem(kind: str) -> str | None:
-    """Why the `kind` engine cannot be used here, or None."""
-    sock = SOCKETS[kind]
+def _engine_problem(kind: str, sock: str | None = None) -> str | None:
+    """Why the `kind` engine (at its usual socket unless `sock`) cannot be used here, or None."""
+    sock = sock or SOCKETS[kind]
     if not Path(sock).exists():
         return f"{kind}: no API socket at {sock}"
 
@@ -89,7 +89,11 @@ def _engine_problem(kind: str) -> str | None:
 
 def require_engine(kind: str) -> None:
     """Skip (or, with CI=true, fail) unless the engine answers and the images are built."""
-    problem = _engine_problem(kind)
+    skip_or_fail_in_ci(_engine_problem(kind))
+
+
+def skip_or_fail_in_ci(problem: str | None) -> None:
+    """Nothing if no problem; otherwise skip, or fail with CI=true (engine tests must run there)."""
     if problem is None:
         return
     if os.environ.get("CI", "").lower() == "true":

@@ -26,16 +26,16 @@ from typing import Any
 import pytest
 
 from gateway import pair
-from gateway.engine.client import EngineClient
-from gateway.engine.errors import NotFound
 from tests.test_e2e_engines import (
     CONFIG,
     REAL_KEY,
     TEST_LABELS,
     UP_DIR,
     _cleanup,
+    _engine_problem,
     _leftovers,
     _start_upstream,
+    skip_or_fail_in_ci,
 )
 from tests.test_e2e_pairs import World
 
@@ -94,34 +94,18 @@ def _rootless_problem() -> str | None:
         return f"no rootless Podman API socket at {sock} (scripts/ci-setup-engines starts it)"
     if _python_for(pw) is None:
         return f"{ROOTLESS_USER} cannot run a Python {sys.version_info[:2]} that imports keyward"
+    problem = _engine_problem("podman", sock)
+    if problem is not None:
+        return f"{problem} (scripts/rootless-images copies the images)"
     w = World("podman", sock, "", "", "", Path("/"), [])
-    try:
-
-        async def probe(c: EngineClient) -> str | None:
-            if (await c.ping()).kind != "podman":
-                return f"{sock} does not answer as Podman"
-            if not await c.is_rootless():
-                return f"{sock} is not a rootless Podman"
-            for image in (pair.DEFAULT_GATEWAY_IMAGE, pair.DEFAULT_AGENT_IMAGE):
-                try:
-                    await c.image_inspect(image)
-                except NotFound:
-                    return f"image {image} is not in {ROOTLESS_USER}'s store: scripts/build-images --rootless"
-            return None
-
-        return w.run(probe)
-    except Exception as e:  # any failure to talk to it is the reason to report
-        return f"rootless Podman at {sock}: {type(e).__name__}: {e}"
+    if not w.run(lambda c: c.is_rootless()):
+        return f"{sock} is not a rootless Podman"
+    return None
 
 
 def require_rootless() -> None:
     """Skip (or, with CI=true, fail) unless the rootless user's Podman answers with the images."""
-    problem = _rootless_problem()
-    if problem is None:
-        return
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"rootless engine test cannot run with CI=true: {problem}", pytrace=False)
-    pytest.skip(problem)
+    skip_or_fail_in_ci(_rootless_problem())
 
 
 class RootlessWorld(World):
