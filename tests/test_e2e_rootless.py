@@ -9,6 +9,7 @@ the network through `scripts/rootless-images`. The test itself runs as root (it 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -51,15 +52,33 @@ def _user() -> pwd.struct_passwd | None:
         return None
 
 
+# Where the user imports keyward and its dependencies from: this checkout and its venv, or
+# (when the user cannot read them, e.g. a checkout under root's 0700 home) a readable copy.
+CODE_PATHS = [str(REPO), *site.getsitepackages()]
+
+
+def _readable_copy() -> list[str]:
+    """Copy the `gateway` package and the venv's site-packages where any user can read them."""
+    where = Path(tempfile.mkdtemp(prefix="keyward-rootless-code-"))
+    atexit.register(shutil.rmtree, where, True)
+    shutil.copytree(REPO / "gateway", where / "src" / "gateway")
+    paths = [str(where / "src")]
+    for i, sp in enumerate(site.getsitepackages()):
+        shutil.copytree(sp, where / f"site{i}", symlinks=True)
+        paths.append(str(where / f"site{i}"))
+    subprocess.run(["chmod", "-R", "a+rX", str(where)], check=True)
+    where.chmod(0o755)
+    return paths
+
+
 def _user_env(pw: pwd.struct_passwd) -> dict[str, str]:
     """The environment of a login of that user, plus where keyward's code is."""
-    paths = [str(REPO), *site.getsitepackages()]
     return {
         "HOME": pw.pw_dir,
         "USER": pw.pw_name,
         "PATH": "/usr/local/bin:/usr/bin:/bin",
         "XDG_RUNTIME_DIR": f"/run/user/{pw.pw_uid}",
-        "PYTHONPATH": os.pathsep.join(paths),
+        "PYTHONPATH": os.pathsep.join(CODE_PATHS),
         "LANG": "C.UTF-8",
     }
 
@@ -76,10 +95,14 @@ def _python_for(pw: pwd.struct_passwd) -> str | None:
     """An interpreter of this Python's version the user can run (a venv's interpreter often
     lives under root's 0700 home), importing keyward from this checkout."""
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    for exe in (sys.executable, f"/usr/bin/python{version}", f"/usr/local/bin/python{version}"):
-        probe = _as_user(pw, [exe, "-c", "import gateway, aiohttp"], timeout=60)
-        if probe.returncode == 0:
-            return exe
+    exes = (sys.executable, f"/usr/bin/python{version}", f"/usr/local/bin/python{version}")
+    for attempt in range(2):
+        for exe in exes:
+            probe = _as_user(pw, [exe, "-c", "import gateway, aiohttp"], timeout=60)
+            if probe.returncode == 0:
+                return exe
+        if attempt == 0:
+            CODE_PATHS[:] = _readable_copy()
     return None
 
 
