@@ -39,9 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-# The reason strings these errors carry into audit records and refusals.
-PRIVATE_ADDRESS = "private-address"
-UNSCRUBBABLE_ENCODING = "unscrubbable-encoding"
+from gateway.reasons import Reason
 
 
 class KeywardError(Exception):
@@ -142,7 +140,7 @@ class AddressRefused(KeywardError):
     """A verified name resolved to (or a connection was headed for) a special address that no
     rule allows it to reach. Carries what the audit record needs; never a secret."""
 
-    reason = PRIVATE_ADDRESS
+    reason = Reason.PRIVATE_ADDRESS
 
     def __init__(self, name: str, addr: str, category: str) -> None:
         super().__init__(f"{name} -> {addr} is a {category} address")
@@ -166,7 +164,7 @@ class NotSupported(ResolveError):
 class ScrubError(KeywardError):
     """The body cannot be scrubbed past this point; `reason` goes into the audit record."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: Reason) -> None:
         super().__init__(reason)
         self.reason = reason
 
@@ -175,4 +173,4 @@ class UnscrubbableEncoding(ScrubError):
     """A content coding this gateway cannot decode, so cannot scrub: a 502."""
 
     def __init__(self) -> None:
-        super().__init__(UNSCRUBBABLE_ENCODING)
+        super().__init__(Reason.UNSCRUBBABLE_ENCODING)

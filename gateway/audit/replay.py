@@ -16,17 +16,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.policy.core import Plane, Policy, RequestFacts
+from gateway.reasons import Reason
 
 # Denials the policy core reaches from a record's fields alone: these can be re-decided.
-POLICY_DENY_REASONS = (
-    "no-rule",
-    "would-deny",
-    "host-denied",
-    "path-denied",
-    "ambiguous-path",
-    "method",
-    "plain-http-credentials",
-    "non-http-killed",
+POLICY_DENY_REASONS = frozenset(
+    {
+        Reason.NO_RULE,
+        Reason.WOULD_DENY,
+        Reason.HOST_DENIED,
+        Reason.PATH_DENIED,
+        Reason.AMBIGUOUS_PATH,
+        Reason.PLAIN_HTTP_CREDENTIALS,
+        Reason.NON_HTTP_KILLED,
+    }
 )
 # Connection-level records: decided before any HTTP was seen.
 CONNECTION_METHODS = frozenset({"CONNECT", "TLS", "TCP"})
@@ -129,8 +131,9 @@ def _replayable(rec: Mapping[str, Any]) -> str | None:
         return "udp"
     if rec.get("decision") == "deny":
         reason = str(rec.get("reason") or "")
-        policy_dns = plane == Plane.DNS.value and reason.endswith("-refused")
-        if not (reason.startswith(POLICY_DENY_REASONS) or policy_dns) or reason == "class-refused":
+        kind = Reason.parse(reason)
+        policy_dns = plane == Plane.DNS.value and kind is Reason.TYPE_REFUSED
+        if not (kind in POLICY_DENY_REASONS or policy_dns):
             return reason.split(":", 1)[0] or "unknown-reason"
     return None
 

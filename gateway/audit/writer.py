@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 from gateway.credentials.redact import Redactor, global_redactor
+from gateway.reasons import AnyReason, Reason
 
 if TYPE_CHECKING:
     from gateway.policy.core import Decision, RequestFacts
@@ -57,7 +58,7 @@ class AuditRecord:
     path: str
     decision: str
     rule: str | None = None
-    reason: str = ""
+    reason: AnyReason = Reason.ERROR  # build_record always names one
     injected: list[dict[str, str]] = dataclasses.field(default_factory=list)
     status: int | None = None
     bytes_up: int = 0
@@ -83,7 +84,7 @@ class Outcome(TypedDict, total=False):
     bytes_up: int
     bytes_down: int
     error: str | None
-    reason: str | None  # overrides the decision's reason
+    reason: AnyReason | None  # overrides the decision's reason
     record_id: str | None
     addr: str | None  # the address connected to (or refused); default: the facts' addr
 
@@ -113,7 +114,7 @@ def build_record(
         path=facts.path,
         decision=str(decision.verdict) if decision else "deny",
         rule=decision.rule if decision else None,
-        reason=reason or (decision.reason if decision else "error"),
+        reason=reason or (decision.reason if decision else Reason.ERROR),
         injected=[i.as_dict() for i in decision.injections] if decision else [],
         status=outcome.get("status"),
         bytes_up=outcome.get("bytes_up", 0),
@@ -331,7 +332,7 @@ class AuditWriter:
             port=0,
             path="",
             decision="deny",
-            reason="audit-records-lost",
+            reason=Reason.AUDIT_RECORDS_LOST,
             error=f"{n} records could not be kept while the log was unwritable",
             alert=True,
         )
@@ -409,7 +410,7 @@ class AuditWriter:
             self._count(record)
 
     def _count(self, record: AuditRecord) -> None:
-        if record.reason == "client-tls-rejected":
+        if record.reason == Reason.CLIENT_TLS_REJECTED:
             self.counts["tls_rejected"] += 1
             return
         if record.decision == "deny":

@@ -17,11 +17,12 @@ from urllib.parse import urlsplit
 from gateway.cli.config_cmds import add_config_option, load_from_args
 from gateway.config.compile import build_policy
 from gateway.errors import UsageError
-from gateway.policy.addresses import REASON, parse_ip
+from gateway.policy.addresses import parse_ip
 from gateway.policy.core import Decision, Plane, Policy, RequestFacts
 from gateway.policy.hosts import DEFAULT_PORTS, normalise_host
 from gateway.policy.methods import MethodSignals
 from gateway.policy.paths import canonicalise
+from gateway.reasons import Reason
 
 
 def facts_from_url(
@@ -127,7 +128,7 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
             if category is not None:
                 result.update(
                     decision="deny",
-                    reason=REASON,
+                    reason=Reason.PRIVATE_ADDRESS,
                     status=403,
                     injected=[],
                     upstream_target=None,

@@ -50,9 +50,9 @@ from gateway.dns.resolver import (
     parse_message,
 )
 from gateway.errors import NameNotFound, NotSupported, ResolveError
-from gateway.policy.addresses import REASON as REFUSED_ADDRESS
 from gateway.policy.core import Decision, Plane, Policy, RequestFacts, Verdict
 from gateway.policy.hosts import normalise_host
+from gateway.reasons import AnyReason, Reason
 
 log = logging.getLogger("keyward.dns")
 
@@ -179,7 +179,7 @@ class _Outcome:
     method: str = ""
     host: str = ""
     decision: Decision | None = None  # None: refused before the policy was asked
-    reason: str = "malformed"
+    reason: AnyReason = Reason.MALFORMED
     status: int | None = None
     addr: str | None = None
 
@@ -266,7 +266,7 @@ class DnsListener:
     # -- transports -----------------------------------------------------------------------
     def _datagram(self, data: bytes, peer: tuple[str, int]) -> None:
         if len(self._tasks) >= self.max_inflight:
-            self._emit(_Outcome(reason="overloaded"), peer, time.monotonic())
+            self._emit(_Outcome(reason=Reason.OVERLOADED), peer, time.monotonic())
             return
         task = asyncio.ensure_future(self._answer_udp(data, peer))
         self._tasks.add(task)
@@ -319,7 +319,7 @@ class DnsListener:
             reply = await self._respond(data, peer, udp, out)
         except Exception:
             log.exception("dns: failed answering a query")
-            out.reason, out.status = "internal-error", Rcode.SERVFAIL
+            out.reason, out.status = Reason.INTERNAL_ERROR, Rcode.SERVFAIL
             reply = _bare(data, Rcode.SERVFAIL)
             if reply is None:
                 out.status = None
@@ -331,19 +331,19 @@ class DnsListener:
         self, data: bytes, peer: tuple[str, int], udp: bool, out: _Outcome
     ) -> bytes | None:
         if not self.limiter.allow(str(peer[0])):
-            out.reason = "rate-limited"
+            out.reason = Reason.RATE_LIMITED
             refusal = _refuse_quietly(data, out)
             out.status = Rcode.REFUSED if refusal is not None else None
             return refusal
         try:
             query = parse_message(data)
         except MALFORMED:
-            out.reason = "malformed"
+            out.reason = Reason.MALFORMED
             refusal = _bare(data, Rcode.FORMERR)
             out.status = Rcode.FORMERR if refusal is not None else None
             return refusal
         if query.flags & dns.flags.QR:
-            out.reason = "not-a-query"
+            out.reason = Reason.NOT_A_QUERY
             return None
         question = query.question[0] if len(query.question) == 1 else None
         edns = query.edns >= 0
@@ -353,26 +353,26 @@ class DnsListener:
                 min(max(query.payload, UDP_PLAIN_LIMIT), EDNS_PAYLOAD) if edns else UDP_PLAIN_LIMIT
             )
 
-        def reply(rcode: int, reason: str, answer: dns.rrset.RRset | None = None) -> bytes:
+        def reply(rcode: int, reason: AnyReason, answer: dns.rrset.RRset | None = None) -> bytes:
             out.reason, out.status = reason, rcode
             answers = [answer] if answer is not None and len(answer) else []
             return _response(query.id, query.flags, question, rcode, answers, edns, limit)
 
         if query.opcode() != dns.opcode.QUERY:
-            return reply(Rcode.NOTIMP, "opcode-not-implemented")
+            return reply(Rcode.NOTIMP, Reason.OPCODE_NOT_IMPLEMENTED)
         if question is None:
-            return reply(Rcode.FORMERR, "question-count")
+            return reply(Rcode.FORMERR, Reason.QUESTION_COUNT)
         qtype = dns.rdatatype.to_text(question.rdtype)
         out.method = qtype
         out.host = question.name.to_text(omit_final_dot=True)
         if question.rdclass != dns.rdataclass.IN:
-            return reply(Rcode.REFUSED, "class-refused")
+            return reply(Rcode.REFUSED, Reason.CLASS_REFUSED)
         try:
             if not all(_HOST_BYTES.issuperset(label) for label in question.name.labels):
                 raise ValueError("not a host name")
             host = normalise_host(out.host)
         except ValueError:
-            return reply(Rcode.NXDOMAIN, "bad-name")
+            return reply(Rcode.NXDOMAIN, Reason.BAD_NAME)
         out.host = host
 
         decision = out.decision = self.policy.decide_name(host, qtype)
@@ -387,9 +387,9 @@ class DnsListener:
                     if self.policy.address_refusal(host, 0, addr) is not None:
                         out.addr = addr
                         out.decision = dataclasses.replace(
-                            decision, verdict=Verdict.DENY, reason=REFUSED_ADDRESS
+                            decision, verdict=Verdict.DENY, reason=Reason.PRIVATE_ADDRESS
                         )
-                        return reply(Rcode.REFUSED, REFUSED_ADDRESS)
+                        return reply(Rcode.REFUSED, Reason.PRIVATE_ADDRESS)
                 self.answers.record(host, addrs)
                 record = dns.rdtypes.IN.A.A if qtype == "A" else dns.rdtypes.IN.AAAA.AAAA
                 for a in addrs:
@@ -398,12 +398,12 @@ class DnsListener:
                 for rdata in await self.resolver.lookup(host, qtype):
                     answer.add(rdata)
         except NameNotFound:
-            return reply(Rcode.NXDOMAIN, "nxdomain-upstream")
+            return reply(Rcode.NXDOMAIN, Reason.NXDOMAIN_UPSTREAM)
         except NotSupported:
-            return reply(Rcode.NOTIMP, "no-upstream-for-type")
+            return reply(Rcode.NOTIMP, Reason.NO_UPSTREAM_FOR_TYPE)
         except ResolveError:
-            return reply(Rcode.SERVFAIL, "upstream-error")
-        return reply(Rcode.NOERROR, decision.reason if len(answer) else "no-data", answer)
+            return reply(Rcode.SERVFAIL, Reason.UPSTREAM_ERROR)
+        return reply(Rcode.NOERROR, decision.reason if len(answer) else Reason.NO_DATA, answer)
 
     def _emit(self, out: _Outcome, peer: tuple[str, int], started: float) -> None:
         if self.audit is None:

@@ -25,9 +25,6 @@ if TYPE_CHECKING:
     from gateway.credentials.oauth import TokenMinter
     from gateway.metrics import Metrics
 
-# The reason (header and audit) when a request is refused because its record cannot be written.
-AUDIT_UNAVAILABLE = "audit-unavailable"
-
 # Mints (or reuses) the OAuth access tokens a plan needs before it is applied.
 TokenPreparer = Callable[[frozenset[str]], Awaitable[None]]
 

@@ -20,8 +20,8 @@ from gateway.planes.http.hop import is_hop_by_hop, strip_hop_by_hop
 from gateway.policy.core import Decision, Placeholder
 from gateway.policy.hosts import normalise_host, split_hostport
 from gateway.policy.methods import OVERRIDE_HEADERS
+from gateway.reasons import Reason
 
-AUTHORITY_MISMATCH = "authority-mismatch"
 DEFAULT_PORTS = {"http": 80, "https": 443}
 # Never copied from the client: Host is ours to set, framing is recomputed per hop, and an
 # expectation is answered by the gateway itself.
@@ -34,7 +34,7 @@ class Rejection:
     """A request refused before policy: status, reason (also the audit reason)."""
 
     status: int
-    reason: str
+    reason: Reason
 
 
 def authority(host: str, port: int, scheme: str) -> str:
@@ -69,10 +69,10 @@ def check_authority(
     transparent mode, a service), more than one Host, or a Host / `:authority` naming
     another host or port."""
     if absolute_form or len(host_headers) > 1:
-        return Rejection(403, AUTHORITY_MISMATCH)
+        return Rejection(403, Reason.AUTHORITY_MISMATCH)
     claims = [*host_headers, *((authority_field,) if authority_field else ())]
     if any(not authority_agrees(c, host, port) for c in claims):
-        return Rejection(403, AUTHORITY_MISMATCH)
+        return Rejection(403, Reason.AUTHORITY_MISMATCH)
     return None
 
 
@@ -82,17 +82,17 @@ def check_limits(
     """Size limits (414 for the target, 431 for header fields) and control bytes (NUL, CR,
     LF) in a header name or value (400): checked on the bytes as received."""
     if len(target) > limits.url_bytes:
-        return Rejection(414, "url-too-long")
+        return Rejection(414, Reason.URL_TOO_LONG)
     count = total = 0
     for name, value in fields:
         count += 1
         total += len(name) + len(value)
         if not _CONTROL.isdisjoint(name) or not _CONTROL.isdisjoint(value):
-            return Rejection(400, "bad-header-bytes")
+            return Rejection(400, Reason.BAD_HEADER_BYTES)
     if count > limits.headers:
-        return Rejection(431, "too-many-headers")
+        return Rejection(431, Reason.TOO_MANY_HEADERS)
     if total > limits.header_bytes:
-        return Rejection(431, "headers-too-large")
+        return Rejection(431, Reason.HEADERS_TOO_LARGE)
     return None
 
 

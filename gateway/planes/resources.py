@@ -76,10 +76,6 @@ class AcceptErrorLimiter:
         return self
 
 
-# The reason (header and audit) of a connection turned away by `limits.max_connections*`.
-CONNECTION_LIMIT = "connection-limit"
-# The reason (audit) of a connection closed for not sending request headers in time.
-HEADERS_TIMEOUT = "client-headers-timeout"
 # Connections over a limit allowed to wait for their 503 at once, per plane; beyond, closed
 # at once (the answer must not cost the descriptors the limit protects).
 MAX_WAITING_REFUSALS = 64

@@ -28,9 +28,9 @@ import brotli
 import zstandard
 
 from gateway.credentials.redact import REPLACEMENT_BYTES, Redactor, StreamScrubber
-from gateway.errors import UNSCRUBBABLE_ENCODING, ScrubError, UnscrubbableEncoding
+from gateway.errors import ScrubError, UnscrubbableEncoding
+from gateway.reasons import Reason
 
-UNSCRUBBABLE = UNSCRUBBABLE_ENCODING
 DECODABLE = frozenset({"gzip", "x-gzip", "deflate", "br", "zstd", "identity"})
 MAX_CODINGS = 4  # stacked content codings accepted on one response
 PIECE = 256 * 1024  # largest piece of decoded output handed on at once
@@ -154,14 +154,14 @@ class _Zlib:
             try:
                 out = self.obj.decompress(data, PIECE)
             except zlib.error as e:
-                raise ScrubError("undecodable-body") from e
+                raise ScrubError(Reason.UNDECODABLE_BODY) from e
             if out:
                 yield out
             if self.obj.eof:
                 data = self.obj.unused_data
                 self.obj = None
                 if self.coding == "deflate" and data.strip(b"\0"):
-                    raise ScrubError("undecodable-body")
+                    raise ScrubError(Reason.UNDECODABLE_BODY)
                 continue
             data = self.obj.unconsumed_tail
             if not data and len(out) == PIECE:
@@ -203,13 +203,13 @@ class _Stepped:
                     self._zs = None
             return b"".join(out)
         except (brotli.error, zstandard.ZstdError) as e:
-            raise ScrubError("undecodable-body") from e
+            raise ScrubError(Reason.UNDECODABLE_BODY) from e
 
     def feed(self, data: bytes) -> Iterator[bytes]:
         for i in range(0, len(data), STEP):
             out = self._step(data[i : i + STEP])
             if len(out) > MAX_STEP_OUTPUT:
-                raise ScrubError("decompression-limit")
+                raise ScrubError(Reason.DECOMPRESSION_LIMIT)
             for j in range(0, len(out), PIECE):
                 yield out[j : j + PIECE]
 
@@ -274,7 +274,7 @@ class SseScrubber:
             self._add_line(line)
         self._buf = buf[start:]
         if self._event.size + len(self._buf) + self._held_size > SSE_EVENT_LIMIT:
-            raise ScrubError("sse-event-too-large")
+            raise ScrubError(Reason.SSE_EVENT_TOO_LARGE)
         return out
 
     def finish(self) -> list[bytes]:

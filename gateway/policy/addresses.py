@@ -26,11 +26,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 
-from gateway.errors import PRIVATE_ADDRESS
-
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-REASON = PRIVATE_ADDRESS
 
 _V4: tuple[tuple[ipaddress.IPv4Network, str], ...] = tuple(
     (ipaddress.IPv4Network(net), cls)

@@ -34,6 +34,7 @@ from gateway.policy.methods import (
 )
 from gateway.policy.paths import CanonicalTarget, PathRule, canonicalise, is_malformed_target
 from gateway.policy.templates import Template
+from gateway.reasons import AnyReason, Reason, type_refused
 
 
 class Plane(StrEnum):
@@ -191,7 +192,7 @@ EMPTY_PLAN = InjectionPlan()
 class Decision:
     verdict: Verdict
     rule: str | None
-    reason: str
+    reason: AnyReason
     plan: InjectionPlan | None = None
     alert: bool = False
     normalised_path: str = "/"
@@ -220,7 +221,7 @@ class ConnectionDecision:
 
     verdict: Verdict
     rule: str | None
-    reason: str
+    reason: AnyReason
     intercept: bool = True
     tcp: bool = False
 
@@ -278,11 +279,11 @@ class Policy:
             return []
         return [self._by_value[m.group(0)] for m in self._placeholder_re.finditer(text)]
 
-    def _default(self, what: str) -> tuple[Verdict, str]:
+    def _default(self, what: Reason) -> tuple[Verdict, AnyReason]:
         if self.default is Verdict.ALLOW:
-            return Verdict.ALLOW, "default-allow"
+            return Verdict.ALLOW, Reason.DEFAULT_ALLOW
         if self.default is Verdict.WARN:
-            return Verdict.WARN, f"would-deny: {what}"
+            return Verdict.WARN, Reason.WOULD_DENY.about(what)
         return Verdict.DENY, what
 
     # -- decisions ------------------------------------------------------------------------
@@ -290,19 +291,19 @@ class Policy:
         try:
             host = normalise_host(facts.host)
         except ValueError:
-            return Decision(Verdict.DENY, None, "bad-host")
+            return Decision(Verdict.DENY, None, Reason.BAD_HOST)
         canon = canonicalise(facts.path)
         path = canon.path
         if not is_token(facts.method):
-            return Decision(Verdict.DENY, None, "bad-method", status=400, normalised_path=path)
+            return Decision(Verdict.DENY, None, Reason.BAD_METHOD, status=400, normalised_path=path)
         if is_malformed_target(facts.path):
-            return Decision(Verdict.DENY, None, "bad-target", status=400, normalised_path=path)
+            return Decision(Verdict.DENY, None, Reason.BAD_TARGET, status=400, normalised_path=path)
         if facts.host_header is not None and not _same_destination(
             facts.host_header, host, facts.port
         ):
-            return Decision(Verdict.DENY, None, "host-mismatch", normalised_path=path)
+            return Decision(Verdict.DENY, None, Reason.HOST_MISMATCH, normalised_path=path)
         if facts.sni and not _same_host(facts.sni, host):
-            return Decision(Verdict.DENY, None, "sni-mismatch", normalised_path=path)
+            return Decision(Verdict.DENY, None, Reason.SNI_MISMATCH, normalised_path=path)
 
         rule = self.rule_for(host, facts.port, facts.addr)
         rule_text = rule.pattern.text if rule is not None else None
@@ -317,7 +318,7 @@ class Policy:
                     return Decision(
                         Verdict.DENY,
                         rule_text,
-                        f"placeholder-wrong-host: {ph.env}",
+                        Reason.PLACEHOLDER_WRONG_HOST.about(ph.env),
                         alert=True,
                         normalised_path=path,
                     )
@@ -327,11 +328,11 @@ class Policy:
                     unswapped.append(f"{ph.env} in {location}")
 
         if rule is None:
-            verdict, reason = self._default("no-rule")
+            verdict, reason = self._default(Reason.NO_RULE)
             plan = EMPTY_PLAN if verdict is not Verdict.DENY else None
             return Decision(verdict, None, reason, plan, normalised_path=path)
         if not rule.allow:
-            return Decision(Verdict.DENY, rule_text, "host-denied", normalised_path=path)
+            return Decision(Verdict.DENY, rule_text, Reason.HOST_DENIED, normalised_path=path)
         target: str | None = None
         methods: tuple[str, ...] = ()
         if rule.deny:
@@ -350,14 +351,16 @@ class Policy:
             else EMPTY_PLAN
         )
         if plan.credentialed and facts.scheme in ("http", "ws") and not rule.plain_http:
-            return Decision(Verdict.DENY, rule_text, "plain-http-credentials", normalised_path=path)
+            return Decision(
+                Verdict.DENY, rule_text, Reason.PLAIN_HTTP_CREDENTIALS, normalised_path=path
+            )
         alert, extra = False, {}
         if unswapped:
             alert, extra = True, {"placeholder-not-swapped": ", ".join(unswapped)}
         return Decision(
             Verdict.ALLOW,
             rule_text,
-            "rule",
+            Reason.RULE,
             plan,
             alert=alert,
             normalised_path=path,
@@ -390,19 +393,19 @@ class Policy:
         try:
             h = normalise_host(host)
         except ValueError:
-            return ConnectionDecision(Verdict.DENY, None, "bad-host")
+            return ConnectionDecision(Verdict.DENY, None, Reason.BAD_HOST)
         if sni and not _same_host(sni, h):
-            return ConnectionDecision(Verdict.DENY, None, "sni-mismatch")
+            return ConnectionDecision(Verdict.DENY, None, Reason.SNI_MISMATCH)
         rule = self.rule_for(h, port, addr)
         if rule is None:
-            verdict, reason = self._default("no-rule")
+            verdict, reason = self._default(Reason.NO_RULE)
             # With no rule, there is nothing to inject: intercept only to see placeholders.
             return ConnectionDecision(verdict, None, reason, intercept=bool(self.placeholders))
         if not rule.allow:
-            return ConnectionDecision(Verdict.DENY, rule.pattern.text, "host-denied")
+            return ConnectionDecision(Verdict.DENY, rule.pattern.text, Reason.HOST_DENIED)
         intercept = rule.needs_interception or (bool(self.placeholders) and rule.intercept is None)
         return ConnectionDecision(
-            Verdict.ALLOW, rule.pattern.text, "rule", intercept=intercept, tcp=rule.tcp
+            Verdict.ALLOW, rule.pattern.text, Reason.RULE, intercept=intercept, tcp=rule.tcp
         )
 
     def _name_rules(self, h: str) -> list[HostRule]:
@@ -462,25 +465,23 @@ class Policy:
         try:
             h = normalise_host(name)
         except ValueError:
-            return Decision(Verdict.DENY, None, "bad-name", status=RCODE_NXDOMAIN)
+            return Decision(Verdict.DENY, None, Reason.BAD_NAME, status=RCODE_NXDOMAIN)
         rules = self._name_rules(h)
         rule = rules[0] if rules else None
         if rule is None:
-            verdict, reason = self._default("no-rule")
+            verdict, reason = self._default(Reason.NO_RULE)
             extra_types: frozenset[str] = frozenset()
         elif not rule.allow:
-            verdict, reason = Verdict.DENY, "host-denied"
+            verdict, reason = Verdict.DENY, Reason.HOST_DENIED
         else:
-            verdict, reason = Verdict.ALLOW, "rule"
+            verdict, reason = Verdict.ALLOW, Reason.RULE
             extra_types = rule.dns_types
         rule_text = rule.pattern.text if rule is not None else None
         if verdict is Verdict.DENY:
             return Decision(verdict, rule_text, reason, status=RCODE_NXDOMAIN)
         qtype = qtype.upper()
         if qtype in DNS_META_TYPES or not (qtype in DNS_ADDRESS_TYPES or qtype in extra_types):
-            return Decision(
-                Verdict.DENY, rule_text, f"{qtype.lower()}-refused", status=RCODE_REFUSED
-            )
+            return Decision(Verdict.DENY, rule_text, type_refused(qtype), status=RCODE_REFUSED)
         return Decision(verdict, rule_text, reason, EMPTY_PLAN)
 
 
@@ -502,7 +503,7 @@ def _check_path_rules(
     rule_text = rule.pattern.text
 
     def refuse(
-        reason: str, status: int = 403, methods: tuple[str, ...] = (), limit: int = 0
+        reason: AnyReason, status: int = 403, methods: tuple[str, ...] = (), limit: int = 0
     ) -> Decision:
         return Decision(
             Verdict.DENY,
@@ -517,11 +518,11 @@ def _check_path_rules(
     signals = facts.signals
     methods = meanings(facts.method, (*signals.overrides, *query_overrides(canon.query)))
     if canon.ambiguities and not rule.ambiguous_paths_allowed:
-        return refuse("ambiguous-path: " + ",".join(canon.ambiguities), 400, methods)
+        return refuse(Reason.AMBIGUOUS_PATH.about(",".join(canon.ambiguities)), 400, methods)
     hits = [pr for pr in rule.deny if pr.matches_path(canon.path)]
     for pr in hits:
         if pr.method == "*" or pr.method in methods:
-            return refuse(f"path-denied: {pr.text}", methods=methods)
+            return refuse(Reason.PATH_DENIED.about(pr.text), methods=methods)
     if not hits or form_kind(signals.content_type) is None:
         return methods
     # A form body could name another method (`_method`) for a path with rules: read it first,
@@ -529,21 +530,21 @@ def _check_path_rules(
     body = signals.body
     if body is None:
         if signals.content_encoding.strip().lower() not in ("", "identity"):
-            return refuse("form-body-encoded", 415, methods)
+            return refuse(Reason.FORM_BODY_ENCODED, 415, methods)
         if signals.content_length is None:
-            return refuse("form-length-required", 411, methods)
+            return refuse(Reason.FORM_LENGTH_REQUIRED, 411, methods)
         if signals.content_length > FORM_BODY_LIMIT:
-            return refuse("form-too-large", 413, methods)
+            return refuse(Reason.FORM_TOO_LARGE, 413, methods)
         if signals.content_length:
-            return refuse("form-body-pending", 403, methods, limit=signals.content_length)
+            return refuse(Reason.FORM_BODY_PENDING, 403, methods, limit=signals.content_length)
         body = b""
     found = form_overrides(signals.content_type, body)
     if found is None:
-        return refuse("ambiguous-form", 400, methods)
+        return refuse(Reason.AMBIGUOUS_FORM, 400, methods)
     methods = meanings(facts.method, (*methods, *found))
     for pr in hits:
         if pr.method in methods:
-            return refuse(f"path-denied: {pr.text}", methods=methods)
+            return refuse(Reason.PATH_DENIED.about(pr.text), methods=methods)
     return methods
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from gateway.policy.core import Decision, RequestFacts
+from gateway.reasons import AnyReason, Reason
 
 
 class RefusalMode(StrEnum):
@@ -49,12 +50,24 @@ def _hosts_snippet(key: str, body: str) -> str:
     return f"egress:\n  hosts:\n    {_yaml_key(key)}: {body}\n"
 
 
+# The refusals of a form body read to find the method it names (`_check_path_rules`).
+_FORM_REASONS = frozenset(
+    {
+        Reason.FORM_BODY_ENCODED,
+        Reason.FORM_LENGTH_REQUIRED,
+        Reason.FORM_TOO_LARGE,
+        Reason.FORM_BODY_PENDING,
+        Reason.AMBIGUOUS_FORM,
+    }
+)
+
+
 def _advice(decision: Decision, facts: RequestFacts) -> tuple[str, str, str]:
     """(why, what the operator could do, yaml lines or "")."""
-    reason = decision.reason
+    reason, kind = decision.reason, decision.reason.kind
     rule = decision.rule
     where = f"the rule {rule!r}" if rule else "egress.default: deny (no rule matched)"
-    if reason == "no-rule":
+    if kind is Reason.NO_RULE:
         key = _rule_key(facts.host, facts.port, facts.scheme)
         return (
             f"no rule in keyward.yaml matches {facts.host} and egress.default is deny",
@@ -62,21 +75,21 @@ def _advice(decision: Decision, facts: RequestFacts) -> tuple[str, str, str]:
             "keyward.yaml (merge them into the existing egress.hosts) and restart keyward",
             _hosts_snippet(key, "{}"),
         )
-    if reason == "host-denied":
+    if kind is Reason.HOST_DENIED:
         return (
             f"the rule {rule!r} in keyward.yaml says allow: false",
             "If this destination should be reachable, an operator can replace that rule with",
             _hosts_snippet(rule or facts.host, "{}"),
         )
-    if reason.startswith("path-denied: "):
-        entry = reason.removeprefix("path-denied: ")
+    if kind is Reason.PATH_DENIED:
+        entry = reason.detail
         return (
             f"the rule {rule!r} in keyward.yaml denies {entry!r}",
             f"If this request should be allowed, an operator can remove {entry!r} from the "
             f"deny: list of that rule",
             "",
         )
-    if reason == "plain-http-credentials":
+    if kind is Reason.PLAIN_HTTP_CREDENTIALS:
         return (
             f"the rule {rule!r} writes credentials and this request is plain HTTP, which would "
             "expose them on the wire",
@@ -84,8 +97,8 @@ def _advice(decision: Decision, facts: RequestFacts) -> tuple[str, str, str]:
             "to that rule",
             _hosts_snippet(rule or facts.host, "{ plain_http: true }  # add to the existing rule"),
         )
-    if reason.startswith("placeholder-wrong-host"):
-        env = reason.partition(": ")[2] or "a placeholder variable"
+    if kind is Reason.PLACEHOLDER_WRONG_HOST:
+        env = reason.detail or "a placeholder variable"
         return (
             f"the request carried the placeholder value of {env}, which keyward only exchanges "
             f"for a real credential on the hosts whose rule uses it, and {facts.host} is not one",
@@ -93,7 +106,7 @@ def _advice(decision: Decision, facts: RequestFacts) -> tuple[str, str, str]:
             "leak the credential",
             "",
         )
-    if reason == "private-address":
+    if kind is Reason.PRIVATE_ADDRESS:
         return (
             f"{facts.host} resolved to a loopback, private, link-local (metadata) or otherwise "
             "special address, and no rule names that address",
@@ -103,8 +116,8 @@ def _advice(decision: Decision, facts: RequestFacts) -> tuple[str, str, str]:
                 rule or facts.host, "{ private_addresses: allow }  # add to the existing rule"
             ),
         )
-    if reason.startswith("ambiguous-path: "):
-        kinds = reason.removeprefix("ambiguous-path: ")
+    if kind is Reason.AMBIGUOUS_PATH:
+        kinds = reason.detail
         return (
             f"the path holds a form that servers decode differently ({kinds}), and the rule "
             f"{rule!r} has deny: path rules that such a form could dodge",
@@ -113,7 +126,7 @@ def _advice(decision: Decision, facts: RequestFacts) -> tuple[str, str, str]:
             "ambiguous_paths: allow to that rule",
             _hosts_snippet(rule or facts.host, "{ ambiguous_paths: allow }  # add to the rule"),
         )
-    if reason.startswith("form-") or reason == "ambiguous-form":
+    if kind in _FORM_REASONS:
         return (
             f"the rule {rule!r} denies some method on this path, and a form body can name another "
             "method (_method), so keyward reads it before deciding: it must be sent with a "
@@ -121,16 +134,16 @@ def _advice(decision: Decision, facts: RequestFacts) -> tuple[str, str, str]:
             "Send the form with a Content-Length, uncompressed; or send JSON",
             "",
         )
-    if reason in ("bad-method", "bad-target"):
-        what = "method" if reason == "bad-method" else "request target"
+    if kind in (Reason.BAD_METHOD, Reason.BAD_TARGET):
+        what = "method" if kind is Reason.BAD_METHOD else "request target"
         return (
             f"the {what} is not valid HTTP (whitespace or control characters), and an upstream "
             "could read it as a different request",
             "Send a valid request; no configuration change allows this",
             "",
         )
-    if reason in ("host-mismatch", "sni-mismatch"):
-        what = "Host header" if reason == "host-mismatch" else "TLS server name (SNI)"
+    if kind in (Reason.HOST_MISMATCH, Reason.SNI_MISMATCH):
+        what = "Host header" if kind is Reason.HOST_MISMATCH else "TLS server name (SNI)"
         return (
             f"the request's {what} names a different host than the connection's destination "
             f"({facts.host}:{facts.port})",
@@ -200,7 +213,7 @@ def refusal(
     return Refusal(status, "text/plain; charset=utf-8", text.encode(), headers)
 
 
-def unavailable(reason: str, detail: str, retry_after: int = 1) -> Refusal:
+def unavailable(reason: AnyReason, detail: str, retry_after: int = 1) -> Refusal:
     """The response to a request keyward turns away for its own state, not for the policy (a
     connection over `limits.max_connections`): a 503 worth retrying, JSON, whatever the mode."""
     body = {"error": "keyward cannot take this request now", "reason": reason, "detail": detail}

@@ -27,19 +27,17 @@ from yarl import URL
 
 from gateway.config.model import LimitsConfig, ServiceConfig
 from gateway.errors import AddressRefused, ScrubError, UnscrubbableEncoding
-from gateway.planes.common import Reason, error_body, error_headers, error_status
-from gateway.planes.context import AUDIT_UNAVAILABLE, GatewayContext
+from gateway.planes.common import error_body, error_headers, error_status
+from gateway.planes.context import GatewayContext
 from gateway.planes.http.hop import strip_hop_by_hop
 from gateway.planes.outbound import (
-    AUTHORITY_MISMATCH,
     Rejection,
     authority,
     check_limits,
     outbound_headers,
 )
-from gateway.planes.resources import CONNECTION_LIMIT, HEADERS_TIMEOUT, MAX_WAITING_REFUSALS
+from gateway.planes.resources import MAX_WAITING_REFUSALS
 from gateway.planes.scrub import (
-    UNSCRUBBABLE,
     ScrubbedHead,
     scrub_head,
     standard_reason,
@@ -50,6 +48,7 @@ from gateway.policy.core import Decision, Plane, RequestFacts, Verdict
 from gateway.policy.hosts import is_ip, normalise_host
 from gateway.policy.methods import NO_SIGNALS, MethodSignals
 from gateway.policy.refusal import RefusalMode, refusal, unavailable
+from gateway.reasons import AnyReason, Reason
 from gateway.upstream.connector import make_connector
 
 log = logging.getLogger("keyward.http")
@@ -72,7 +71,7 @@ class _Exchange:
     bytes_up: int = 0
     bytes_down: int = 0
     error: str | None = None
-    reason: str | None = None
+    reason: AnyReason | None = None
     client_gone: bool = False
     refusal: RefusalMode | None = None
     alert: str | None = None  # e.g. a placeholder left unswapped in the body
@@ -113,7 +112,7 @@ def deny_response(
     return resp
 
 
-def unavailable_response(reason: str, detail: str) -> web.Response:
+def unavailable_response(reason: AnyReason, detail: str) -> web.Response:
     """The shared 503 for a request turned away for the gateway's state; the connection closes."""
     r = unavailable(reason, detail)
     resp = web.Response(status=r.status, body=r.body, headers=dict(r.headers))
@@ -122,11 +121,11 @@ def unavailable_response(reason: str, detail: str) -> web.Response:
     return resp
 
 
-def error_response(reason: str, status: int = 502) -> web.Response:
+def error_response(reason: AnyReason, status: int = 502) -> web.Response:
     return web.Response(status=status, body=error_body(reason), headers=error_headers(reason))
 
 
-def classify_upstream_error(exc: BaseException) -> str:
+def classify_upstream_error(exc: BaseException) -> Reason:
     """A short, stable reason for an upstream failure (goes into a header and the audit)."""
     if isinstance(exc, (aiohttp.ClientSSLError, ssl.SSLError)):
         return Reason.UPSTREAM_TLS_ERROR
@@ -151,7 +150,7 @@ def _refuse_unverifiable(request: web.BaseRequest, limits: LimitsConfig) -> Reje
     plane's destination is fixed by the listener or the original destination)."""
     rejected = check_limits(request.raw_path, request.raw_headers, limits)
     if rejected is None and not request.raw_path.startswith("/"):
-        rejected = Rejection(403, AUTHORITY_MISMATCH)
+        rejected = Rejection(403, Reason.AUTHORITY_MISMATCH)
     return rejected
 
 
@@ -285,8 +284,8 @@ class HttpPlane:
         ex = _Exchange()
         over = self._request_started(request)
         if over is not None:
-            ex.status, ex.reason, ex.error = 503, CONNECTION_LIMIT, over
-            decision = Decision(Verdict.DENY, None, CONNECTION_LIMIT, status=503)
+            ex.status, ex.reason, ex.error = 503, Reason.CONNECTION_LIMIT, over
+            decision = Decision(Verdict.DENY, None, Reason.CONNECTION_LIMIT, status=503)
         elif rejected is not None:
             decision = Decision(Verdict.DENY, None, rejected.reason, status=rejected.status)
         elif decision is None:
@@ -295,13 +294,13 @@ class HttpPlane:
         form: bytes | None = None
         try:
             if over is not None:
-                return unavailable_response(CONNECTION_LIMIT, over)
+                return unavailable_response(Reason.CONNECTION_LIMIT, over)
             if decision.body_limit:  # a bounded form body decides too (`_method`): read it
                 try:
                     async with asyncio.timeout(self.ctx.config.config.timeouts.idle):
                         form = await request.read()
                 except TimeoutError:
-                    ex.reason, ex.error = "client-idle-timeout", "request body stalled"
+                    ex.reason, ex.error = Reason.CLIENT_IDLE_TIMEOUT, "request body stalled"
                     raise _ClientGone() from None
                 ex.bytes_up = len(form)
                 facts = dataclasses.replace(
@@ -318,8 +317,8 @@ class HttpPlane:
                 )
             if not self.ctx.audit.available():
                 # Pre-flight: nothing reaches an upstream while its record could not be written.
-                ex.status, ex.reason = 503, AUDIT_UNAVAILABLE
-                return error_response(AUDIT_UNAVAILABLE, 503)
+                ex.status, ex.reason = 503, Reason.AUDIT_UNAVAILABLE
+                return error_response(Reason.AUDIT_UNAVAILABLE, 503)
             if dial_ip is not None:  # aiohttp asks no resolver for an IP literal: check here
                 await self.ctx.dial_addresses(facts.host, facts.port, via=(dial_ip, facts.port))
             if decision.target is not None:
@@ -335,7 +334,7 @@ class HttpPlane:
                         target = swap_in_target(decision, target, resolve)
                 except Exception as e:  # token endpoint down, stale token: fail closed
                     ex.status = 502
-                    ex.reason = f"credentials-unavailable: {type(e).__name__}"
+                    ex.reason = Reason.CREDENTIALS_UNAVAILABLE.about(type(e).__name__)
                     ex.error = self.ctx.redactor.redact(str(e))
                     return error_response(ex.reason)
             credentialed = plan is not None and plan.credentialed
@@ -369,13 +368,16 @@ class HttpPlane:
         except (_ClientGone, ConnectionError):
             if request.transport is not None:
                 request.transport.close()
-            ex.reason = ex.reason or "client-aborted"
+            ex.reason = ex.reason or Reason.CLIENT_ABORTED
             ex.error = ex.error or "client disconnected"
             return web.Response(status=499)  # never seen by anyone: the connection is gone
         except asyncio.CancelledError:
             if self.stopping:
-                ex.reason, ex.error = "gateway-stopping", "gateway stopping: drain bound reached"
-            ex.reason = ex.reason or "client-aborted"
+                ex.reason, ex.error = (
+                    Reason.GATEWAY_STOPPING,
+                    "gateway stopping: drain bound reached",
+                )
+            ex.reason = ex.reason or Reason.CLIENT_ABORTED
             ex.error = ex.error or "client disconnected"
             raise
         finally:
@@ -411,7 +413,7 @@ class HttpPlane:
                     async with asyncio.timeout(idle):  # a slow-drip upload is bounded too
                         chunk = await request.content.readany()
                 except TimeoutError:
-                    ex.reason, ex.error = "client-idle-timeout", "request body stalled"
+                    ex.reason, ex.error = Reason.CLIENT_IDLE_TIMEOUT, "request body stalled"
                     raise
                 if not chunk:
                     break
@@ -473,8 +475,8 @@ class HttpPlane:
             head = scrub_head(strip_hop_by_hop(upstream.headers.items()), self.ctx.redactor)
         except UnscrubbableEncoding:
             ex.status = 502
-            ex.reason = UNSCRUBBABLE
-            return error_response(UNSCRUBBABLE)
+            ex.reason = Reason.UNSCRUBBABLE_ENCODING
+            return error_response(Reason.UNSCRUBBABLE_ENCODING)
         length = upstream.content_length
         if not empty and not head.rewrites_body and length is not None and length <= SMALL_BODY:
             return await self._relay_small(request, ex, upstream, head)
@@ -579,7 +581,7 @@ class HttpPlane:
                 conn.address = address
             elif self._waiting >= MAX_WAITING_REFUSALS:
                 transport.close()
-                self._record_connection(conn, CONNECTION_LIMIT, conn.over)
+                self._record_connection(conn, Reason.CONNECTION_LIMIT, conn.over)
                 return
             else:
                 self._waiting += 1
@@ -597,7 +599,7 @@ class HttpPlane:
             if conn.over is not None:
                 self._waiting -= 1
                 if not conn.answered:
-                    self._record_connection(conn, CONNECTION_LIMIT, conn.over)
+                    self._record_connection(conn, Reason.CONNECTION_LIMIT, conn.over)
 
         server.connection_made = connection_made  # type: ignore[method-assign]
         server.connection_lost = connection_lost  # type: ignore[method-assign]
@@ -630,7 +632,7 @@ class HttpPlane:
         why = f"no complete request headers within timeouts.request_headers ({seconds:g} s)"
         conn.answered = True  # its record is this one
         log.warning("closed a service-plane connection: %s", why)
-        self._record_connection(conn, HEADERS_TIMEOUT, why)
+        self._record_connection(conn, Reason.CLIENT_HEADERS_TIMEOUT, why)
 
     def _request_started(self, request: web.BaseRequest) -> str | None:
         """A request's headers are in: stop its connection's clock. Returns why the connection
@@ -652,7 +654,7 @@ class HttpPlane:
             if not conn.live:
                 self._arm(conn)
 
-    def _record_connection(self, conn: _Connection, reason: str, why: str) -> None:
+    def _record_connection(self, conn: _Connection, reason: Reason, why: str) -> None:
         """The record of a connection closed with no request answered on it."""
         peer = conn.transport.get_extra_info("peername")
         local = conn.transport.get_extra_info("sockname")

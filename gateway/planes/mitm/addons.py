@@ -19,11 +19,11 @@ from mitmproxy.proxy import layer, layers, server_hooks
 from mitmproxy.proxy.layers.http import HTTPMode
 
 from gateway.errors import AddressRefused, ResolveError, ScrubError, UnscrubbableEncoding
-from gateway.planes.common import Reason, error_body, error_headers, error_status
-from gateway.planes.context import AUDIT_UNAVAILABLE, GatewayContext
+from gateway.planes.common import error_body, error_headers, error_status
+from gateway.planes.context import GatewayContext
 from gateway.planes.mitm import trailers
 from gateway.planes.mitm.clients import ConnectionLimit, RequestHeadersTimeout
-from gateway.planes.mitm.drain import DRAIN_REASON, Drain
+from gateway.planes.mitm.drain import Drain
 from gateway.planes.mitm.errors import ERROR_PAGE, error_reason
 from gateway.planes.mitm.state import ConnState, state
 from gateway.planes.mitm.timeouts import Timeouts
@@ -37,7 +37,6 @@ from gateway.planes.outbound import (
     request_trailers,
 )
 from gateway.planes.scrub import (
-    UNSCRUBBABLE,
     MessageScrubber,
     scrub_head,
     standard_reason,
@@ -54,6 +53,7 @@ from gateway.policy.core import ConnectionDecision, Decision, Plane, RequestFact
 from gateway.policy.hosts import is_ip, normalise_host
 from gateway.policy.methods import NO_SIGNALS, MethodSignals
 from gateway.policy.refusal import REASON_HEADER, RefusalMode, refusal
+from gateway.reasons import AnyReason, Reason
 
 log = logging.getLogger("keyward.mitm")
 
@@ -77,7 +77,7 @@ def deny_response(
     return http.Response.make(r.status, r.body, {"Content-Type": r.content_type, **dict(r.headers)})
 
 
-def error_response(reason: str, status: int = 502) -> http.Response:
+def error_response(reason: AnyReason, status: int = 502) -> http.Response:
     return http.Response.make(status, error_body(reason), error_headers(reason))
 
 
@@ -241,7 +241,7 @@ class Destinations:
         if address not in c.approved:
             tcp = self.ctx.policy.connection(address[0], address[1])
             if not (tcp.allowed and tcp.tcp):
-                self._refuse(data, tcp.reason, _as_decision(tcp), "non-http-killed")
+                self._refuse(data, tcp.reason, _as_decision(tcp), Reason.NON_HTTP_KILLED)
                 return
         routed = c.names.get(address)
         name, port = routed or address
@@ -269,7 +269,7 @@ class Destinations:
         data: server_hooks.ServerConnectionHookData,
         why: str,
         decision: Decision,
-        reason: str,
+        reason: AnyReason,
         addr: str | None = None,
     ) -> None:
         """Kill a server connection before it is dialled; one audit record for it."""
@@ -327,14 +327,14 @@ class ConnectionGate:
         )
         if decision.allowed:
             if not self.ctx.audit.available():
-                flow.response = error_response(AUDIT_UNAVAILABLE, 503)
+                flow.response = error_response(Reason.AUDIT_UNAVAILABLE, 503)
                 state(flow).audited = True
                 self.ctx.record(
                     facts,
                     _as_decision(decision),
                     started=started,
                     status=503,
-                    reason=AUDIT_UNAVAILABLE,
+                    reason=Reason.AUDIT_UNAVAILABLE,
                 )
             return
         mode = self.ctx.refusal_mode
@@ -422,7 +422,7 @@ class ConnectionGate:
             facts,
             _as_decision(decision),
             started=time.monotonic(),
-            reason="client-tls-rejected",
+            reason=Reason.CLIENT_TLS_REJECTED,
             error=self.ctx.redactor.redact(str(client.error or "tls handshake failed")),
             refusal=RefusalMode.EXPLAIN if explained else None,
         )
@@ -466,7 +466,7 @@ class ConnectionGate:
             return
         flow.kill()
         if not self.dest.known(flow.client_conn.id).refused:
-            reason = "non-http-killed" if audited else AUDIT_UNAVAILABLE
+            reason = Reason.NON_HTTP_KILLED if audited else Reason.AUDIT_UNAVAILABLE
             self.ctx.record(facts, _as_decision(decision), started=started, reason=reason)
 
     def udp_start(self, flow: udp.UDPFlow) -> None:
@@ -475,7 +475,7 @@ class ConnectionGate:
         facts = RequestFacts(
             Plane.MITM, "UDP", "udp", addr[0], addr[1], client=_client(flow.client_conn)
         )
-        self.ctx.record(facts, None, started=time.monotonic(), reason="udp-killed")
+        self.ctx.record(facts, None, started=time.monotonic(), reason=Reason.UDP_KILLED)
 
 
 class AlpnMirror:
@@ -548,10 +548,10 @@ class PolicyGate:
         )
         state(flow).facts = facts
         if flow.error is not None:  # mitmproxy refused the request itself (framing headers)
-            decision = Decision(Verdict.DENY, None, "bad-request")
+            decision = Decision(Verdict.DENY, None, Reason.BAD_REQUEST)
             state(flow).decision = decision
             state(flow).audited = True
-            ERROR_PAGE.set((400, "bad-request"))
+            ERROR_PAGE.set((400, Reason.BAD_REQUEST))
             self.ctx.record(facts, decision, started=state(flow).started, status=400)
             return
         rejected = refuse_unverifiable(req, host, port, self.ctx)
@@ -582,7 +582,7 @@ class PolicyGate:
             state(flow).deferred = True
         elif decision.allowed and not self.ctx.audit.available():
             # Pre-flight: nothing reaches an upstream while its record could not be written.
-            self._fail(flow, facts, decision, 503, AUDIT_UNAVAILABLE)
+            self._fail(flow, facts, decision, 503, Reason.AUDIT_UNAVAILABLE)
         elif decision.allowed:
             prepare_outbound(req, host, port, decision.target)
             self.dest.route(flow, host, port)
@@ -595,7 +595,7 @@ class PolicyGate:
                 state(flow).decision = decision
                 self._refuse(flow, facts, decision, addr=e.addr, error=str(e))
             except ResolveError as e:
-                self._fail(flow, facts, decision, 502, "upstream-dns-error", str(e))
+                self._fail(flow, facts, decision, 502, Reason.UPSTREAM_DNS_ERROR, str(e))
         else:
             self._refuse(flow, facts, decision)
             if decision.alert:
@@ -626,7 +626,7 @@ class PolicyGate:
         facts: RequestFacts,
         decision: Decision,
         status: int,
-        reason: str,
+        reason: AnyReason,
         error: str | None = None,
     ) -> None:
         """An allowed request keyward cannot complete."""
@@ -695,7 +695,7 @@ class CredentialInjector:
             if plan.swaps:
                 flow.request.path = swap_in_target(decision, flow.request.path, resolve)
         except Exception as e:  # token endpoint down, stale token: fail closed with a reason
-            reason = f"credentials-unavailable: {type(e).__name__}"
+            reason = Reason.CREDENTIALS_UNAVAILABLE.about(type(e).__name__)
             st.error = self.ctx.redactor.redact(str(e))
             flow.response = error_response(reason)
             st.audited = True
@@ -833,11 +833,11 @@ class ResponseScrubber:
     def _refuse(self, flow: http.HTTPFlow) -> None:
         """502 unscrubbable-encoding in place of the upstream's answer; its body is dropped."""
         assert flow.response is not None
-        refused = error_response(UNSCRUBBABLE)
+        refused = error_response(Reason.UNSCRUBBABLE_ENCODING)
         flow.response.status_code = refused.status_code
         flow.response.reason = standard_reason(refused.status_code)
         flow.response.headers = refused.headers
-        state(flow).reason = UNSCRUBBABLE
+        state(flow).reason = Reason.UNSCRUBBABLE_ENCODING
         sent: list[bool] = []
         content = refused.content or b""
 
@@ -922,8 +922,8 @@ class Audit:
         if error is not None:
             reason = Reason.UPSTREAM_TIMEOUT if st.timed_out else error_reason(error)
             if flow.request.timestamp_end is None and "protocol error" in error.lower():
-                reason = "bad-request"  # the agent's own request was malformed (framing)
-            if status is None and reason != "client-aborted":
+                reason = Reason.BAD_REQUEST  # the agent's own request was malformed (framing)
+            if status is None and reason is not Reason.CLIENT_ABORTED:
                 # no response started: the agent gets our JSON error page, with this status
                 status = error_status(reason, 400 if reason == Reason.BAD_REQUEST else 502)
                 ERROR_PAGE.set((status, reason))
@@ -952,7 +952,7 @@ class Audit:
 
     def stopped(self, flow: http.HTTPFlow) -> None:
         """The gateway stopped with this flow still live (drain bound reached)."""
-        state(flow).reason = DRAIN_REASON
+        state(flow).reason = Reason.GATEWAY_STOPPING
         self._write(flow, "gateway stopping: drain bound reached")
 
 

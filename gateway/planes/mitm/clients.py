@@ -20,9 +20,10 @@ from mitmproxy import connection, http, tcp, tls
 from mitmproxy import ctx as mitm_ctx
 
 from gateway.planes.context import GatewayContext
-from gateway.planes.resources import CONNECTION_LIMIT, HEADERS_TIMEOUT, MAX_WAITING_REFUSALS
+from gateway.planes.resources import MAX_WAITING_REFUSALS
 from gateway.policy.core import Decision, Plane, RequestFacts, Verdict
 from gateway.policy.refusal import unavailable
+from gateway.reasons import Reason
 
 log = logging.getLogger("keyward.mitm")
 
@@ -77,7 +78,7 @@ class ConnectionLimit:
         refused = self.refused.get(flow.client_conn.id)
         if refused is None:
             return
-        r = unavailable(CONNECTION_LIMIT, refused.why)
+        r = unavailable(Reason.CONNECTION_LIMIT, refused.why)
         headers = {"Content-Type": r.content_type, **dict(r.headers)}
         if not (flow.request.is_http2 or flow.request.is_http3):
             headers["Connection"] = "close"
@@ -107,7 +108,7 @@ class ConnectionLimit:
             path=path if path is not None and method != "CONNECT" else "",
             client=f"{host}:{port}",
         )
-        decision = Decision(Verdict.DENY, None, CONNECTION_LIMIT, status=503)
+        decision = Decision(Verdict.DENY, None, Reason.CONNECTION_LIMIT, status=503)
         status = 503 if path is not None else None
         self.ctx.record(facts, decision, started=refused.started, status=status, error=refused.why)
 
@@ -221,5 +222,5 @@ class RequestHeadersTimeout:
         facts = RequestFacts(
             Plane.MITM, "HTTP", "http", "unknown", 0, path="", client=f"{host}:{port}"
         )
-        decision = Decision(Verdict.DENY, None, HEADERS_TIMEOUT, status=408)
+        decision = Decision(Verdict.DENY, None, Reason.CLIENT_HEADERS_TIMEOUT, status=408)
         self.ctx.record(facts, decision, started=clock.started, error=why)

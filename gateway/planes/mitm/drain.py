@@ -7,8 +7,6 @@ from collections.abc import Callable
 
 from mitmproxy import http
 
-DRAIN_REASON = "gateway-stopping"
-
 
 class Drain:
     """Tracks every flow between its request headers and its end."""

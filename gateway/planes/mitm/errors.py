@@ -17,15 +17,16 @@ from mitmproxy import http
 from mitmproxy.net.http import http1
 from mitmproxy.proxy.layers.http import _http1, _http2
 
-from gateway.planes.common import Reason, error_body, error_headers, error_status
+from gateway.planes.common import error_body, error_headers, error_status
+from gateway.reasons import AnyReason, Reason
 
 # (status, reason) decided by the error hook for the page built right after it.
-ERROR_PAGE: contextvars.ContextVar[tuple[int, str] | None] = contextvars.ContextVar(
+ERROR_PAGE: contextvars.ContextVar[tuple[int, AnyReason] | None] = contextvars.ContextVar(
     "keyward_error_page", default=None
 )
 
 
-def error_reason(msg: str) -> str:
+def error_reason(msg: str) -> Reason:
     """A short, stable reason for a mitmproxy error message."""
     low = msg.lower()
     if "client disconnected" in low or "client closed" in low:
@@ -39,7 +40,7 @@ def error_reason(msg: str) -> str:
     return Reason.UPSTREAM_ERROR
 
 
-def _decided(code: int, message: str) -> tuple[int, str]:
+def _decided(code: int, message: str) -> tuple[int, AnyReason]:
     page = ERROR_PAGE.get()
     if page is not None:
         ERROR_PAGE.set(None)

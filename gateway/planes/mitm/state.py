@@ -12,6 +12,7 @@ from mitmproxy import http
 from gateway.planes.scrub import MessageScrubber
 from gateway.policy.apply import BodySwapper
 from gateway.policy.core import Decision, RequestFacts
+from gateway.reasons import AnyReason
 
 KEY = "keyward"
 
@@ -26,7 +27,7 @@ class FlowState:
     bytes_up: int = 0
     bytes_down: int = 0
     error: str | None = None
-    reason: str | None = None  # why a response was refused or cut while scrubbing
+    reason: AnyReason | None = None  # why a response was refused or cut while scrubbing
     body: BodySwapper | None = None  # placeholders swapped in the request body
     deferred: bool = False  # decided again once the (bounded) form body is in
     redecided: bool = False  # ... and that second decision has been made
