@@ -43,6 +43,7 @@ def test_installed_mitmproxy_is_in_the_tested_range() -> None:
 
 
 def test_patched_internals_are_where_the_mitm_plane_expects_them() -> None:
+    import h2.stream
     from mitmproxy.addons import proxyserver, tlsconfig
     from mitmproxy.proxy.layers.http import _http1, _http2
     from mitmproxy.proxy.layers.http._events import RequestTrailers, ResponseTrailers
@@ -55,6 +56,11 @@ def test_patched_internals_are_where_the_mitm_plane_expects_them() -> None:
     # errors.py replaces the name _http2 calls, so it must be looked up in _http2's namespace
     assert "format_error(" in inspect.getsource(_http2)
     assert callable(_http2.format_error)
+    # ... and writes an HTTP/2 page itself, in the server layer's event handler, where a
+    # stream still open for us without headers sent may get one
+    assert "_handle_event" in vars(_http2.Http2Server)
+    assert callable(_http2.Http2Connection.is_open_for_us)
+    assert "headers_sent" in inspect.getsource(h2.stream.H2StreamStateMachine)
     for cls in (_http1.Http1Server, _http1.Http1Client):
         assert callable(cls.send)
     assert "def read_body" in inspect.getsource(_http1.Http1Connection)

@@ -1,5 +1,7 @@
 """A fake HTTP/2-only upstream (ALPN h2, real TLS) that records every stream it received:
-pseudo-headers, headers, body and trailers. It answers each stream with a small JSON echo."""
+pseudo-headers, headers, body and trailers. It answers each stream with a small JSON echo,
+except a path under `/hang`, which it never answers, and one under `/reset`, which it refuses
+(RST_STREAM REFUSED_STREAM)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from dataclasses import dataclass, field
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 
 
@@ -53,6 +56,12 @@ class _Conn:
                 "trailers": rec.get("trailers", []),
             }
             self.seen.streams.append(entry)
+            path = str(entry["pseudo"].get(":path", ""))  # type: ignore[attr-defined]
+            if path.startswith("/hang"):
+                return
+            if path.startswith("/reset"):
+                self.h2.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+                return
             out = json.dumps(entry).encode()
             self.h2.send_headers(
                 event.stream_id,

@@ -126,11 +126,11 @@ class _Clock:
 class RequestHeadersTimeout:
     """`timeouts.request_headers`: a connection must deliver complete request headers within
     that many seconds of its start, of its CONNECT, or of the end of its previous response
-    (HTTP/1; an HTTP/2 connection is bounded until its first request). A client dripping its
-    headers a byte at a time never reaches a hook, and mitmproxy's own bound is 600 s of
-    silence, which any byte resets. When the clock runs out with no request in progress, the
-    connection is closed: audited (`client-headers-timeout`) and logged if no request ever came
-    on it; a keep-alive connection idle after its requests is closed quietly, as servers do."""
+    (HTTP/2: of the end of its last live stream). A client dripping its headers a byte at a
+    time never reaches a hook, and mitmproxy's own bound is 600 s of silence, which any byte
+    resets. When the clock runs out with no request in progress, the connection is closed:
+    audited (`client-headers-timeout`) and logged if no request ever came on it; a keep-alive
+    connection idle after its requests is closed quietly, as servers do."""
 
     def __init__(self, ctx: GatewayContext) -> None:
         self.ctx = ctx
@@ -177,7 +177,7 @@ class RequestHeadersTimeout:
         if clock is None or flow.request.method == "CONNECT":
             return
         clock.live = max(0, clock.live - 1)
-        if clock.live == 0 and clock.http and not flow.request.is_http2:
+        if clock.live == 0 and clock.http:  # every stream of an HTTP/2 connection is done
             self._arm(clock)
 
     def response(self, flow: http.HTTPFlow) -> None:
