@@ -12,6 +12,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -153,3 +154,68 @@ def test_isolate_refuses_a_state_dir_the_gateway_uid_cannot_enter(tmp_path: Path
     )
     assert r.returncode == 2
     assert f"cannot enter {locked}" in r.stderr and "--state" in r.stderr
+
+
+# CMD for the drain test: ignores SIGTERM (as an agent finishing its turn would), reads a
+# stream that stalls for 30 s after its first chunk, and says when that chunk has arrived.
+STALLED_READER = """
+import signal, urllib.request
+signal.signal(signal.SIGTERM, lambda *_: None)
+r = urllib.request.urlopen("https://api.example.test/stall", timeout=300)
+print(r.readline().decode().strip(), flush=True)
+try:
+    r.read()
+    print("ended", flush=True)
+except Exception as e:
+    print("cut", type(e).__name__, flush=True)
+"""
+
+
+def serve_argv_of(config: Path) -> list[str]:
+    """The command line of the `keyward serve` that `run --isolate` started for `config`."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "serve" in argv and str(config) in argv:
+            return argv
+    return []
+
+
+def test_isolate_sigterm_drains_its_gateway_within_drain(
+    upstream: HostSideUpstream, base: Path
+) -> None:
+    """SIGTERM to `run --isolate` is what it is to `run`: CMD gets it, the gateway (started with
+    `--drain`) stops accepting and cuts a stream still live after the bound, audited as
+    `gateway-stopping`; CMD, still running with no gateway, is then stopped."""
+    audit = base / "audit.jsonl"
+    config = base / "keyward.yaml"
+    config.write_text(
+        CONFIG.format(ca=upstream.dir / "pki" / "test-ca.pem", api=upstream.api, audit=audit)
+    )
+    argv = [*keyward_argv(), "run", "--isolate", "--drain", "1", "-c", str(config), "--",
+            "/usr/bin/python3", "-c", STALLED_READER]  # fmt: skip
+    proc = subprocess.Popen(
+        argv,
+        env=user_env(base / "state"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=base,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "first chunk"  # the stream is live
+        serve = serve_argv_of(config)
+        assert serve[serve.index("--drain") + 1] == "1", serve
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)  # a hang bound: the stall alone lasts 30 s
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "isolated run finished" in err, err
+    records = [json.loads(x) for x in audit.read_text().splitlines() if x]
+    [rec] = [r for r in records if r["path"] == "/stall"]
+    assert rec["reason"] == "gateway-stopping", rec

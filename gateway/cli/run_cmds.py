@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -140,6 +141,17 @@ async def run_command(args: argparse.Namespace) -> int:
     return code if code >= 0 else 128 - code
 
 
+def wait_or_kill(proc: subprocess.Popen[bytes], kill_at: list[float]) -> int:
+    """CMD's exit status; once a SIGTERM has set `kill_at`, CMD is killed if it is still
+    running then (its gateway is draining, then gone)."""
+    while True:
+        try:
+            return proc.wait(timeout=0.1)
+        except subprocess.TimeoutExpired:
+            if kill_at and time.monotonic() >= kill_at[0]:
+                proc.kill()
+
+
 def run_isolated(args: argparse.Namespace) -> int:
     """The pod without containers: CMD in a fresh namespace, the gateway in front of it."""
     from gateway.pod.isolate import PROXY_UID, IsolatedPod, choose_agent, host_uplink
@@ -186,16 +198,23 @@ def run_isolated(args: argparse.Namespace) -> int:
             agent_gid=agent_gid,
             audit_path=audit,
             workspace=workspace,
+            drain=args.drain,
         )
         try:
             pod.start(env=environ)
             env = pod.agent_env(drop=secret_env_names(loaded.config.secrets))
             proc = subprocess.Popen(pod.agent_argv(args.cmd), env=env)
-            previous = {
-                s: signal.signal(s, lambda n, _f: proc.send_signal(n)) for s in FORWARDED_SIGNALS
-            }
+            kill_at: list[float] = []  # set by SIGTERM: when CMD is killed if still running
+
+            def forward(sig: int, _frame: object) -> None:
+                proc.send_signal(sig)
+                if sig == signal.SIGTERM and not kill_at:  # as `run` without --isolate
+                    kill_at.append(time.monotonic() + args.drain)
+                    pod.begin_stop()
+
+            previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
             try:
-                code = proc.wait()
+                code = wait_or_kill(proc, kill_at)
             finally:
                 for s, h in previous.items():
                     signal.signal(s, h)

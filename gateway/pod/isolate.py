@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import signal
 import subprocess
 import sys
 import tempfile
@@ -23,7 +24,14 @@ from gateway.config.loader import load_config
 from gateway.errors import KeywardError, NetnsError
 from gateway.netfilter.rules import PodPorts
 from gateway.pod.masking import MountPlan, Workspace, make_mask_sources, protected_paths
-from gateway.pod.netns import NetNamespace, VethLink, ip, setpriv_argv, unique_name
+from gateway.pod.netns import (
+    STOP_GRACE,
+    NetNamespace,
+    VethLink,
+    ip,
+    setpriv_argv,
+    unique_name,
+)
 from gateway.pod.privileges import blocked_ancestors
 from gateway.tls.trust import SYSTEM_BUNDLE_PATHS
 
@@ -102,6 +110,7 @@ class IsolatedPod:
     workspace: Workspace | None = None
     gateway: subprocess.Popen[bytes] | None = None
     mounts: MountPlan | None = None
+    drain: float = 10.0  # `serve --drain`: how long a stopping gateway lets streams finish
 
     @property
     def control_dir(self) -> Path:
@@ -136,6 +145,7 @@ class IsolatedPod:
             "--trust-dir", str(self.trust_dir),
             "--trust-mount", str(self.trust_dir),
             "--metrics-port", str(self.ports.control),
+            "--drain", f"{self.drain:g}",
         ]  # fmt: skip
         if self.audit_path:
             argv += ["--audit", self.audit_path]
@@ -227,12 +237,19 @@ class IsolatedPod:
             self.agent_argv(argv), env=dict(env or self.agent_env()), text=True, check=False, **kw
         )
 
+    def begin_stop(self) -> None:
+        """SIGTERM the gateway: it stops accepting and drains (up to `drain`) while the agent
+        winds down; `stop_gateway` then waits for it."""
+        if self.gateway is not None and self.gateway.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.gateway.send_signal(signal.SIGTERM)
+
     def stop_gateway(self, kill: bool = False) -> None:
         if self.gateway is None:
             return
         if kill:
             self.gateway.kill()
-        self.ns.stop(self.gateway)
+        self.ns.stop(self.gateway, grace=self.drain + STOP_GRACE)  # a drain is not cut short
         self.gateway = None
 
 

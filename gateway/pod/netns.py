@@ -138,9 +138,9 @@ class NetNamespace:
             self.argv(argv, uid, gid), text=True, timeout=timeout, check=check, **kwargs
         )
 
-    def stop(self, proc: subprocess.Popen[Any]) -> None:
-        """Stop one process started with `exec`."""
-        stop_process(proc)
+    def stop(self, proc: subprocess.Popen[Any], grace: float = STOP_GRACE) -> None:
+        """Stop one process started with `exec` (SIGKILL if it outlives `grace`)."""
+        stop_process(proc, grace)
         with contextlib.suppress(ValueError):
             self.procs.remove(proc)
 
