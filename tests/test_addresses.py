@@ -115,3 +115,101 @@ upstream:
 def test_address_refusal(host: str, port: int, addr: str, refusal: str | None) -> None:
     policy = build_policy(parse_config_text(CONFIG, "keyward.yaml").config)
     assert policy.address_refusal(host, port, addr) == refusal
+
+
+# One reading of IP literals for every job: the address guard (`parse_ip`), the policy's host
+# key (`normalise_host`) and the DNS listener's answer log (`ip_key`). (text, parse_ip, host
+# key, answer-log key); None = not an address there (the host key: refused, ValueError).
+IP_FORMS = [
+    ("10.0.0.1", "10.0.0.1", "10.0.0.1", "10.0.0.1"),
+    ("[2001:DB8::1]", "2001:db8::1", "2001:db8::1", "2001:db8::1"),
+    ("[10.0.0.1]", "10.0.0.1", "10.0.0.1", "10.0.0.1"),
+    # IPv4-mapped: the address guard classes it by the IPv4 inside (see REFUSED); the host key
+    # and the answer log are the IPv4 address it reaches, so rules about 10.0.0.1 apply.
+    ("::ffff:10.0.0.1", "::ffff:a00:1", "10.0.0.1", "10.0.0.1"),
+    ("[::ffff:a00:1]", "::ffff:a00:1", "10.0.0.1", "10.0.0.1"),
+    # A zone picks an interface: dropped where an address is classed or compared; a host
+    # naming one is refused (an agent has no business choosing the gateway's interface).
+    ("fe80::1%eth0", "fe80::1", None, "fe80::1"),
+    ("[fe80::1%25eth0]", "fe80::1", None, "fe80::1"),
+    # What getaddrinfo reads as another address (010 is octal 8) is no address anywhere, and
+    # no host name either.
+    ("010.0.0.1", None, None, None),
+    ("0177.0.0.1", None, None, None),
+    ("0x7f.0.0.1", None, None, None),
+    ("127.1", None, None, None),
+    ("2130706433", None, None, None),
+    ("1.2.3.4.5", None, None, None),
+    ("256.0.0.1", None, None, None),
+    # Unbalanced or doubled brackets are not an address.
+    ("[10.0.0.1", None, None, None),
+    ("[[::1]]", None, None, None),
+]
+
+
+@pytest.mark.parametrize(("text", "address", "host", "key"), IP_FORMS)
+def test_one_ip_reading_for_every_job(
+    text: str, address: str | None, host: str | None, key: str | None
+) -> None:
+    from gateway.policy.addresses import ip_key, parse_ip
+    from gateway.policy.hosts import normalise_host
+
+    parsed = parse_ip(text)
+    assert (str(parsed) if parsed is not None else None) == address
+    assert ip_key(text) == key
+    if host is None:
+        with pytest.raises(ValueError):
+            normalise_host(text)
+    else:
+        assert normalise_host(text) == host
+    if address is None:
+        assert address_class(text) == "invalid"  # never dialled on its strength
+
+
+@pytest.mark.parametrize("name", ["0x7f.1", "010.0.0.1", "1.2.3", "a.b.0x1", "host.123"])
+def test_a_host_ending_in_a_number_is_an_address_or_refused(name: str) -> None:
+    from gateway.policy.core import Plane, Policy, RequestFacts, Verdict
+    from gateway.policy.hosts import normalise_host
+
+    with pytest.raises(ValueError, match="ends in a number"):
+        normalise_host(name)
+    policy = Policy([], default=Verdict.ALLOW)
+    decision = policy.decide(RequestFacts(Plane.MITM, "GET", "https", name, 443))
+    assert (decision.verdict, decision.reason) == (Verdict.DENY, "bad-host")
+    assert not policy.connection(name, 443).allowed
+    assert not policy.decide_name(name).allowed
+    assert normalise_host("0x7f.example.test") == "0x7f.example.test"  # a name label is fine
+
+
+def test_rules_about_an_ipv4_address_apply_to_its_mapped_form() -> None:
+    """A deny rule on 203.0.113.5 under `default: allow` holds for [::ffff:203.0.113.5] (a
+    dual-stack dial of it reaches 203.0.113.5), whether the agent names it or it is the
+    connection's original destination."""
+    config = """version: 1
+egress:
+  default: allow
+  hosts:
+    "203.0.113.5": { allow: false }
+    "198.51.100.0/24": { allow: false }
+"""
+    from gateway.policy.core import Plane, RequestFacts, Verdict
+
+    policy = build_policy(parse_config_text(config, "keyward.yaml").config)
+    for host in ("[::ffff:203.0.113.5]", "::ffff:cb00:7105", "[::ffff:198.51.100.7]"):
+        decision = policy.decide(RequestFacts(Plane.MITM, "GET", "https", host, 443))
+        assert (decision.verdict, decision.reason) == (Verdict.DENY, "host-denied"), host
+        assert not policy.connection(host, 443).allowed
+    named = policy.connection("up.example.test", 443, addr="::ffff:198.51.100.7")
+    assert not named.allowed and named.rule == "198.51.100.0/24"
+
+
+def test_the_answer_log_knows_an_address_by_one_key() -> None:
+    from gateway.dns.server import AnswerLog
+
+    log = AnswerLog()
+    log.record("a.example.test", ["::ffff:10.0.0.1", "fe80::1%eth0", "010.0.0.1"])
+    assert log.names_for("10.0.0.1") == {"a.example.test"}
+    assert log.names_for("[::ffff:10.0.0.1]") == {"a.example.test"}
+    assert log.names_for("fe80::1") == {"a.example.test"}
+    assert log.names_for("8.0.0.1") == set()
+    assert log.addresses_for("a.example.test") == {"10.0.0.1", "fe80::1"}

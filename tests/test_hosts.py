@@ -55,8 +55,10 @@ def test_cidr_longest_prefix_and_ipv6() -> None:
 
 
 def test_wildcard_does_not_match_ip_literals() -> None:
-    m = matcher("*.0.1")
-    assert hit(m, "10.0.0.1") is None
+    # A suffix ending in a number could only ever match IP literals: refused as a pattern.
+    with pytest.raises(ValueError, match="ends in a number"):
+        matcher("*.0.1")
+    assert hit(matcher("*.example.test", "*.1.example.test"), "10.0.0.1") is None
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import ipaddress
 import logging
 import struct
 import time
@@ -50,6 +49,7 @@ from gateway.dns.resolver import (
     parse_message,
 )
 from gateway.errors import NameNotFound, NotSupported, ResolveError
+from gateway.policy.addresses import ip_key
 from gateway.policy.core import Decision, Plane, Policy, RequestFacts, Verdict
 from gateway.policy.hosts import normalise_host
 from gateway.reasons import AnyReason, Reason
@@ -118,7 +118,7 @@ class AnswerLog:
     def record(self, name: str, addresses: Iterable[str]) -> None:
         expires = time.monotonic() + self.retain
         for raw in addresses:
-            ip = _canonical_ip(raw)
+            ip = ip_key(raw)
             if ip is None:
                 continue
             key = (ip, name)
@@ -131,7 +131,7 @@ class AnswerLog:
             self._forget(ip, name)
 
     def names_for(self, ip: str) -> set[str]:
-        key = _canonical_ip(ip)
+        key = ip_key(ip)
         if key is None:
             return set()
         return {n for n in list(self._by_ip.get(key, ())) if self._live(key, n)}
@@ -160,16 +160,6 @@ class AnswerLog:
                 members.discard(v)
                 if not members:
                     del index[k]
-
-
-def _canonical_ip(text: str) -> str | None:
-    try:
-        ip = ipaddress.ip_address(text.strip("[]"))
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return str(ip)
 
 
 @dataclass

@@ -66,17 +66,65 @@ _COMPATIBLE = ipaddress.IPv6Network("::/96")
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 
 
-@functools.lru_cache(maxsize=4096)
-def parse_ip(text: str) -> IPAddress | None:
-    """An address from its text (brackets and a zone index allowed), or None if not one.
-    Cached: the guard asks about the same few addresses on every new connection."""
+def canonical_ip(
+    text: str, *, brackets: bool = True, zone: bool = True, unmap: bool = False
+) -> IPAddress | None:
+    """The one reading of an IP literal, or None if `text` is not one. Every job asks here:
+    the address guard and the matcher (`parse_ip`), the policy's host key
+    (`hosts.normalise_host`) and the DNS listener's answer log (`ip_key`).
+
+    - One pair of brackets is allowed (`[::1]`; `brackets=False`: the caller took them off);
+      nothing else around the address.
+    - IPv4 only as four decimal parts without leading zeros. Python refuses `010.0.0.1`,
+      `0x7f.0.0.1`, `127.1` and `2130706433`, which getaddrinfo reads as other addresses
+      (8.0.0.1, 127.0.0.1): see `ends_in_number` for refusing them as names too.
+    - A zone index (`fe80::1%eth0`) is dropped where the address is classified or matched
+      (`zone=True`: the zone picks an interface, not another address), or makes the text not
+      an address (`zone=False`: a host key never carries one).
+    - `unmap`: an IPv4-mapped IPv6 address (`::ffff:10.0.0.1`) as the IPv4 address it
+      reaches, so rules about 10.0.0.1 apply to it.
+    """
+    if brackets and text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    if "%" in text and not zone:
+        return None
     try:
-        ip = ipaddress.ip_address(text.strip("[]"))
+        ip = ipaddress.ip_address(text)
     except ValueError:
         return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None:
-        ip = ipaddress.IPv6Address(int(ip))
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.scope_id is not None:
+            ip = ipaddress.IPv6Address(int(ip))
+        if unmap and ip.ipv4_mapped is not None:
+            return ip.ipv4_mapped
     return ip
+
+
+@functools.lru_cache(maxsize=4096)
+def parse_ip(text: str, unmap: bool = False) -> IPAddress | None:
+    """An address to classify, match or dial (brackets and a zone index allowed), or None.
+    Cached: the guard asks about the same few addresses on every new connection."""
+    return canonical_ip(text, unmap=unmap)
+
+
+def ip_key(text: str) -> str | None:
+    """The text one address is known by wherever addresses are compared as strings (the DNS
+    listener's answer log): zone dropped, IPv4-mapped as IPv4; None if not an address."""
+    ip = parse_ip(text, unmap=True)
+    return None if ip is None else str(ip)
+
+
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def ends_in_number(host: str) -> bool:
+    """Whether a URL parser (WHATWG "ends in a number") or getaddrinfo reads `host` as an
+    IPv4 address: its last label is decimal or `0x` hex (`127.1`, `0x7f.0.0.1`, `010.0.0.1`,
+    `2130706433`). Such a host is an address or nothing: never a name to match rules on."""
+    last = host[host.rfind(".") + 1 :]
+    if last[:2] in ("0x", "0X"):
+        return all(c in _HEX for c in last[2:])
+    return last.isascii() and last.isdigit()
 
 
 def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
@@ -124,10 +172,3 @@ def classify(ip: IPAddress) -> str | None:
         if inner is not None:
             return f"embedded {inner}"
     return None
-
-
-def unwrap(ip: IPAddress) -> IPAddress:
-    """An IPv4-mapped IPv6 address as the IPv4 address it is; anything else unchanged."""
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal, get_args
 
-from gateway.policy.addresses import address_class, parse_ip, unwrap
+from gateway.policy.addresses import address_class, parse_ip
 from gateway.policy.hosts import (
     HostMatcher,
     HostPattern,
@@ -85,17 +85,15 @@ class HostRule:
     def names_address(self, addr: str, category: str) -> bool:
         """Whether this rule itself names `addr`: an IP/CIDR rule containing it, an IP literal
         rule equal to it, or a `localhost` rule for a loopback address."""
-        ip = parse_ip(addr)
+        ip = parse_ip(addr, unmap=True)
         if ip is None:
             return False
-        ip = unwrap(ip)
         p = self.pattern
         if p.network is not None:
             return ip.version == p.network.version and ip in p.network
         if p.host == "localhost" or p.host.endswith(".localhost"):
             return category == "loopback"
-        target = parse_ip(p.host)
-        return target is not None and unwrap(target) == ip
+        return parse_ip(p.host, unmap=True) == ip
 
     @property
     def secrets(self) -> frozenset[str]:
@@ -447,8 +445,8 @@ class Policy:
                 and (rule.private_addresses or rule.names_address(addr, category))
             ):
                 return None
-        ip = parse_ip(addr)
-        hit = self.matcher.match_address(unwrap(ip)) if ip is not None else None
+        ip = parse_ip(addr, unmap=True)
+        hit = self.matcher.match_address(ip) if ip is not None else None
         if hit is not None and hit[1].allow and hit[1].names_address(addr, category):
             return None
         return category

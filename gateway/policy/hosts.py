@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Generic, TypeVar
 
+from gateway.policy.addresses import canonical_ip, ends_in_number, parse_ip
+
 T = TypeVar("T")
 
 DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
@@ -60,11 +62,12 @@ def normalise_host(host: str) -> str:
         h = h[:-1]
     if not h:
         raise ValueError("empty host")
-    if _MAYBE_IP.match(h):  # only these can be IP literals: skip the costly failed parse
-        try:
-            return str(ipaddress.ip_address(h))
-        except ValueError:
-            pass
+    if ":" in h or ends_in_number(h):  # only these can be IP literals: skip the costly parse
+        ip = canonical_ip(h, brackets=False, zone=False, unmap=True)
+        if ip is not None:
+            return str(ip)
+        if ":" not in h:  # 127.1, 010.0.0.1, 0x7f.0.0.1: getaddrinfo would dial another address
+            raise ValueError(f"{host!r} ends in a number: only an IPv4 address, four decimal parts")
     h = h.lower()
     if _ASCII_NAME.fullmatch(h):
         return h
@@ -84,13 +87,7 @@ def normalise_host(host: str) -> str:
 
 
 def is_ip(host: str) -> bool:
-    if not _MAYBE_IP.match(host.strip("[]")):
-        return False
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return False
-    return True
+    return bool(_MAYBE_IP.match(host.strip("[]"))) and canonical_ip(host) is not None
 
 
 def split_hostport(text: str) -> tuple[str, int | None]:
@@ -249,9 +246,8 @@ class HostMatcher(Generic[T]):
             for candidate in (host, addr):
                 if candidate is None:
                     continue
-                try:
-                    ip = ipaddress.ip_address(candidate)
-                except ValueError:
+                ip = parse_ip(candidate, unmap=True)
+                if ip is None:
                     continue
                 hit = self._match_ip(ip)
                 if hit is not None:
