@@ -373,10 +373,8 @@ class HttpPlane:
             return web.Response(status=499)  # never seen by anyone: the connection is gone
         except asyncio.CancelledError:
             if self.stopping:
-                ex.reason, ex.error = (
-                    Reason.GATEWAY_STOPPING,
-                    "gateway stopping: drain bound reached",
-                )
+                ex.reason = Reason.GATEWAY_STOPPING
+                ex.error = "gateway stopping: drain bound reached"
             ex.reason = ex.reason or Reason.CLIENT_ABORTED
             ex.error = ex.error or "client disconnected"
             raise
