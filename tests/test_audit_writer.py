@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -324,12 +325,28 @@ def test_on_error_continue_keeps_serving(tmp_path: Path) -> None:
     assert not w.healthy and w.available()
 
 
+class Clock:
+    """A monotonic clock the test moves by hand: the writer's rate-limited checks become due
+    when the test says so, not when a busy machine gets round to it."""
+
+    def __init__(self) -> None:
+        self.now = time.monotonic()  # where a writer that started on the real clock left off
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 def test_backlog_is_bounded_and_the_gap_recorded(tmp_path: Path) -> None:
     path = tmp_path / "a.jsonl"
-    w = AuditWriter(path, Redactor())
+    clock = Clock()
+    w = AuditWriter(path, Redactor(), clock=clock)
     w.MAX_BACKLOG, w.PROBE_INTERVAL = 5, 0.0
     path.unlink()
     path.mkdir()  # the path now names a directory: every write fails
+    clock.advance(1.0)  # the next record checks the path
     for i in range(8):
         w.write(record(path=f"/{i}"))
     assert len(w._backlog) == 5 and w.lost == 3
@@ -343,16 +360,98 @@ def test_backlog_is_bounded_and_the_gap_recorded(tmp_path: Path) -> None:
 @pytest.mark.parametrize("how", ["rename", "unlink"])
 def test_rotation_is_followed(tmp_path: Path, how: str) -> None:
     path = tmp_path / "a.jsonl"
-    w = AuditWriter(path, Redactor())
+    clock = Clock()
+    w = AuditWriter(path, Redactor(), clock=clock)
     w.write(record(path="/old"))
+    clock.advance(1.0)
+    w.write(record(path="/old-checked"))  # the check passes: the path names the open file
     if how == "rename":
         path.rename(tmp_path / "a.jsonl.1")
-        assert [r["path"] for r in lines(tmp_path / "a.jsonl.1")] == ["/old"]
+        assert [r["path"] for r in lines(tmp_path / "a.jsonl.1")] == ["/old", "/old-checked"]
     else:
         path.unlink()
+    clock.advance(1.0)
     w.write(record(path="/new"))
-    assert [r["path"] for r in lines(path)] == ["/new"]
+    # an unlinked file's lines since the last check are written again (nobody can read them)
+    again = ["/old-checked"] if how == "unlink" else []
+    assert [r["path"] for r in lines(path)] == [*again, "/new"]
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_rotation_check_is_rate_limited_and_loses_nothing(tmp_path: Path) -> None:
+    """Within ROTATION_CHECK of the last check, records go to the open file: after a rename
+    they are in the renamed file; after an unlink they are written again to the new file once
+    the check runs, so every record is readable exactly once."""
+    path, old = tmp_path / "a.jsonl", tmp_path / "a.jsonl.1"
+    clock = Clock()
+    w = AuditWriter(path, Redactor(), clock=clock)
+    w.write(record(path="/1"))
+    path.rename(old)
+    w.write(record(path="/2"))  # no check due yet: into the renamed file
+    clock.advance(1.0)
+    w.write(record(path="/3"))
+    assert [r["path"] for r in lines(old)] == ["/1", "/2"]
+    assert [r["path"] for r in lines(path)] == ["/3"]
+    clock.advance(1.0)
+    w.write(record(path="/4"))  # checked: /3 and /4 are on a file at the path
+    path.unlink()
+    w.write(record(path="/5"))  # into the unlinked file...
+    w.write(record(path="/6"))
+    clock.advance(1.0)
+    w.write(record(path="/7"))  # ...and written again here, before this one
+    assert [r["path"] for r in lines(path)] == ["/4", "/5", "/6", "/7"]
+    clock.advance(1.0)
+    w.write(record(path="/8"))  # checked: only /8 is written since
+    path.unlink()
+    w.write(record(path="/9"))
+    w.reopen()  # SIGHUP / reload: at once, and the unlinked file's lines are not lost
+    w.write(record(path="/10"))
+    w.close()
+    assert [r["path"] for r in lines(path)] == ["/8", "/9", "/10"]
+
+
+def test_rotation_check_runs_at_least_every_rotation_lines_records(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    w = AuditWriter(path, Redactor(), clock=Clock())  # the clock never moves
+    w.ROTATION_LINES = 3
+    w.write(record(path="/1"))
+    path.unlink()
+    for i in range(2, 6):
+        w.write(record(path=f"/{i}"))
+    # the third record since the open checked: /1../3 written again, then /4, /5
+    assert [r["path"] for r in lines(path)] == ["/1", "/2", "/3", "/4", "/5"]
+
+
+def test_free_space_check_is_reused_only_while_there_is_plenty(tmp_path: Path) -> None:
+    """One fstatvfs holds for ROOM_INTERVAL while more than ROOM_MARGIN is spare; a nearly
+    full file system is checked on every request (test above)."""
+    path = tmp_path / "a.jsonl"
+    clock = Clock()
+    w = AuditWriter(path, Redactor(), clock=clock)
+    calls: list[int] = []
+    real = os.fstatvfs
+
+    def spy(fd: int) -> os.statvfs_result:
+        calls.append(fd)
+        return real(fd)
+
+    os.fstatvfs = spy  # type: ignore[assignment]
+    try:
+        w.ROOM_MARGIN = 1  # any real file system has more than that spare
+        assert w.available() and w.available()
+        assert len(calls) == 1
+        clock.advance(1.0)
+        assert w.available()
+        assert len(calls) == 2
+        w._room_left = 0  # as if this writer had written all the spare room since
+        assert w.available()
+        assert len(calls) == 3
+        w.ROOM_MARGIN = 1 << 62  # never plenty: every request checks
+        clock.advance(1.0)
+        assert w.available() and w.available()
+        assert len(calls) == 5
+    finally:
+        os.fstatvfs = real  # type: ignore[assignment]
 
 
 def test_reopen_switches_to_the_file_now_at_the_path(tmp_path: Path) -> None:

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.embedded import running, with_service
 from tests.support.world import World, make_world
-from tests.test_audit_writer import fill, small_tmpfs
+from tests.test_audit_writer import Clock, fill, small_tmpfs
 
 
 @pytest.fixture
@@ -71,13 +71,34 @@ async def test_full_disk_refuses_on_both_planes_and_recovers(world: World, tiny_
 
 
 async def test_rotation_by_rename_is_followed_on_both_planes(world: World) -> None:
+    """The path is checked at most every ROTATION_CHECK seconds (by the writer's clock, moved
+    here by hand): a rename is followed from the next check on, and the records written to an
+    unlinked file since the last check are written again to the new one."""
     with_service(world)
     async with running(world) as gw:
-        assert (await gw.via_proxy("/one"))[0] == 200
+        audit = gw.ctx.audit
+        audit.clock = clock = Clock()
+
+        async def request(via: Callable[[str], Awaitable[tuple[int, str, str]]], path: str) -> None:
+            """One request, and its record written (it may be written after the response)."""
+            before = audit.counts["allowed"]
+            assert (await via(path))[0] == 200
+            for _ in range(1000):
+                if audit.counts["allowed"] > before:
+                    return
+                await asyncio.sleep(0.01)
+            raise AssertionError(f"{path}: no record written")
+
+        clock.advance(1.0)
+        await request(gw.via_proxy, "/one")  # checked: the path names the open file
         world.audit_path.rename(world.dir / "audit.jsonl.1")
-        assert (await gw.via_proxy("/two"))[0] == 200
-        assert (await gw.via_service("/three"))[0] == 200
+        await request(gw.via_proxy, "/two")  # no check due: into the renamed file
+        clock.advance(1.0)
+        await request(gw.via_service, "/three")  # checked: a new file at the path
+        await request(gw.via_service, "/four")
         world.audit_path.unlink()
-        assert (await gw.via_service("/four"))[0] == 200
-    assert [r["path"] for r in records(world.dir / "audit.jsonl.1")] == ["/one"]
-    assert [r["path"] for r in records(world.audit_path)] == ["/four"]
+        await request(gw.via_proxy, "/five")  # into the unlinked file, and then...
+        clock.advance(1.0)
+        await request(gw.via_service, "/six")  # ...written again before this one
+    assert [r["path"] for r in records(world.dir / "audit.jsonl.1")] == ["/one", "/two"]
+    assert [r["path"] for r in records(world.audit_path)] == ["/three", "/four", "/five", "/six"]

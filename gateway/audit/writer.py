@@ -167,8 +167,12 @@ def _withheld(text: str) -> str:
     return _WITHHELD
 
 
+# One encoder for every line: `json.dumps` with options builds a new one per call.
+_ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 def _dumps(data: dict[str, Any]) -> str:
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return _ENCODE(data)
 
 
 def _withhold(data: dict[str, Any], redact: Callable[[str], str]) -> dict[str, Any]:
@@ -190,23 +194,48 @@ class AuditWriter:
     forwarding anything: while unhealthy (and `on_error` is `refuse`) it answers False, so new
     requests are refused with 503 `audit-unavailable` and never reach an upstream. `available()`
     is also the probe: at most every PROBE_INTERVAL seconds it retries the backlog, and the
-    writer is healthy again as soon as those records are on disk. Rotation is followed: the path
-    is checked on every record and reopened when it no longer names the open file.
+    writer is healthy again as soon as those records are on disk.
+
+    Rotation is followed: at most every ROTATION_CHECK seconds (and at least every
+    ROTATION_LINES records) the path is compared with the open file and reopened when it no
+    longer names it. A record written in between to a file that was renamed is in that file; if
+    the open file was unlinked, the records written since the last check are written again to
+    the new file, so none is lost. SIGHUP and reload reopen at once (`reopen`).
+
+    Free space (`available`): one fstatvfs is trusted for at most ROOM_INTERVAL seconds, and only
+    while it showed more than ROOM_MARGIN bytes beyond HEADROOM and this writer has used less
+    than that since; near HEADROOM every request checks again. Space taken by others in between
+    is caught by the write itself: a failed write (ENOSPC) keeps the record and fails closed.
     """
 
     PROBE_INTERVAL = 0.25
     MAX_BACKLOG = 10_000
     HEADROOM = 64 * 1024  # bytes that must be free on the log's file system to forward
+    ROTATION_CHECK = 0.1  # seconds between checks that the path still names the open file
+    ROTATION_LINES = 1_000  # ... and records: what a rotation check may have to write again
+    ROOM_INTERVAL = 0.25  # seconds one free-space check is trusted (when there is plenty)
+    ROOM_MARGIN = 4 * 1024 * 1024  # "plenty": this much beyond HEADROOM
 
     def __init__(
-        self, target: str | Path, redactor: Redactor | None = None, on_error: str = "refuse"
+        self,
+        target: str | Path,
+        redactor: Redactor | None = None,
+        on_error: str = "refuse",
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.target = str(target)
         self.redactor = redactor if redactor is not None else global_redactor()
         self.on_error = on_error
+        self.clock = clock
         self._lock = threading.Lock()
         self._fd: int | None = None
         self._ident: tuple[int, int] | None = None
+        # Lines written since the path was last seen naming the open file, and when that was.
+        self._unchecked: list[bytes] = []
+        self._checked_at = 0.0
+        # Until when (clock) and for how many more bytes the last free-space check holds.
+        self._room_until = 0.0
+        self._room_left = 0
         self._backlog: collections.deque[bytes] = collections.deque()
         self.lost = 0  # records dropped because the backlog was full
         self.write_errors = 0  # failed attempts to write (keyward_audit_errors_total)
@@ -230,13 +259,27 @@ class AuditWriter:
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
             st = os.fstat(fd)
             self._fd, self._ident = fd, (st.st_dev, st.st_ino)
+            self._unchecked.clear()
+            self._checked_at = self.clock()
+            self._room_until = 0.0
         return self._fd
 
     def _close_fd(self) -> None:
+        """Close the file. If it was unlinked, the lines written to it since the last rotation
+        check go to the front of the backlog, to be written again to the file at the path."""
         if self._fd is not None:
+            if self._unchecked:
+                try:
+                    unlinked = os.fstat(self._fd).st_nlink == 0
+                except OSError:
+                    unlinked = False
+                if unlinked:
+                    self._backlog.extendleft(reversed(self._unchecked))
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = self._ident = None
+        self._unchecked.clear()
+        self._room_until = 0.0
 
     def _rotated(self) -> bool:
         """True when the path no longer names the open file (renamed or unlinked)."""
@@ -246,6 +289,22 @@ class AuditWriter:
             return True
         return (st.st_dev, st.st_ino) != self._ident
 
+    def _follow_rotation(self) -> None:
+        """When a check is due: close the file if the path no longer names it (the next write
+        opens the file at the path)."""
+        if self._fd is None:
+            return
+        now = self.clock()
+        if now - self._checked_at < self.ROTATION_CHECK and (
+            len(self._unchecked) < self.ROTATION_LINES
+        ):
+            return
+        if self._rotated():
+            self._close_fd()
+        else:
+            self._checked_at = now
+            self._unchecked.clear()
+
     def reopen(self) -> None:
         """Close and reopen the file (SIGHUP, reload, or after log rotation)."""
         with self._lock:
@@ -253,6 +312,8 @@ class AuditWriter:
             if self.target != "-":
                 with contextlib.suppress(OSError):
                     self._open()
+            if self._backlog and self.healthy:  # lines of an unlinked file, written again
+                self._drain_backlog()
 
     def _write_line(self, data: bytes) -> None:
         """One write(2) of a whole line; raises OSError if the line is not entirely written."""
@@ -262,8 +323,6 @@ class AuditWriter:
             while view:  # a pipe may take it in pieces; nothing to undo on stderr
                 view = view[os.write(2, view) :]
             return
-        if self._fd is not None and self._rotated():
-            self._close_fd()
         fd = self._open()
         n = os.write(fd, data)
         if n != len(data):
@@ -271,9 +330,12 @@ class AuditWriter:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, os.fstat(fd).st_size - n)
             raise OSError(errno.ENOSPC, "short write")
+        self._unchecked.append(data)
+        self._room_left -= n
 
     def _append(self, data: bytes) -> None:
         """Write the backlog then `data`, in order; on failure keep what is left for later."""
+        self._follow_rotation()
         if self._backlog:
             self._backlog.append(data)
             if time.monotonic() >= self._next_probe:
@@ -339,16 +401,25 @@ class AuditWriter:
         return (_dumps(rec.as_dict()) + "\n").encode()
 
     def _room(self) -> bool:
-        """Is there room for a request's record? One fstatvfs: a nearly full disk refuses
-        before forwarding, rather than after, when the record would no longer fit."""
+        """Is there room for a request's record? A nearly full disk refuses before forwarding,
+        rather than after, when the record would no longer fit. One fstatvfs, reused while
+        there is plenty of room (see the class docstring)."""
         if self.target == "-" or self.HEADROOM <= 0:
+            return True
+        now = self.clock()
+        if now < self._room_until and self._room_left > 0:
             return True
         try:
             st = os.fstatvfs(self._open())
         except OSError:
             return False
-        free = st.f_bfree if os.geteuid() == 0 else st.f_bavail
-        return free * st.f_frsize >= self.HEADROOM
+        free = (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+        spare = free - self.HEADROOM - self.ROOM_MARGIN
+        if spare > 0:
+            self._room_until, self._room_left = now + self.ROOM_INTERVAL, spare
+        else:
+            self._room_until = 0.0
+        return free >= self.HEADROOM
 
     def available(self) -> bool:
         """May a request be forwarded now? The pre-flight check of every data plane; while
@@ -425,6 +496,8 @@ class AuditWriter:
     def close(self) -> None:
         """Close the file (one last try at the backlog); a later write reopens it."""
         with self._lock:
+            if self._fd is not None and self._rotated():
+                self._close_fd()  # lines of an unlinked file go to the backlog
             if self._backlog or self.lost:
                 self._drain_backlog()
             self._close_fd()
