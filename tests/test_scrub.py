@@ -124,6 +124,32 @@ def test_sse_event_over_the_bound_ends_the_stream(monkeypatch: pytest.MonkeyPatc
     assert e.value.reason == "sse-event-too-large"
 
 
+@settings(max_examples=60, deadline=None)
+@given(step=st.integers(min_value=1, max_value=400), pad=st.binary(max_size=150))
+def test_declared_length_body_is_scrubbed_the_same_whole_or_chunked(step: int, pad: bytes) -> None:
+    """With a declared length, a first chunk that is the whole body is scrubbed at once (no
+    tail held back); any other chunking goes through the stream scrubber: same bytes out."""
+    r = Redactor([KEY])
+    plain = pad + KEY.encode() + pad + KEY.encode().hex().encode() + pad + KEY.encode()[:9]
+    assert run(BodyScrubber(r, [], False, len(plain)), plain, step) == r.redact_bytes(plain)
+
+
+def test_declared_length_body_longer_than_declared_is_cut() -> None:
+    body = BodyScrubber(Redactor([KEY]), [], False, 4)
+    assert body.feed(b"abcd") == [b"abcd"]
+    with pytest.raises(ScrubError):
+        body.feed(KEY.encode()[:5])
+
+
+def test_headers_without_a_secret_pass_unchanged_and_with_one_scrubbed() -> None:
+    r = Redactor([KEY])
+    clean = [("Content-Type", "application/json"), ("X-Id", "abc")]
+    assert response_headers(clean, r, decoded=False) == clean
+    echoed = [*clean, ("X-Echo", f"Bearer {KEY}"), ("X-Hex", KEY.encode().hex())]
+    out = response_headers(echoed, r, decoded=False)
+    assert out == [*clean, ("X-Echo", f"Bearer {REPLACEMENT}"), ("X-Hex", REPLACEMENT)]
+
+
 def test_headers_and_reason() -> None:
     r = Redactor([KEY])
     out = response_headers(

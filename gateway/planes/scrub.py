@@ -18,6 +18,7 @@ chunks and writes what comes out.
 
 from __future__ import annotations
 
+import functools
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -101,8 +102,15 @@ def response_headers(
 ) -> list[tuple[str, str]]:
     """Response headers as the agent gets them: every value scrubbed; when the body is decoded,
     the headers that described its encoding dropped and a strong validator made weak."""
+    items = list(headers)
+    if not decoded:
+        # One pass over every value at once: a value holding a known form makes the joined
+        # text hold it too; only then is each value scrubbed on its own.
+        joined = "\n".join(v for _, v in items)
+        if redactor.redact(joined) == joined:
+            return items
     out = []
-    for name, value in headers:
+    for name, value in items:
         low = name.lower()
         if decoded and low in ENCODED_ONLY:
             continue
@@ -370,12 +378,31 @@ class BodyScrubber:
     """One response body: decode, scrub the byte stream, scrub SSE events; `feed` and `finish`
     return the pieces to send (never an empty one: an empty chunk ends a chunked body)."""
 
-    def __init__(self, redactor: Redactor, codings: list[str], event_stream: bool) -> None:
+    def __init__(
+        self,
+        redactor: Redactor,
+        codings: list[str],
+        event_stream: bool,
+        length: int | None = None,
+    ) -> None:
+        self.redactor = redactor
         self.decoders = [_decoder(c) for c in reversed(codings)]
         self.stream = StreamScrubber(redactor)
         self.sse = SseScrubber(redactor) if event_stream else None
+        # A declared identity length: a first chunk that is the whole body is scrubbed whole,
+        # with nothing held back for a next chunk that cannot come (most small responses).
+        self.whole = length if length and not self.decoders and self.sse is None else None
+        self.fed = 0
 
     def feed(self, chunk: bytes) -> list[bytes]:
+        if self.whole is not None:
+            if self.fed == 0 and len(chunk) == self.whole:
+                self.fed = len(chunk)
+                clean = self.redactor.redact_bytes(chunk)
+                return [clean] if clean else []
+            if self.fed >= self.whole and chunk:
+                raise ScrubError("body-longer-than-declared")  # the parser frames by length
+            self.fed += len(chunk)
         return self._after_decode(self._decode(0, chunk, final=False))
 
     def finish(self) -> list[bytes]:
@@ -422,15 +449,25 @@ def is_event_stream(content_type: str | None) -> bool:
 @dataclass
 class ScrubbedHead:
     """A response head as the agent gets it, and what its body goes through (None: keyward
-    knows no secret value, so there is nothing to decode or scrub)."""
+    knows no secret value, so there is nothing to decode or scrub). The body's pipeline is set
+    up when first asked for: a small body scrubbed whole never needs one."""
 
     headers: list[tuple[str, str]]
-    body: BodyScrubber | None
+    redactor: Redactor | None = None
+    codings: list[str] = field(default_factory=list)
+    event_stream: bool = False
+    length: int | None = None  # the declared Content-Length, if one valid value
+
+    @functools.cached_property
+    def body(self) -> BodyScrubber | None:
+        if self.redactor is None:
+            return None
+        return BodyScrubber(self.redactor, self.codings, self.event_stream, self.length)
 
     @property
     def rewrites_body(self) -> bool:
         """Whether the body is decoded or regrouped into events (not just scanned)."""
-        return self.body is not None and bool(self.body.decoders or self.body.sse)
+        return self.redactor is not None and bool(self.codings or self.event_stream)
 
 
 def scrub_head(headers: Iterable[tuple[str, str]], redactor: Redactor) -> ScrubbedHead:
@@ -438,11 +475,27 @@ def scrub_head(headers: Iterable[tuple[str, str]], redactor: Redactor) -> Scrubb
     content coding that cannot be decoded."""
     items = list(headers)
     if not redactor.max_len:
-        return ScrubbedHead(items, None)
-    codings = parse_codings(v for k, v in items if k.lower() == "content-encoding")
-    ctype = next((v for k, v in items if k.lower() == "content-type"), None)
-    body = BodyScrubber(redactor, codings, is_event_stream(ctype))
-    return ScrubbedHead(response_headers(items, redactor, decoded=bool(codings)), body)
+        return ScrubbedHead(items)
+    encodings: list[str] = []
+    ctype: str | None = None
+    lengths: list[str] = []
+    for k, v in items:
+        low = k.lower()
+        if low == "content-encoding":
+            encodings.append(v)
+        elif low == "content-type" and ctype is None:
+            ctype = v
+        elif low == "content-length":
+            lengths.append(v.strip())
+    codings = parse_codings(encodings)
+    length = int(lengths[0]) if len(lengths) == 1 and lengths[0].isdigit() else None
+    return ScrubbedHead(
+        response_headers(items, redactor, decoded=bool(codings)),
+        redactor,
+        codings,
+        is_event_stream(ctype),
+        length,
+    )
 
 
 MESSAGE_CUT = 8  # bytes of a known form at a message's end that are cut from that message

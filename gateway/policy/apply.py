@@ -74,6 +74,29 @@ def _swap_header(decision: Decision, name: str, value: str, resolve: Resolver) -
     return value
 
 
+_SwapTable = tuple[dict[bytes, Placeholder], re.Pattern[bytes], frozenset[bytes], int]
+_last_table: tuple[tuple[Placeholder, ...], _SwapTable] | None = None
+
+
+def _swap_table(placeholders: tuple[Placeholder, ...]) -> _SwapTable:
+    """(placeholder by value, the pattern of every value, their proper prefixes, the longest
+    length): the same for every request under one policy, so built once per placeholder set."""
+    global _last_table
+    last = _last_table
+    if last is not None and last[0] is placeholders:
+        return last[1]
+    by_value = {p.value.encode(): p for p in placeholders}
+    values = sorted(by_value, key=len, reverse=True)
+    table = (
+        by_value,
+        re.compile(b"|".join(re.escape(v) for v in values)),
+        frozenset(v[:k] for v in values for k in range(1, len(v))),
+        len(values[0]) if values else 0,
+    )
+    _last_table = (placeholders, table)
+    return table
+
+
 class BodySwapper:
     """Placeholders in a streamed request body: swapped for real values where the decision
     allows it (`body` in `swap_in`), otherwise passed unchanged and reported to `unswapped` (the
@@ -89,15 +112,11 @@ class BodySwapper:
     ) -> None:
         if not decision.allowed or decision.plan is None:
             raise NotAllowedError(decision.reason)
-        swappable = {p.value for p in decision.plan.swappable("body")}
-        self._by_value = {p.value.encode(): p for p in placeholders}
-        self._swaps = {
-            v: resolve(p.secret).encode() for v, p in self._by_value.items() if p.value in swappable
-        }
-        values = sorted(self._by_value, key=len, reverse=True)
-        self._pattern = re.compile(b"|".join(re.escape(v) for v in values))
-        self._prefixes = {v[:k] for v in values for k in range(1, len(v))}
-        self._longest = len(values[0]) if values else 0
+        swappable = decision.plan.swappable("body")
+        table = _swap_table(placeholders)
+        self._by_value, self._pattern, self._prefixes, self._longest = table
+        values = [v for v in (p.value.encode() for p in swappable) if v in self._by_value]
+        self._swaps = {v: resolve(self._by_value[v].secret).encode() for v in values}
         self._unswapped = unswapped
         self._held = b""
 

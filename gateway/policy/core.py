@@ -228,6 +228,17 @@ class ConnectionDecision:
         return self.verdict is not Verdict.DENY
 
 
+@dataclass(frozen=True, slots=True)
+class _RuleUse:
+    """What an allowed request on a rule needs that depends on the rule alone, derived once per
+    rule (`Policy._use`) instead of on every request."""
+
+    rule: HostRule
+    secrets: frozenset[str]
+    content: tuple[Placeholder, ...]  # its placeholders swappable in bodies or messages
+    plan: InjectionPlan  # the plan when no placeholder is swapped in the head
+
+
 DNS_ADDRESS_TYPES = frozenset({"A", "AAAA"})
 # Not record types a stub resolver may ask for, whatever a rule's `dns_types` says.
 DNS_META_TYPES = frozenset({"OPT", "AXFR", "IXFR", "TKEY", "TSIG", "MAILA", "MAILB"})
@@ -266,6 +277,22 @@ class Policy:
             if self._by_value
             else None
         )
+        self._uses: dict[int, _RuleUse] = {}  # by id() of a rule of `self.rules`
+
+    def _use(self, rule: HostRule) -> _RuleUse:
+        """The rule's per-rule derivations, computed on its first request."""
+        use = self._uses.get(id(rule))
+        if use is not None and use.rule is rule:
+            return use
+        secrets = rule.secrets
+        content = tuple(
+            p
+            for p in self.placeholders
+            if p.secret in secrets and p.swap_in & {"body", "websocket"}
+        )
+        plan = InjectionPlan(rule.headers, (), content) if rule.headers or content else EMPTY_PLAN
+        use = self._uses[id(rule)] = _RuleUse(rule, secrets, content, plan)
+        return use
 
     # -- lookups --------------------------------------------------------------------------
     def rule_for(self, host: str, port: int, addr: str | None = None) -> HostRule | None:
@@ -310,7 +337,7 @@ class Policy:
         unswapped: list[str] = []
         if self._placeholder_re is not None:
             seen = self._placeholders_seen(facts)
-            secrets = rule.secrets if rule is not None and seen else frozenset()
+            secrets = self._use(rule).secrets if rule is not None and seen else frozenset()
             for ph, location in seen:
                 if ph.secret not in secrets or (rule is not None and not rule.allow):
                     return Decision(
@@ -338,16 +365,10 @@ class Policy:
             if isinstance(checked, Decision):
                 return checked
             target, methods = canon.target, checked
-        content = tuple(
-            p
-            for p in self.placeholders
-            if p.secret in rule.secrets and p.swap_in & {"body", "websocket"}
-        )
-        plan = (
-            InjectionPlan(rule.headers, tuple(swaps.values()), content)
-            if rule.headers or swaps or content
-            else EMPTY_PLAN
-        )
+        use = self._use(rule)
+        plan = use.plan
+        if swaps:
+            plan = InjectionPlan(rule.headers, tuple(swaps.values()), use.content)
         if plan.credentialed and facts.scheme in ("http", "ws") and not rule.plain_http:
             return Decision(
                 Verdict.DENY, rule_text, Reason.PLAIN_HTTP_CREDENTIALS, normalised_path=path

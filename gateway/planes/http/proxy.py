@@ -90,6 +90,7 @@ class _Connection:
     over: str | None = None
     answered: bool = False  # a 503 went out (else the refusal is audited when it closes)
     timer: asyncio.TimerHandle | None = None
+    deadline: float = 0.0  # loop time by which the next request's headers must be in
     live: int = 0  # requests in `_exchange`
     requests: int = 0
 
@@ -179,6 +180,7 @@ class HttpPlane:
         self.stopping = False
         self._connections: dict[web.RequestHandler, _Connection] = {}
         self._waiting = 0  # connections over a limit waiting for their 503
+        self._timeout: tuple[object, aiohttp.ClientTimeout] | None = None
 
     @property
     def limits(self) -> LimitsConfig:
@@ -211,9 +213,13 @@ class HttpPlane:
         """`timeouts:` for aiohttp: connect, connect + TLS, and idle between body reads (the
         wait for response headers is bounded around the request, see `_forward`)."""
         t = self.ctx.config.config.timeouts
-        return aiohttp.ClientTimeout(
-            total=None, connect=t.connect + t.tls, sock_connect=t.connect, sock_read=t.idle
-        )
+        cached = self._timeout
+        if cached is None or cached[0] is not t:  # built once per (re)loaded config
+            timeout = aiohttp.ClientTimeout(
+                total=None, connect=t.connect + t.tls, sock_connect=t.connect, sock_read=t.idle
+            )
+            cached = self._timeout = (t, timeout)
+        return cached[1]
 
     # -- front doors ---------------------------------------------------------------------
     def make_service_app(self, name: str, service: ServiceConfig) -> web.Application:
@@ -605,10 +611,14 @@ class HttpPlane:
     def _arm(self, conn: _Connection) -> None:
         """`timeouts.request_headers` from the connection's start or its last response: a
         client dripping its headers never reaches a handler, and aiohttp bounds it only by its
-        own keep-alive timeout, silently."""
-        self._disarm(conn)
+        own keep-alive timeout, silently. Moving the deadline keeps the timer armed: when it
+        fires early, `_expire` arms it again for the rest (no timer per request)."""
         seconds = self.ctx.config.config.timeouts.request_headers
-        conn.timer = asyncio.get_running_loop().call_later(seconds, self._expire, conn)
+        loop = asyncio.get_running_loop()
+        conn.deadline = loop.time() + seconds
+        if conn.timer is None or conn.deadline < conn.timer.when():
+            self._disarm(conn)
+            conn.timer = loop.call_at(conn.deadline, self._expire, conn)
 
     @staticmethod
     def _disarm(conn: _Connection) -> None:
@@ -621,6 +631,10 @@ class HttpPlane:
         (an idle keep-alive connection is closed quietly, as servers do)."""
         conn.timer = None
         if conn.live or self._connections.get(conn.handler) is not conn:
+            return  # a request in progress: its end arms the timer again
+        loop = asyncio.get_running_loop()
+        if loop.time() < conn.deadline:  # a response since: the deadline moved
+            conn.timer = loop.call_at(conn.deadline, self._expire, conn)
             return
         conn.handler.force_close()
         conn.transport.close()
@@ -633,13 +647,12 @@ class HttpPlane:
         self._record_connection(conn, Reason.CLIENT_HEADERS_TIMEOUT, why)
 
     def _request_started(self, request: web.BaseRequest) -> str | None:
-        """A request's headers are in: stop its connection's clock. Returns why the connection
-        is over a limit (every request on it is then answered 503), or None."""
+        """A request's headers are in: its connection's clock waits for it to end. Returns why
+        the connection is over a limit (every request on it is then answered 503), or None."""
         conn = self._connections.get(request.protocol)
         if conn is None:
             return None
-        self._disarm(conn)
-        conn.live += 1
+        conn.live += 1  # the armed timer finds it live and lets it be
         conn.requests += 1
         if conn.over is not None:
             conn.answered = True

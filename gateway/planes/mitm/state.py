@@ -33,6 +33,7 @@ class FlowState:
     redecided: bool = False  # ... and that second decision has been made
     ws_scrub: MessageScrubber | None = None  # the upstream's WebSocket messages
     timer: asyncio.TimerHandle | None = None  # the response timeout armed now
+    deadline: float = 0.0  # loop time it expires at (the timer may fire earlier: it re-arms)
     timed_out: bool = False
 
 

@@ -59,9 +59,15 @@ class Timeouts:
 
     # -- waiting for the response --------------------------------------------------------
     def _arm(self, flow: http.HTTPFlow, seconds: float) -> None:
-        self._disarm(flow)
+        """Expire `seconds` from now. Per body chunk this only moves the deadline: an armed
+        timer that fires before it arms itself again for the rest (`_expire`)."""
+        st = state(flow)
         loop = asyncio.get_running_loop()
-        state(flow).timer = loop.call_later(seconds, self._expire, flow)
+        st.deadline = loop.time() + seconds
+        if st.timer is None or st.deadline < st.timer.when():
+            if st.timer is not None:
+                st.timer.cancel()
+            st.timer = loop.call_at(st.deadline, self._expire, flow)
 
     @staticmethod
     def _disarm(flow: http.HTTPFlow) -> None:
@@ -73,8 +79,13 @@ class Timeouts:
     def _expire(self, flow: http.HTTPFlow) -> None:
         """Close the upstream connection: mitmproxy then errors the flow (504 via the error
         hook) or, mid-body, ends the response unterminated."""
-        state(flow).timed_out = True
-        state(flow).timer = None
+        st = state(flow)
+        loop = asyncio.get_running_loop()
+        if loop.time() < st.deadline:  # moved since the timer was armed
+            st.timer = loop.call_at(st.deadline, self._expire, flow)
+            return
+        st.timed_out = True
+        st.timer = None
         server = flow.server_conn
         self.timed_out_servers.add(server.id)
         ps: Any = mitm_ctx.master.addons.get("proxyserver")
