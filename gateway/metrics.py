@@ -102,6 +102,16 @@ class Metrics:
         )
         self._lock = threading.Lock()
         self._auth_streak: dict[str, int] = {}
+        # Label children by metric and values: `labels()` validates and locks on every call,
+        # and every request would look up the same few children again (values are bounded).
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _child(self, metric: Any, *values: str) -> Any:
+        key = (id(metric), *values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
 
     def observe(
         self,
@@ -115,23 +125,26 @@ class Metrics:
         injected: Iterable[Mapping[str, str]] = (),
     ) -> None:
         """Count one audit record (called right after it is written)."""
-        self.requests.labels(plane, decision, reason_kind(reason)).inc()
+        self._child(self.requests, plane, decision, reason_kind(reason)).inc()
         if plane == "dns":
-            self.dns_queries.labels(decision).inc()
+            self._child(self.dns_queries, decision).inc()
             return
-        self.duration.labels(plane).observe(max(duration_ms, 0.0) / 1000.0)
+        self._child(self.duration, plane).observe(max(duration_ms, 0.0) / 1000.0)
         secrets = list(dict.fromkeys(i.get("secret", "") for i in injected))
         for secret in secrets:
-            self.injections.labels(secret, host).inc()
-            self.upstream_responses.labels(secret, code_class(status)).inc()
+            self._child(self.injections, secret, host).inc()
+            self._child(self.upstream_responses, secret, code_class(status)).inc()
             if status is not None:
                 self._credential_answer(secret, status)
 
     def _credential_answer(self, secret: str, status: int) -> None:
         with self._lock:
-            streak = self._auth_streak.get(secret, 0) + 1 if status in AUTH_FAILURES else 0
+            before = self._auth_streak.get(secret)
+            streak = (before or 0) + 1 if status in AUTH_FAILURES else 0
             self._auth_streak[secret] = streak
-        self.credential_failing.labels(secret).set(1 if streak >= FAILING_AFTER else 0)
+            if before is None or (before >= FAILING_AFTER) != (streak >= FAILING_AFTER):
+                failing = 1 if streak >= FAILING_AFTER else 0
+                self._child(self.credential_failing, secret).set(failing)
 
     def token_mint(self, secret: str, outcome: str) -> None:
         self.token_mints.labels(secret, outcome).inc()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import datetime as dt
 import json
 import os
 import re
@@ -19,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from gateway.audit.writer import AuditRecord, AuditWriter, new_id, redact_query
+from gateway.audit.writer import AuditRecord, AuditWriter, new_id, now_iso, redact_query
 from gateway.credentials.redact import Redactor, derived_forms
 
 SECRET = "sk-audit-SECRET-value-0123456789abcdef"
@@ -355,6 +356,15 @@ def test_backlog_is_bounded_and_the_gap_recorded(tmp_path: Path) -> None:
     out = lines(path)
     assert out[0]["reason"] == "audit-records-lost" and "3 records" in out[0]["error"]
     assert [r["path"] for r in out[1:]] == [f"/{i}" for i in range(5)]
+
+
+def test_timestamps_are_utc_iso_with_milliseconds() -> None:
+    for _ in range(3):
+        before = dt.datetime.now(dt.UTC).replace(microsecond=0, tzinfo=None)
+        ts = now_iso()
+        after = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", ts)
+        assert before <= dt.datetime.fromisoformat(ts[:-1]) <= after
 
 
 @pytest.mark.parametrize("how", ["rename", "unlink"])

@@ -9,7 +9,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import datetime as dt
 import errno
 import json
 import logging
@@ -32,9 +31,19 @@ QUERY_REDACTED = "REDACTED"
 log = logging.getLogger("keyward.audit")
 
 
+_SECOND: tuple[int, str] = (-1, "")  # the last whole second formatted, and its text
+
+
 def now_iso() -> str:
-    """ISO-8601 UTC with milliseconds, e.g. 2025-01-31T12:00:00.123Z."""
-    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """ISO-8601 UTC with milliseconds, e.g. 2025-01-31T12:00:00.123Z. The date and time of
+    day are formatted once per second (a datetime per record was a tenth of its cost)."""
+    global _SECOND
+    t = time.time()
+    second = int(t)
+    cached = _SECOND
+    if cached[0] != second:
+        cached = _SECOND = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    return f"{cached[1]}.{int((t - second) * 1000):03d}Z"
 
 
 def new_id() -> str:
