@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from gateway.planes.context import GatewayContext
 from gateway.planes.mitm import errors
 from gateway.planes.mitm.addons import TransparentVerifier, addon_chain
+from gateway.planes.mitm.chain import AddonChain
 from gateway.planes.mitm.loader import (
     Master,
     core,
@@ -63,7 +64,8 @@ class MitmPlane:
         for server in list(ps.servers):
             with contextlib.suppress(Exception):
                 await server.stop()
-        drain = self.master.addons.get("drain")
+        chain = self.master.addons.get(AddonChain.name)
+        drain = chain.get("drain") if chain is not None else None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
         while drain is not None and drain.flows and loop.time() < deadline:
@@ -102,7 +104,7 @@ async def start_mitm(
         next_layer.NextLayer(),
         InMemoryTlsConfig(ctx.ca.mitmproxy_certstore()),
         disable_h2c.DisableH2C(),
-        *addon_chain(ctx, verify_transparent),
+        AddonChain(addon_chain(ctx, verify_transparent)),
     )
     opts.update(
         mode=modes,
