@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.policy.hosts import HostMatcher, PatternKind, normalise_host, parse_pattern
+from gateway.policy.hosts import (
+    HostMatcher,
+    HostPattern,
+    PatternKind,
+    _parse_pattern,
+    normalise_host,
+    parse_pattern,
+)
 
 
 def matcher(*keys: str) -> HostMatcher[str]:
@@ -136,3 +145,44 @@ def test_lookup_cost_does_not_grow_with_rule_count() -> None:
         assert hit(m, "h5.example.com") == "h5.example.com"
         assert hit(m, "zz.example.com") == "*.example.com"
     assert len(big) == 10_001
+
+
+def _outcome(parse: Callable[[str], HostPattern], key: str) -> HostPattern | str:
+    try:
+        return parse(key)
+    except ValueError as e:
+        return f"ValueError: {e}"
+
+
+@settings(max_examples=3000)
+@given(
+    st.one_of(
+        st.text(alphabet="ab9_-.:*0", max_size=14),
+        st.from_regex(r"\*?\.?[a-z0-9_.-]{0,12}(:[0-9]{0,6})?", fullmatch=True),
+        st.from_regex(r"[0-9.]{1,16}(:[0-9]{1,5})?", fullmatch=True),
+    )
+)
+def test_the_fast_key_path_parses_as_the_general_one(key: str) -> None:
+    """Large configs take a shortcut for plain keys: it must give exactly what the general
+    parser gives (or the same error), for every key it takes."""
+    assert _outcome(parse_pattern.__wrapped__, key) == _outcome(_parse_pattern, key.strip())
+
+
+def test_the_fast_key_path_is_taken_for_plain_keys_only() -> None:
+    for key, kind in [
+        ("api.example.test", PatternKind.HOST),
+        ("api.example.test:8443", PatternKind.HOSTPORT),
+        ("*.example.test", PatternKind.WILDCARD),
+        ("API.example.test", PatternKind.HOST),  # general path: lowercased
+        ("10.0.0.1", PatternKind.NETWORK),  # general path: an address
+        ("a.-b", None),
+        ("x" * 64 + ".test", None),
+        ("*.a:443", None),
+        ("a.test:0", None),
+        ("a.test:65536", None),
+    ]:
+        outcome = _outcome(parse_pattern.__wrapped__, key)
+        if kind is None:
+            assert isinstance(outcome, str), (key, outcome)
+        else:
+            assert isinstance(outcome, HostPattern) and outcome.kind is kind, (key, outcome)

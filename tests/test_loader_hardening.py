@@ -259,3 +259,28 @@ def test_without_libyaml_the_same_refusals(monkeypatch: pytest.MonkeyPatch) -> N
             parse_config_text(text, "k.yaml")
         assert str(e.value).startswith("k.yaml:2:") and expected in str(e.value)
     assert parse_config_text("version: 1\n", "k.yaml").config.version == 1
+
+
+@pytest.mark.parametrize(
+    "snippet",
+    [
+        "x:\n  <<: {a: 1}\n",  # a merge key needs no alias to merge
+        "x:\n  [a, b]: 1\n",  # a key that is a list
+        "x:\n  *a : 1\ny: &a k\n",  # an alias used before its anchor
+    ],
+    ids=["merge-inline", "list-key", "alias-key"],
+)
+def test_yaml_graph_features_are_refused_at_their_line(snippet: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_config_text("version: 1\n" + snippet, "k.yaml")
+    text = str(e.value)
+    assert text.startswith(("k.yaml:2:", "k.yaml:3:")), text
+    assert "anchors and aliases" in text or "plain value" in text or "YAML syntax" in text, text
+
+
+def test_duplicate_keys_are_named_however_they_are_spelled() -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_config_text(
+            "version: 1\negress:\n  hosts:\n    a.test: {}\n    'a.test': {}\n", "k.yaml"
+        )
+    assert 'k.yaml:5: egress.hosts."a.test": duplicate key' in str(e.value), str(e.value)

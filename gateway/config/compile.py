@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from gateway.config.loader import gc_paused
 from gateway.config.model import Config, HostRuleConfig
 from gateway.policy.core import HeaderWrite, HostRule, Placeholder, Policy, Verdict
 from gateway.policy.hosts import normalise_host, parse_pattern, split_hostport
@@ -21,24 +22,29 @@ def compile_rule(key: str, rule: HostRuleConfig) -> HostRule:
                 basic_user=parse_template(rule.basic.username),
             )
         )
+    # Positional, and shared empty values: a config may hold 200,000 rules (fields in order).
     return HostRule(
-        pattern=parse_pattern(key),
-        allow=rule.allow,
-        headers=tuple(writes),
-        deny=tuple(parse_path_rule(d) for d in rule.deny),
-        ambiguous_paths_allowed=rule.ambiguous_paths == "allow",
-        intercept=rule.intercept,
-        tcp=rule.tcp,
-        plain_http=rule.plain_http,
-        dns_types=frozenset(rule.dns_types),
-        private_addresses=rule.private_addresses == "allow",
+        parse_pattern(key),
+        rule.allow,
+        tuple(writes) if writes else (),
+        tuple(map(parse_path_rule, rule.deny)) if rule.deny else (),
+        rule.ambiguous_paths == "allow",
+        rule.intercept,
+        rule.tcp,
+        rule.plain_http,
+        frozenset(rule.dns_types) if rule.dns_types else _NO_TYPES,
+        rule.private_addresses == "allow",
     )
 
 
+_NO_TYPES: frozenset[str] = frozenset()
+
+
 def build_policy(config: Config, placeholders: Iterable[Placeholder] = ()) -> Policy:
-    rules = [compile_rule(k, r) for k, r in config.egress.hosts.items()]
-    targets = parse_resolve(config.upstream.resolve)
-    return Policy(rules, Verdict(config.egress.default), placeholders, operator_targets=targets)
+    with gc_paused():  # see gc_paused: a rule per host, all kept
+        rules = [compile_rule(k, r) for k, r in config.egress.hosts.items()]
+        targets = parse_resolve(config.upstream.resolve)
+        return Policy(rules, Verdict(config.egress.default), placeholders, operator_targets=targets)
 
 
 def parse_resolve(entries: dict[str, str]) -> dict[tuple[str, int], tuple[str, int]]:

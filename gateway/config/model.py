@@ -220,10 +220,10 @@ class EgressConfig(Strict):
     @field_validator("hosts")
     @classmethod
     def _patterns(cls, v: dict[str, HostRuleConfig]) -> dict[str, HostRuleConfig]:
-        seen: dict[str, str] = {}
+        seen: dict[tuple[object, ...], str] = {}
         for key in v:
             pattern = parse_pattern(key)
-            norm = f"{pattern.kind.name}:{pattern.host}:{pattern.port}:{pattern.network}"
+            norm = (pattern.kind, pattern.host, pattern.port, pattern.network)
             if norm in seen:
                 raise ValueError(f"{key!r} is the same rule as {seen[norm]!r}")
             seen[norm] = key

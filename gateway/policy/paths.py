@@ -14,6 +14,7 @@ refuses them where `deny:` rules exist.
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -213,8 +214,10 @@ class PathRule:
         return self.matches_path(canonical_path)
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def parse_path_rule(text: str) -> PathRule:
-    """Raises ValueError with a user-facing message."""
+    """Raises ValueError with a user-facing message. Cached (rules are immutable): the schema
+    and the compiler both parse each entry, and large configs repeat the same few entries."""
     bits = text.split()
     if len(bits) == 1 and bits[0].startswith("/"):
         method, glob = "*", bits[0]

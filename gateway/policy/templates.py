@@ -6,6 +6,7 @@ supply, so a template on its own can never reveal anything.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,8 +32,10 @@ class Template:
         return "".join(p if isinstance(p, str) else resolve(p.name) for p in self.parts)
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def parse_template(text: str) -> Template:
-    """Raises ValueError naming the offending column, never echoing a value."""
+    """Raises ValueError naming the offending column, never echoing a value. Cached (templates
+    are immutable and name secrets, never hold them): many hosts share one template."""
     for i, ch in enumerate(text):
         if ch in "\r\n\0":
             # a line break in a header value would start a second header (or request) upstream
