@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config.compile import build_policy
-from gateway.config.loader import LoadedConfig, load_config
+from gateway.config.loader import LoadedConfig, gc_paused, load_config
 from gateway.config.model import config_schema
 from gateway.config.paths import config_path
 from gateway.errors import SecretsUnresolved, UsageError
@@ -123,6 +123,12 @@ def _source_kind(src: Any) -> str:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    # A short-lived command that keeps all it builds: no cycle collection (see gc_paused).
+    with gc_paused():
+        return _check(args)
+
+
+def _check(args: argparse.Namespace) -> int:
     loaded = load_from_args(args)
     if not args.skip_secrets:
         from gateway.credentials.sources import load_secrets

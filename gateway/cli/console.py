@@ -76,7 +76,7 @@ def table(title: str, *, show_header: bool = True, plain: bool = False) -> Table
 
 def plain(text: str) -> str:
     """`text` without the style markup the commands write."""
-    return _MARKUP.sub("", text)
+    return _MARKUP.sub("", text) if "[" in text else text
 
 
 class PlainTable:

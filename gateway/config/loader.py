@@ -42,11 +42,27 @@ class ConfigIssue:
         return f"{self.file}:{self.line}:{key} {self.message}"
 
 
+class LineMap:
+    """The line of every key path of a parsed config. Only an error needs one, so the map is
+    made from the text on first use, not while a large config loads."""
+
+    __slots__ = ("_lines", "_text")
+
+    def __init__(self, text: str = "") -> None:
+        self._text = text
+        self._lines: dict[Loc, int] | None = None
+
+    def line_of(self, loc: Loc) -> int:
+        if self._lines is None:
+            self._lines = line_map(self._text)
+        return _line_for(self._lines, loc)
+
+
 @dataclass(slots=True)
 class LoadedConfig:
     config: Config
     path: Path
-    lines: dict[Loc, int] = field(default_factory=dict)
+    lines: LineMap = field(default_factory=LineMap, repr=False)
     digest: str = ""  # short hash of the config text: names the policy in audit records
 
     @property
@@ -59,7 +75,7 @@ class LoadedConfig:
         return p if p.is_absolute() else self.base_dir / p
 
     def line_of(self, loc: Loc) -> int:
-        return _line_for(self.lines, loc)
+        return self.lines.line_of(loc)
 
 
 def format_loc(loc: Loc) -> str:
@@ -88,26 +104,25 @@ _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 class _Builder:
-    """One pass over the composed nodes: builds the plain data, maps every key path to its
-    line, and rejects duplicate keys (PyYAML keeps the last). It is also the graph check: a
-    node reached twice is an alias (of an anchor defined at its line), a merge key (`<<`) is
-    refused with them, and nesting is bounded before anything recurses deeper."""
+    """One pass over the composed nodes: builds the plain data and rejects duplicate keys
+    (PyYAML keeps the last). It is also the graph check: a node reached twice is an alias (of
+    an anchor defined at its line), a merge key (`<<`) is refused with them, and nesting is
+    bounded before anything recurses deeper. Lines are not recorded here (see line_map)."""
 
-    def __init__(self, loader: yaml.SafeLoader, file: str) -> None:
+    def __init__(self, loader: yaml.SafeLoader, file: str, anchors: bool) -> None:
         self.loader = loader
         self.file = file
-        self.lines: dict[Loc, int] = {}
         self.issues: list[ConfigIssue] = []
-        self.seen: set[int] = set()  # ids of the nodes built (the nodes stay alive meanwhile)
+        # Without a '&' in the text there is no anchor, so no alias: no node can be shared.
+        self.seen: set[int] | None = set() if anchors else None
 
     def build(self, node: yaml.Node, loc: Loc) -> Any:
-        if id(node) in self.seen:
-            raise _Refused(node.start_mark, ALIASES_REFUSED)
-        self.seen.add(id(node))
+        if self.seen is not None:
+            if id(node) in self.seen:
+                raise _Refused(node.start_mark, ALIASES_REFUSED)
+            self.seen.add(id(node))
         if len(loc) >= MAX_DEPTH:
             raise _Refused(node.start_mark, f"nested deeper than {MAX_DEPTH} levels")
-        if loc not in self.lines:
-            self.lines[loc] = node.start_mark.line + 1
         if type(node) is yaml.ScalarNode:
             return self._scalar(node)
         tag = node.tag
@@ -129,30 +144,58 @@ class _Builder:
 
     def _mapping(self, node: yaml.MappingNode, loc: Loc) -> dict[Any, Any]:
         out: dict[Any, Any] = {}
-        lines, seen_nodes = self.lines, self.seen
+        seen = self.seen
         for key_node, value_node in node.value:
-            if id(key_node) in seen_nodes:
-                raise _Refused(key_node.start_mark, ALIASES_REFUSED)
+            if seen is not None:
+                if id(key_node) in seen:
+                    raise _Refused(key_node.start_mark, ALIASES_REFUSED)
+                seen.add(id(key_node))
             if type(key_node) is not yaml.ScalarNode:
                 raise _Refused(key_node.start_mark, "a key must be a plain value")
             if key_node.tag == _MERGE_TAG:  # `<<: *anchor` names the anchor's line
                 self.build(value_node, (*loc, "<<"))
                 raise _Refused(key_node.start_mark, ALIASES_REFUSED)
-            seen_nodes.add(id(key_node))
-            text = key_node.value
-            child = (*loc, text)
-            line = key_node.start_mark.line + 1
             key = self._scalar(key_node)
-            if child in lines or key in out:
-                self.issues.append(ConfigIssue(self.file, line, format_loc(child), "duplicate key"))
-            lines[child] = line
-            # A plain value (most of them) is built here, without a call per node.
-            if type(value_node) is yaml.ScalarNode and id(value_node) not in seen_nodes:
-                seen_nodes.add(id(value_node))
+            if key in out:
+                self.issues.append(
+                    ConfigIssue(
+                        self.file,
+                        key_node.start_mark.line + 1,
+                        format_loc((*loc, key_node.value)),
+                        "duplicate key",
+                    )
+                )
+            # Plain values and empty `{}` (most of a large config) are built here, in place.
+            if seen is None and type(value_node) is yaml.ScalarNode:
                 out[key] = self._scalar(value_node)
+            elif seen is None and value_node.tag == _MAP_TAG and not value_node.value:
+                out[key] = {}
             else:
-                out[key] = self.build(value_node, child)
+                out[key] = self.build(value_node, (*loc, key_node.value))
         return out
+
+
+def line_map(text: str) -> dict[Loc, int]:
+    """The line of every key path of a config already parsed (so valid YAML): for messages."""
+    lines: dict[Loc, int] = {}
+    try:
+        node = _Loader(text).get_single_node() if text else None
+    except yaml.YAMLError:
+        return lines
+    stack: list[tuple[yaml.Node, Loc]] = [(node, ())] if node is not None else []
+    while stack:
+        node, loc = stack.pop()
+        lines.setdefault(loc, node.start_mark.line + 1)
+        if len(loc) >= MAX_DEPTH:
+            continue
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                child = (*loc, key_node.value if isinstance(key_node, yaml.ScalarNode) else "")
+                lines.setdefault(child, key_node.start_mark.line + 1)
+                stack.append((value_node, child))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((item, (*loc, i)) for i, item in enumerate(node.value))
+    return lines
 
 
 # Deeper than any real config; a bound keeps the (recursive) composer from running out of stack.
@@ -201,7 +244,7 @@ def _parse_yaml(text: str, file: str) -> tuple[Any, _Builder | None]:
         node = loader.get_single_node()
         if node is None:
             return None, None
-        builder = _Builder(loader, file)
+        builder = _Builder(loader, file, anchors="&" in text)
         return builder.build(node, ()), builder
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
@@ -254,6 +297,7 @@ def _parse_config_text(text: str, file: str) -> LoadedConfig:
         raise ConfigError([ConfigIssue(file, 1, "", "empty config (expected 'version: 1')")])
     if not isinstance(data, dict):
         raise ConfigError([ConfigIssue(file, 1, "", "top level must be a mapping")])
+    lines = LineMap(text)
     issues = list(builder.issues)
     config: Config | None = None
     try:
@@ -261,15 +305,13 @@ def _parse_config_text(text: str, file: str) -> LoadedConfig:
     except ValidationError as e:
         for err in e.errors(include_url=False, include_input=False):
             loc = _strip_tags(tuple(err["loc"]))
-            issues.append(
-                ConfigIssue(file, _line_for(builder.lines, loc), format_loc(loc), _message(err))
-            )
-    issues.extend(_cross_check(data, file, builder.lines))
+            issues.append(ConfigIssue(file, lines.line_of(loc), format_loc(loc), _message(err)))
+    issues.extend(_cross_check(data, file, lines))
     if issues or config is None:
         issues.sort(key=lambda i: i.line)
         raise ConfigError(issues)
     digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:12]
-    return LoadedConfig(config, Path(file), builder.lines, digest)
+    return LoadedConfig(config, Path(file), lines, digest)
 
 
 def decode_config(data: bytes, file: str) -> str:
@@ -408,13 +450,13 @@ def _message(err: Any) -> str:
 _CROSS_CHECKED = frozenset({"headers", "basic", "tcp"})
 
 
-def _cross_check(data: dict[str, Any], file: str, lines: dict[Loc, int]) -> list[ConfigIssue]:
+def _cross_check(data: dict[str, Any], file: str, lines: LineMap) -> list[ConfigIssue]:
     """References between sections, checked on the raw data so they are reported together
     with schema errors: secrets named in templates and placeholders must exist."""
     issues: list[ConfigIssue] = []
 
     def issue(loc: Loc, message: str) -> None:
-        issues.append(ConfigIssue(file, _line_for(lines, loc), format_loc(loc), message))
+        issues.append(ConfigIssue(file, lines.line_of(loc), format_loc(loc), message))
 
     secrets = _mapping(data.get("secrets"))
     known = set(secrets)

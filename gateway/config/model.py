@@ -198,6 +198,9 @@ class HostRuleConfig(Strict):
         return [t.upper() for t in v]
 
 
+_DEFAULT_RULE = HostRuleConfig()
+
+
 class EgressConfig(Strict):
     default: Literal["deny", "allow", "warn"] = Field(
         "deny", description='for hosts no rule matches; warn = allow, audited "would-deny"'
@@ -213,8 +216,10 @@ class EgressConfig(Strict):
     @field_validator("hosts", mode="before")
     @classmethod
     def _none_is_empty(cls, v: object) -> object:
+        """`host:` and `host: {}` are the default rule: one shared (frozen) instance, not a
+        model built per host (most rules of a 200,000-host config)."""
         if isinstance(v, dict):
-            return {k: ({} if r is None else r) for k, r in v.items()}
+            return {k: (_DEFAULT_RULE if r is None or r == {} else r) for k, r in v.items()}
         return v
 
     @field_validator("hosts")
