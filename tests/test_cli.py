@@ -148,6 +148,14 @@ def test_usage_errors_exit_2() -> None:
     assert keyward("run", "-c", str(EXAMPLE)).returncode == 2
 
 
+@pytest.mark.parametrize("port", ["0", "65536", "x"])
+def test_a_listener_port_that_is_not_a_port_is_a_usage_error(port: str) -> None:
+    for command in (["serve"], ["netfilter", "render"]):
+        r = keyward(*command, "--explicit-port", port)
+        assert r.returncode == 2, (command, r.stderr)
+        assert "--explicit-port" in r.stderr and "internal error" not in r.stderr, r.stderr
+
+
 def test_log_table_and_summary(tmp_path: Path) -> None:
     audit = tmp_path / "audit.jsonl"
     rows = [

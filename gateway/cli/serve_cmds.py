@@ -121,14 +121,21 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return 0
 
 
+def listener_port(text: str) -> int:
+    """A listener port: these are netfilter rule targets, so a fixed number (no 0 = any)."""
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (1-65535)")
+    return int(text)
+
+
 def add_port_options(p: argparse.ArgumentParser) -> None:
     d = PodPorts()
-    p.add_argument("--transparent-port", type=int, default=d.transparent, metavar="N")
-    p.add_argument("--explicit-port", type=int, default=d.explicit, metavar="N")
-    p.add_argument("--dns-port", type=int, default=d.dns, metavar="N")
+    p.add_argument("--transparent-port", type=listener_port, default=d.transparent, metavar="N")
+    p.add_argument("--explicit-port", type=listener_port, default=d.explicit, metavar="N")
+    p.add_argument("--dns-port", type=listener_port, default=d.dns, metavar="N")
     p.add_argument(
         "--service-port",
-        type=int,
+        type=listener_port,
         action="append",
         metavar="N",
         help="a service-plane port agents may reach (repeatable)",
