@@ -158,7 +158,7 @@ def parse_pattern(text: str) -> HostPattern:
     raw = text.strip()
     wildcard = raw.startswith("*.")
     shape = _KEY_SHAPE.fullmatch(raw, 2 if wildcard else 0)
-    if shape is not None and _ASCII_NAME.fullmatch(shape[1]) and not _MAYBE_IP.match(shape[1]):
+    if shape is not None and _ASCII_NAME.fullmatch(shape[1]) and not ends_in_number(shape[1]):
         # Exactly the keys whose name normalise_host returns unchanged: the general path below
         # gives the same pattern (tests/test_hosts.py compares them) in a fraction of the time.
         host, port_text = shape.groups()
