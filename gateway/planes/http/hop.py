@@ -36,7 +36,16 @@ def is_hop_by_hop(name: str, listed: set[str] | frozenset[str] = frozenset()) ->
 def strip_hop_by_hop(
     headers: Iterable[tuple[str, str]], also: Iterable[str] = ()
 ) -> list[tuple[str, str]]:
-    """Drop hop-by-hop headers, those named in `Connection`, and any names in `also`."""
+    """Drop hop-by-hop headers, those named in `Connection`, and any names in `also` (each
+    name lowered once: this runs on every request and response of both planes)."""
     items = list(headers)
-    listed = connection_tokens(items) | {a.lower() for a in also}
-    return [(k, v) for k, v in items if not is_hop_by_hop(k, listed)]
+    lows = [k.lower() for k, _ in items]
+    listed = {a.lower() for a in also}
+    for low, (_, value) in zip(lows, items, strict=True):
+        if low == "connection":
+            listed.update(t.strip().lower() for t in value.split(",") if t.strip())
+    return [
+        item
+        for low, item in zip(lows, items, strict=True)
+        if not (low in HOP_BY_HOP or low.startswith("proxy-") or low in listed)
+    ]

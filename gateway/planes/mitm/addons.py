@@ -93,8 +93,26 @@ def _is_h2(req: http.Request) -> bool:
     return req.is_http2 or req.is_http3
 
 
+def _index(headers: http.Headers) -> tuple[tuple[tuple[str, str], ...], Callable[[str], list[str]]]:
+    """The fields as text (as `Headers.items(multi=True)` gives them) and a `get_all` over them
+    that matches names as `Headers.get_all` does: one pass instead of one per lookup."""
+    items = tuple(headers.items(multi=True))
+    by_name: dict[bytes, list[str]] = {}
+    for (name, _), (_, value) in zip(headers.fields, items, strict=True):
+        by_name.setdefault(name.lower(), []).append(value)
+
+    def get_all(name: str) -> list[str]:
+        return list(by_name.get(name.encode("utf-8", "surrogateescape").lower(), ()))
+
+    return items, get_all
+
+
 def refuse_unverifiable(
-    req: http.Request, host: str, port: int, ctx: GatewayContext
+    req: http.Request,
+    host: str,
+    port: int,
+    ctx: GatewayContext,
+    get_all: Callable[[str], list[str]] | None = None,
 ) -> Rejection | None:
     """Limits, control bytes, and a client authority that disagrees with the verified
     destination. mitmproxy keeps an absolute-form target in a tunnel or in transparent mode
@@ -106,7 +124,7 @@ def refuse_unverifiable(
     return check_authority(
         host,
         port,
-        host_headers=req.headers.get_all("host"),
+        host_headers=(get_all or req.headers.get_all)("host"),
         authority_field=req.authority if h2 else None,
         absolute_form=(not h2 and bool(req.authority)) or not is_origin_form(req.path),
     )
@@ -527,6 +545,7 @@ class PolicyGate:
         req = flow.request
         host, port, addr = self.dest.verified(flow)
         sni = flow.client_conn.sni if flow.client_conn.tls_established else None
+        fields, get_all = _index(req.headers)
         facts = RequestFacts(
             plane=Plane.MITM,
             method=req.method,
@@ -539,11 +558,9 @@ class PolicyGate:
             client=_client(flow.client_conn),
             addr=addr,
             # only read when placeholders exist: the core scans headers for them, nothing else
-            headers=tuple(req.headers.items(multi=True)) if self.ctx.policy.placeholders else (),
+            headers=fields if self.ctx.policy.placeholders else (),
             signals=(
-                MethodSignals.from_headers(req.headers.get_all)
-                if self.ctx.policy.reads_methods
-                else NO_SIGNALS
+                MethodSignals.from_headers(get_all) if self.ctx.policy.reads_methods else NO_SIGNALS
             ),
         )
         state(flow).facts = facts
@@ -554,7 +571,7 @@ class PolicyGate:
             ERROR_PAGE.set((400, Reason.BAD_REQUEST))
             self.ctx.record(facts, decision, started=state(flow).started, status=400)
             return
-        rejected = refuse_unverifiable(req, host, port, self.ctx)
+        rejected = refuse_unverifiable(req, host, port, self.ctx, get_all)
         if rejected is not None:
             decision = Decision(Verdict.DENY, None, rejected.reason, status=rejected.status)
             state(flow).decision = decision
