@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 
 from tests.support.embedded import running, with_service
+from tests.support.wait import BOUND
 from tests.support.world import World, make_world
 
 QUICK = "timeouts: { connect: 2, tls: 2, response_headers: 1, idle: 1 }\n"
@@ -123,3 +124,35 @@ async def test_transparent_route_honours_the_port_of_a_resolve_target(world: Wor
         flow.request.host, flow.request.port = "127.0.0.1", 443  # what the agent dialled
         dest.route(flow, "api.example.test", 443)
         assert (flow.request.host, flow.request.port) == ("127.0.0.1", world.upstream.port)
+
+
+async def test_an_upstream_that_never_finishes_tls_is_bounded_by_tls(world: World) -> None:
+    """The upstream accepts TCP and never says a TLS word. mitm connects upstream before it
+    answers the agent's handshake (to offer the agent the upstream's protocol), so nothing
+    but `timeouts.tls` bounds that handshake: the agent is answered within it, not when its
+    connection's request-headers bound (here an hour) runs out."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    text = world.config.read_text().replace(
+        f'"open.example.test:443": "127.0.0.1:{world.upstream.port}"',
+        f'"open.example.test:443": "127.0.0.1:{port}"',
+    )
+    world.config.write_text(text.replace("idle: 1 }", "idle: 1, request_headers: 3600 }"))
+    try:
+        async with running(world) as gw:
+            status, reason, _ = await asyncio.wait_for(
+                gw.via_proxy("/silent", host="open.example.test"), BOUND
+            )
+    finally:
+        server.close()
+        for w in held:
+            w.close()
+    assert held, "the gateway never dialled the silent upstream"
+    assert (status, reason) == (504, "upstream-timeout"), (status, reason)
+    rec = by_path(world, "/silent")
+    assert (rec["status"], rec["reason"]) == (504, "upstream-timeout"), rec

@@ -2,6 +2,9 @@
 connection (600 s) and never a connect, a handshake or a wait for response headers.
 
 - connect: the task opening the upstream connection is cancelled after `connect` seconds;
+- tls: an upstream TLS handshake is cut after `tls` seconds (mitm may shake hands upstream
+  before the agent's first request, to offer the agent the upstream's protocol: no request's
+  clock runs then);
 - tls + response_headers: from the request's headers (or the end of its body) to the response
   headers, at most `connect + tls + response_headers` seconds;
 - idle: no byte of a request or response body for `idle` seconds.
@@ -15,8 +18,8 @@ import asyncio
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from mitmproxy import connection, http, tls
 from mitmproxy import ctx as mitm_ctx
-from mitmproxy import http
 from mitmproxy.proxy import server_hooks
 
 from gateway.config.model import TimeoutsConfig
@@ -27,6 +30,10 @@ class Timeouts:
     def __init__(self, timeouts: Callable[[], TimeoutsConfig]) -> None:
         self.timeouts = timeouts  # read per request: a reload applies to new requests
         self._connecting: dict[str, asyncio.TimerHandle] = {}
+        self._handshaking: dict[str, asyncio.TimerHandle] = {}
+        # server id -> client id of upstream handshakes cut by `tls`: the agent's request on
+        # that connection fails later, and is a timeout too (kept until the agent leaves)
+        self._cut_handshakes: dict[str, str] = {}
         self.timed_out_servers: set[str] = set()
 
     # -- connecting ----------------------------------------------------------------------
@@ -55,7 +62,52 @@ class Timeouts:
 
     def server_disconnected(self, data: server_hooks.ServerConnectionHookData) -> None:
         self.server_connected(data)
-        self.timed_out_servers.discard(data.server.id)
+        self._handshake_done(data.server.id)
+        if data.server.id not in self._cut_handshakes:
+            self.timed_out_servers.discard(data.server.id)
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        for sid in [s for s, c in self._cut_handshakes.items() if c == client.id]:
+            del self._cut_handshakes[sid]
+            self.timed_out_servers.discard(sid)
+
+    # -- the upstream TLS handshake ------------------------------------------------------
+    def tls_start_server(self, data: tls.TlsData) -> None:
+        server, client_id = data.conn, data.context.client.id
+        assert isinstance(server, connection.Server)
+
+        def expire() -> None:
+            self._handshaking.pop(server.id, None)
+            self.timed_out_servers.add(server.id)
+            self._cut_handshakes[server.id] = client_id
+            self._close(client_id, server)
+
+        self._handshake_done(server.id)
+        loop = asyncio.get_running_loop()
+        self._handshaking[server.id] = loop.call_later(self.timeouts().tls, expire)
+
+    def tls_established_server(self, data: tls.TlsData) -> None:
+        self._handshake_done(data.conn.id)
+
+    def tls_failed_server(self, data: tls.TlsData) -> None:
+        self._handshake_done(data.conn.id)
+
+    def _handshake_done(self, server_id: str) -> None:
+        timer = self._handshaking.pop(server_id, None)
+        if timer is not None:
+            timer.cancel()
+
+    @staticmethod
+    def _close(client_id: str, server: connection.Server) -> None:
+        """Close an upstream connection of a live agent connection: mitmproxy then errors
+        what waits on it (the flow, or the handshake the agent's handshake waits for)."""
+        ps: Any = mitm_ctx.master.addons.get("proxyserver")
+        handler = ps.connections.get(client_id) if ps is not None else None
+        if handler is None:
+            return
+        transport = handler.transports.get(server)
+        if transport is not None and transport.handler is not None:
+            handler.close_connection(server)
 
     # -- waiting for the response --------------------------------------------------------
     def _arm(self, flow: http.HTTPFlow, seconds: float) -> None:
@@ -86,15 +138,8 @@ class Timeouts:
             return
         st.timed_out = True
         st.timer = None
-        server = flow.server_conn
-        self.timed_out_servers.add(server.id)
-        ps: Any = mitm_ctx.master.addons.get("proxyserver")
-        handler = ps.connections.get(flow.client_conn.id) if ps is not None else None
-        if handler is None:
-            return
-        transport = handler.transports.get(server)
-        if transport is not None and transport.handler is not None:
-            handler.close_connection(server)
+        self.timed_out_servers.add(flow.server_conn.id)
+        self._close(flow.client_conn.id, flow.server_conn)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:
