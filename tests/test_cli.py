@@ -121,6 +121,10 @@ def test_policy_test_json() -> None:
     assert json.loads(r.stdout)["reason"] == "host-mismatch"
     r = keyward("policy", "test", "GET", "ftp://x", "-c", str(EXAMPLE))
     assert r.returncode == 2 and "not an http(s)" in r.stderr
+    for url in ("https://0x7f.1/", "https://[fe80::1%25eth0]/"):  # not a host: refused
+        r = keyward("policy", "test", "--json", "GET", url, "-c", str(EXAMPLE))
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["reason"] == "bad-host"
 
 
 def test_init_refuses_to_overwrite(tmp_path: Path) -> None:

@@ -30,6 +30,10 @@ def test_sni_is_the_claim_when_there_is_one() -> None:
 def test_an_ip_literal_names_only_its_own_address() -> None:
     assert verify(IP, PORT, None, IP) == IP
     assert verify(IP, PORT, None, "10.9.9.9") is None
+    # One reading of an address on both sides: the mapped form is the IPv4 address it reaches.
+    assert verify(IP, PORT, None, "[::ffff:127.0.0.1]") == IP
+    assert verify("::ffff:127.0.0.1", PORT, None, IP) == IP
+    assert verify(IP, PORT, None, "0177.0.0.1") is None  # octal: another address to getaddrinfo
 
 
 def test_no_claim_or_a_malformed_one_names_nothing() -> None:

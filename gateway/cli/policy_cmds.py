@@ -119,10 +119,11 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
     answers = parse_answers(args.resolve)
     decision = decide_offline(policy, facts)
     result = describe(facts, decision)
-    # The dial-time check: on the URL's IP literal, or on the resolver answer given.
-    host = normalise_host(facts.host)
-    addrs = [host] if parse_ip(host) is not None else answers.get(host, [])
+    # The dial-time check: on the URL's IP literal, or on the resolver answer given (only
+    # for an allowed request: its host is valid; a refused one may not be, e.g. bad-host).
     if decision.allowed:
+        host = normalise_host(facts.host)
+        addrs = [host] if parse_ip(host) is not None else answers.get(host, [])
         for addr in addrs:
             category = policy.address_refusal(host, facts.port, addr)
             if category is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from gateway.policy.addresses import ip_key
 from gateway.policy.hosts import is_ip, normalise_host, split_hostport
 
 
@@ -26,7 +27,7 @@ def make_verifier(
         except ValueError:
             return None
         if is_ip(name):
-            return name if name == ip else None
+            return name if name == ip_key(ip) else None  # one spelling: ::ffff:a.b.c.d is a.b.c.d
         if name in names_for(ip) or connect_target(name, port) == (ip, port):
             return name
         return None
