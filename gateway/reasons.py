@@ -68,6 +68,7 @@ class Reason(StrEnum):
     UNDECODABLE_BODY = "undecodable-body"
     DECOMPRESSION_LIMIT = "decompression-limit"
     SSE_EVENT_TOO_LARGE = "sse-event-too-large"
+    BODY_LONGER_THAN_DECLARED = "body-longer-than-declared"
     # The DNS listener.
     MALFORMED = "malformed"
     OVERLOADED = "overloaded"

@@ -401,7 +401,7 @@ class BodyScrubber:
                 clean = self.redactor.redact_bytes(chunk)
                 return [clean] if clean else []
             if self.fed >= self.whole and chunk:
-                raise ScrubError("body-longer-than-declared")  # the parser frames by length
+                raise ScrubError(Reason.BODY_LONGER_THAN_DECLARED)  # the parser frames by length
             self.fed += len(chunk)
         return self._after_decode(self._decode(0, chunk, final=False))
 
