@@ -48,7 +48,7 @@ _MAYBE_IP = re.compile(r"[0-9.]+$|.*:")
 # An already-normal ASCII name (the common case), checked in one pass.
 _ASCII_NAME = re.compile(r"(?:[a-z0-9_][a-z0-9_-]{0,62}\.)*[a-z0-9_][a-z0-9_-]{0,62}")
 # The shape of most rule keys: a lowercase ASCII name, maybe with a port.
-_KEY_SHAPE = re.compile(r"([a-z0-9_.-]+)(?::([0-9]+))?")
+_KEY_SHAPE = re.compile(rf"({_ASCII_NAME.pattern})(?::([0-9]+))?")
 _IPV4_SHAPE = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}")
 
 
@@ -159,7 +159,7 @@ def parse_pattern(text: str) -> HostPattern:
     raw = text.strip()
     wildcard = raw.startswith("*.")
     shape = _KEY_SHAPE.fullmatch(raw, 2 if wildcard else 0)
-    if shape is not None and _ASCII_NAME.fullmatch(shape[1]) and not ends_in_number(shape[1]):
+    if shape is not None and not ends_in_number(shape[1]):
         # Exactly the keys whose name normalise_host returns unchanged: the general path below
         # gives the same pattern (tests/test_hosts.py compares them) in a fraction of the time.
         host, port_text = shape.groups()
@@ -174,7 +174,7 @@ def parse_pattern(text: str) -> HostPattern:
         except ValueError:
             pass  # the general path names the problem
         else:
-            net = ipaddress.IPv4Network((addr, 32))
+            net = ipaddress.IPv4Network(int(addr))  # a /32: from an int, 3x faster
             return HostPattern(PatternKind.NETWORK, raw, host=str(addr), network=net)
     return _parse_pattern(raw)
 
