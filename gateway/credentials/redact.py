@@ -205,10 +205,11 @@ class _State:
     text_res: tuple[re.Pattern[str], ...] = ()
     passes: tuple[_Pass, ...] = ()
     text_needs: re.Pattern[str] | None = None  # the escaped pass's trigger, for text
+    # The longest match of any pass (read on every response: derived once, here).
+    max_len: int = field(init=False, default=0)
 
-    @property
-    def max_len(self) -> int:
-        return max((p.max_len for p in self.passes), default=0)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "max_len", max((p.max_len for p in self.passes), default=0))
 
 
 def _first_class(firsts: Iterable[int]) -> re.Pattern[bytes]:
