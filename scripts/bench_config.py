@@ -2,7 +2,9 @@
 config of N host rules (tests/support/configs.py: five rule shapes, one in five injecting a
 credential), wall and CPU seconds, and peak RSS.
 
-    python scripts/bench_config.py [--hosts N] [--runs R] [--compare TREE]
+    python scripts/bench_config.py [--hosts N] [--plain] [--runs R] [--compare TREE]
+
+`--plain`: every rule a plain `host: {}` (an allow list), instead of the five shapes.
 
 `--compare TREE` measures another checkout of keyward (with its own .venv) the same way,
 alternating runs. Everything stays on 127.0.0.1 (serve binds loopback ports, no netfilter).
@@ -96,6 +98,7 @@ def measure(tree: Path, config: Path, work: Path) -> dict[str, tuple[float, floa
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hosts", type=int, default=200_000)
+    ap.add_argument("--plain", action="store_true", help="every rule a plain `host: {}`")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--compare", type=Path, metavar="TREE")
     args = ap.parse_args()
@@ -103,7 +106,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         config = work / "keyward.yaml"
-        config.write_text(big_config(args.hosts))
+        config.write_text(big_config(args.hosts, plain=args.plain))
         print(
             f"{args.hosts} hosts, {config.stat().st_size / 2**20:.1f} MiB, "
             f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}"

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 
-def big_config(n: int) -> str:
+def big_config(n: int, *, plain: bool = False) -> str:
     """A config of `n` host rules in the shapes a large allow list has: exact hosts, wildcards,
     `host:port` rules injecting a credential, hosts with denied paths, denied addresses (one
-    shape in five each). The credential is the secret `tok`, read from `$TOK`."""
+    shape in five each). The credential is the secret `tok`, read from `$TOK`. `plain`: every
+    rule an exact host allowed as is (`host: {}`), a plain allow list."""
     out = ["version: 1", "secrets:", "  tok: {env: TOK}", "egress:", "  hosts:"]
     for i in range(n):
-        kind = i % 5
+        kind = 0 if plain else i % 5
         if kind == 0:
             out.append(f"    h{i}.example.test: {{}}")
         elif kind == 1:
