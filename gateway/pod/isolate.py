@@ -14,11 +14,13 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from gateway.config.loader import load_config
 from gateway.errors import KeywardError, NetnsError
@@ -94,6 +96,36 @@ def choose_agent(
     return AgentIdentity(uid, gid, ws, f"{why}, with {ws.path} mapped to it")
 
 
+class LogPump:
+    """Reads the gateway's stderr for as long as it runs. Unread, the pipe fills (64 KiB: a few
+    hundred warnings, say one per agent connection that does not trust the CA) and the
+    gateway blocks in its next log write, with every agent connection. Lines are kept (the
+    last `keep`) for a start-up failure's message; once `forward` is set they also go to our
+    stderr, as the gateway of a plain `keyward run` logs there."""
+
+    def __init__(self, stream: IO[bytes], out: IO[str] | None = None, keep: int = 200) -> None:
+        self.tail: deque[str] = deque(maxlen=keep)
+        self.forward = False
+        self._out = out if out is not None else sys.stderr
+        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, stream: IO[bytes]) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            for raw in iter(stream.readline, b""):
+                line = raw.decode(errors="replace")
+                self.tail.append(line)
+                if self.forward:
+                    with contextlib.suppress(OSError, ValueError):
+                        self._out.write(line)
+                        self._out.flush()
+
+    def text(self, wait: float = 2.0) -> str:
+        """What was logged (the last lines), once the stream ended or after `wait` seconds."""
+        self._thread.join(wait)
+        return "".join(self.tail)
+
+
 @dataclass
 class IsolatedPod:
     """The gateway half runs as soon as `start` returns; `agent_argv` runs commands as the agent."""
@@ -109,6 +141,7 @@ class IsolatedPod:
     work: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="keyward-pod-")))
     workspace: Workspace | None = None
     gateway: subprocess.Popen[bytes] | None = None
+    gateway_log: LogPump | None = None
     mounts: MountPlan | None = None
     drain: float = 10.0  # `serve --drain`: how long a stopping gateway lets streams finish
 
@@ -159,18 +192,17 @@ class IsolatedPod:
         self.gateway = self.ns.exec(
             self.serve_argv(), env=dict(env or os.environ), stderr=subprocess.PIPE
         )
+        assert self.gateway.stderr is not None
+        self.gateway_log = LogPump(self.gateway.stderr)
         deadline = time.monotonic() + timeout
         while not self.ready_file.exists():
             if self.gateway.poll() is not None:
-                err = (
-                    self.gateway.stderr.read().decode(errors="replace")
-                    if self.gateway.stderr
-                    else ""
-                )
+                err = self.gateway_log.text()
                 raise KeywardError(f"gateway exited during start-up: {err.strip()[-2000:]}")
             if time.monotonic() > deadline:
                 raise KeywardError(f"gateway not ready after {timeout:.0f} s")
             time.sleep(0.05)
+        self.gateway_log.forward = True
 
     def prepare_agent_view(self) -> None:
         """What the agent's mount namespace will mask (the gateway is told, so it does not
