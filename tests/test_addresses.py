@@ -6,6 +6,7 @@ import pytest
 
 from gateway.config.compile import build_policy
 from gateway.config.loader import parse_config_text
+from gateway.errors import ConfigError
 from gateway.policy.addresses import address_class
 
 REFUSED = [
@@ -213,3 +214,33 @@ def test_the_answer_log_knows_an_address_by_one_key() -> None:
     assert log.names_for("fe80::1") == {"a.example.test"}
     assert log.names_for("8.0.0.1") == set()
     assert log.addresses_for("a.example.test") == {"10.0.0.1", "fe80::1"}
+
+
+def test_a_rule_on_part_of_the_mapped_range_is_that_ipv4_network() -> None:
+    """`::ffff:198.51.100.0/120` names the IPv4 addresses 198.51.100.0/24 in mapped form; mapped
+    addresses are read as IPv4, so the rule is compiled as that IPv4 network and holds for
+    both spellings (compiled as IPv6 it would never match again)."""
+    from gateway.policy.core import Plane, RequestFacts, Verdict
+
+    config = """version: 1
+egress:
+  default: allow
+  hosts:
+    "::ffff:198.51.100.0/120": { allow: false }
+    "::ffff:0:0/96": { allow: false }
+"""
+    twice = config.replace('"::ffff:198.51.100.0/120"', '"0.0.0.0/0"')
+    with pytest.raises(ConfigError, match="same rule"):  # ::ffff:0:0/96 is 0.0.0.0/0
+        parse_config_text(twice, "k.yaml")
+    policy = build_policy(
+        parse_config_text(
+            config.replace('    "::ffff:0:0/96": { allow: false }\n', ""), "k.yaml"
+        ).config
+    )
+    for host in ("198.51.100.7", "[::ffff:198.51.100.7]", "[::ffff:c633:6407]"):
+        decision = policy.decide(RequestFacts(Plane.MITM, "GET", "https", host, 443))
+        assert (decision.verdict, decision.reason) == (Verdict.DENY, "host-denied"), host
+    assert policy.decide(RequestFacts(Plane.MITM, "GET", "https", "198.51.101.7", 443)).allowed
+    everything = build_policy(parse_config_text(config, "k.yaml").config)
+    for host in ("192.0.2.1", "[::ffff:192.0.2.1]"):
+        assert not everything.decide(RequestFacts(Plane.MITM, "GET", "https", host, 443)).allowed

@@ -179,6 +179,20 @@ def parse_pattern(text: str) -> HostPattern:
     return _parse_pattern(raw)
 
 
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def _as_dialled(
+    net: ipaddress.IPv4Network | ipaddress.IPv6Network,
+) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """An IPv4-mapped address is read, and dialled, as its IPv4 address (`canonical_ip`): a
+    rule on part of the mapped range (`::ffff:10.0.0.0/104`) is that IPv4 network, or it
+    would never match. (A wider IPv6 rule, `::/0`, stays IPv6: IPv4 rules decide IPv4.)"""
+    if net.version == 6 and net.prefixlen >= 96 and net.subnet_of(_MAPPED):
+        return ipaddress.IPv4Network((int(net.network_address) & 0xFFFFFFFF, net.prefixlen - 96))
+    return net
+
+
 def _parse_pattern(raw: str) -> HostPattern:
     if not raw:
         raise ValueError("empty host pattern")
@@ -192,7 +206,7 @@ def _parse_pattern(raw: str) -> HostPattern:
             if loose is not None:
                 raise ValueError(f"{raw!r} has host bits set: write {loose}") from None
             raise ValueError(f"bad network {raw!r}: {e}") from e
-        return HostPattern(PatternKind.NETWORK, raw, network=net)
+        return HostPattern(PatternKind.NETWORK, raw, network=_as_dialled(net))
     if any(c in raw for c in " ?#@"):
         raise ValueError(f"bad host pattern {raw!r}: give a host, host:port, *.suffix or CIDR")
     host, port = split_hostport(raw)
