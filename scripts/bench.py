@@ -83,6 +83,7 @@ sys.path.insert(0, str(ROOT))
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from tests.support.configs import host_rules  # noqa: E402
 from tests.support.pki import make_ca  # noqa: E402
 
 HOST = "api.bench.test"
@@ -240,18 +241,7 @@ def proc_status_mb(pid: int, field: str) -> float:
 # -- the world ---------------------------------------------------------------------------------
 def filler_rules(n: int) -> str:
     """`n` host rules of every kind: exact, wildcard, host:port, CIDR."""
-    lines = []
-    for i in range(n):
-        kind = i % 4
-        if kind == 0:
-            lines.append(f"    h{i}.filler.test: {{}}")
-        elif kind == 1:
-            lines.append(f'    "*.w{i}.filler.test": {{}}')
-        elif kind == 2:
-            lines.append(f'    "p{i}.filler.test:8443": {{}}')
-        else:
-            lines.append(f'    "10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}/32": {{}}')
-    return "\n".join(lines)
+    return host_rules(n, ("host", "wildcard", "port", "network"))
 
 
 def write_config(path: Path, *, ca: Path, upstream_port: int, rules: int, audit: Path) -> Path:
