@@ -237,7 +237,7 @@ _Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", _PyStrictLoader)
 
 
 def _parse_yaml(text: str, file: str) -> tuple[Any, _Builder | None]:
-    """Compose once, then build the data and the line map in one pass over the nodes."""
+    """Compose once, then build the data in one pass over the nodes (lines: `LineMap`)."""
     loader: yaml.SafeLoader | None = None
     try:
         loader = _Loader(text)  # checks every character first (ReaderError)
