@@ -22,18 +22,18 @@ def compile_rule(key: str, rule: HostRuleConfig) -> HostRule:
                 basic_user=parse_template(rule.basic.username),
             )
         )
-    # Positional, and shared empty values: a config may hold 200,000 rules (fields in order).
+    # Shared empty values: a config may hold 200,000 rules.
     return HostRule(
-        parse_pattern(key),
-        rule.allow,
-        tuple(writes) if writes else (),
-        tuple(map(parse_path_rule, rule.deny)) if rule.deny else (),
-        rule.ambiguous_paths == "allow",
-        rule.intercept,
-        rule.tcp,
-        rule.plain_http,
-        frozenset(rule.dns_types) if rule.dns_types else _NO_TYPES,
-        rule.private_addresses == "allow",
+        pattern=parse_pattern(key),
+        allow=rule.allow,
+        headers=tuple(writes) if writes else (),
+        deny=tuple(map(parse_path_rule, rule.deny)) if rule.deny else (),
+        ambiguous_paths_allowed=rule.ambiguous_paths == "allow",
+        intercept=rule.intercept,
+        tcp=rule.tcp,
+        plain_http=rule.plain_http,
+        dns_types=frozenset(rule.dns_types) if rule.dns_types else _NO_TYPES,
+        private_addresses=rule.private_addresses == "allow",
     )
 
 
